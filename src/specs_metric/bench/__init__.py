@@ -1,0 +1,1 @@
+"""Benchmarks: intrinsic specificity, agreement with human judgments, retrieval, zero-shot."""

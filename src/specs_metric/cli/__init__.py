@@ -1,0 +1,47 @@
+"""The ``specs`` command line: one module per command, each with a ``register`` function.
+
+``register(subparsers)`` adds the command's parser and sets ``func`` (called with the parsed
+namespace, returning an exit code). Commands under ``specs bench`` register on the bench
+sub-parsers instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from specs_metric import __version__
+
+# Top-level commands, in the order ``specs --help`` lists them.
+COMMANDS = ["score", "models", "convert"]
+# Sub-commands of ``specs bench``.
+BENCH_COMMANDS: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``specs`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="specs",
+        description="SPECS: reference-free, specificity-aware scoring of long image captions.",
+    )
+    parser.add_argument("--version", action="version", version=f"specs-metric {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"specs_metric.cli.{name}").register(sub)
+    if BENCH_COMMANDS:
+        bench = sub.add_parser("bench", help="benchmarks: intrinsic, human, retrieval, zeroshot")
+        bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+        for name in BENCH_COMMANDS:
+            importlib.import_module(f"specs_metric.cli.bench_{name}").register(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``specs`` console script."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""``specs prepare``: build the SPECS training set (cumulative captions and negatives)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from specs_metric.training.prepare import DEFAULT_SHUFFLE_FRACTION
+    from specs_metric.training.segment import DEFAULT_SEGMENTER, SEGMENTERS
+
+    parser = subparsers.add_parser(
+        "prepare",
+        help="build a training set (captions, cumulative captions, negatives)",
+        description=(
+            "Read image/caption pairs (ShareGPT4V JSON, JSONL, CSV, parquet or a datasets "
+            "directory), cut captions into detail segments, build cumulative captions and "
+            "negatives, and write parquet (OUT ending in .parquet) or a datasets directory. "
+            "Skipped rows are counted per reason; see docs/training.md."
+        ),
+    )
+    parser.add_argument("--input", required=True, help="input file or datasets directory")
+    parser.add_argument("--output", required=True, help="OUT.parquet or a datasets directory")
+    parser.add_argument(
+        "--image-root", default=None,
+        help="directory relative image paths are joined to (default: the input's directory)",
+    )
+    parser.add_argument(
+        "--segmenter", choices=SEGMENTERS, default=DEFAULT_SEGMENTER,
+        help="clause: rule-based, no data (default); sentence; chunk: the reference NLTK "
+        "grammar (needs NLTK data)",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="seed of negative sampling")
+    parser.add_argument(
+        "--shuffle-fraction", type=float, default=DEFAULT_SHUFFLE_FRACTION,
+        help="leading fraction of rows whose negative segments are word-shuffled",
+    )
+    parser.add_argument("--context-length", type=int, default=248, help="token limit")
+    parser.add_argument("--workers", type=int, default=1, help="segmentation processes")
+    parser.add_argument(
+        "--no-image-check", action="store_true",
+        help="do not open image headers (missing paths are still not detected)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specs_metric.training.prepare import PrepareError, prepare_dataset
+    from specs_metric.training.segment import SegmenterError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = prepare_dataset(
+            args.input,
+            args.output,
+            image_root=args.image_root,
+            segmenter=args.segmenter,
+            seed=args.seed,
+            shuffle_fraction=args.shuffle_fraction,
+            context_length=args.context_length,
+            check_images=not args.no_image_check,
+            workers=args.workers,
+            progress=not args.quiet,
+            log_fn=print,
+        )
+    except (PrepareError, SegmenterError, ValueError) as exc:
+        print(f"specs prepare: error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if report.kept else 1

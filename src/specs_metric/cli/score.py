@@ -1,0 +1,93 @@
+"""``specs score``: score a file of (image, caption) rows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from specs_metric.scores import SCALES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "score",
+        help="score image-caption rows (JSONL, CSV or clipscore-style JSON)",
+        description="Score every row of INPUT; writes one output row per input row, in order.",
+    )
+    p.add_argument("--model", default="specs-b32", help="model name (see `specs models`) or path")
+    p.add_argument("--input", required=True, type=Path, help="rows: .jsonl, .csv or .json")
+    p.add_argument("--output", required=True, type=Path, help="results: .jsonl, or .csv")
+    p.add_argument(
+        "--image-root",
+        type=Path,
+        help="folder for relative image paths (default: the input file's folder)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument(
+        "--token-budget",
+        type=int,
+        default=16384,
+        help="rows x tokens per text batch (default 16384)",
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="fp32 = exact reference numerics (default); bf16/fp16 = fast",
+    )
+    p.add_argument(
+        "--full-precision-weights",
+        action="store_true",
+        help="do not round weights to fp16 like the reference loader",
+    )
+    p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
+    p.add_argument(
+        "--long-captions",
+        default="truncate",
+        choices=["truncate", "error"],
+        help="captions over the context: truncate (keep EOT) or error for the row",
+    )
+    p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
+    p.add_argument("--cache-dir", type=Path, help="on-disk image-embedding cache")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    p.add_argument("--strict", action="store_true", help="exit non-zero if any row has an error")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specs_metric.distributed import init_from_env, local_device
+    from specs_metric.job import JobConfig, run_job
+    from specs_metric.scorer import load
+
+    info = init_from_env(args.device)
+    scorer = load(
+        args.model,
+        device=local_device(info, args.device),
+        precision=args.precision,
+        reference_rounding=not args.full_precision_weights,
+        long_captions=args.long_captions,
+    )
+    config = JobConfig(
+        input=args.input,
+        output=args.output,
+        image_root=args.image_root,
+        scale=args.scale,
+        batch_size=args.batch_size,
+        token_budget=args.token_budget,
+        num_workers=args.workers,
+        cache_dir=args.cache_dir,
+        resume=args.resume,
+        show_progress=not args.no_progress,
+    )
+    summary = run_job(config, scorer, info)
+    if not info.is_main:
+        return 0
+    print(json.dumps(summary, indent=2), file=sys.stderr)
+    if args.strict and summary["n_errors"]:
+        print(f"specs score: {summary['n_errors']} row(s) had errors (--strict)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,71 @@
+"""torchrun support: process-group setup from the environment and row sharding."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands in a torchrun job (a single process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_from_env(device: str | torch.device | None = None) -> DistInfo:
+    """Initialise the default process group when launched by torchrun.
+
+    Uses nccl when the job runs on CUDA and gloo otherwise. Without ``WORLD_SIZE > 1`` in
+    the environment this does nothing and returns rank 0 of 1.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and (device is None or "cuda" in str(device))
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world_size, local_rank, backend)
+
+
+def local_device(info: DistInfo, device: str | torch.device | None) -> torch.device | None:
+    """The device of this rank: ``cuda:<local_rank>`` for CUDA jobs, else ``device``."""
+    if info.enabled and info.backend == "nccl":
+        return torch.device("cuda", info.local_rank)
+    return torch.device(device) if device is not None else None
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def shard_range(n: int, rank: int, world_size: int) -> range:
+    """Contiguous block of ``range(n)`` for ``rank``; blocks differ in size by at most one.
+
+    Example:
+        >>> [list(shard_range(5, r, 2)) for r in range(2)]
+        [[0, 1, 2], [3, 4]]
+    """
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))

@@ -1,0 +1,109 @@
+"""Build a :class:`~specs_metric.model.LongCLIP` from a name, a file or a state dict."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from specs_metric.checkpoint import CheckpointError, clip_to_longclip, read_state_dict
+from specs_metric.model import LongCLIP, config_from_state_dict, is_fp16_rounded
+from specs_metric.pretrained import resolve
+
+
+def load_state_dict(
+    name_or_path: str | os.PathLike[str], *, longclip: bool = False
+) -> dict[str, torch.Tensor]:
+    """Read the state dict of a named model or a checkpoint file.
+
+    Args:
+        name_or_path: registry name (see ``specs models``) or a file path.
+        longclip: stretch a 77-position CLIP checkpoint to 248 positions (guide §2).
+    """
+    state = read_state_dict(resolve(name_or_path))
+    if longclip and "positional_embedding_res" not in state:
+        state = clip_to_longclip(state)
+    return state
+
+
+def round_like_reference(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Round the weights the reference loader keeps in fp16 (guide §2) and return fp32.
+
+    The reference builds the model, casts Conv/Linear/projection weights to fp16, loads the
+    state dict into them, and on CPU casts back to fp32: scores equal these rounded weights
+    computed in fp32.
+    """
+    return {
+        k: v.to(torch.float16).to(torch.float32)
+        if is_fp16_rounded(k) and v.is_floating_point()
+        else v.float()
+        if v.is_floating_point()
+        else v
+        for k, v in state_dict.items()
+    }
+
+
+def build_model(
+    state_dict: dict[str, torch.Tensor],
+    *,
+    reference_rounding: bool = True,
+    source: str = "state dict",
+) -> LongCLIP:
+    """Build a model in eval mode (fp32, CPU) with sizes inferred from the tensors.
+
+    Args:
+        state_dict: flat reference-layout state dict.
+        reference_rounding: round weights as the reference loader does (default, so scores
+            match published ones); ``False`` keeps full precision (training, conversion).
+        source: name of the file, for error messages.
+
+    Raises:
+        CheckpointError: unsupported architecture or tensors that do not fit it.
+    """
+    try:
+        config = config_from_state_dict(state_dict)
+    except (ValueError, KeyError, IndexError) as exc:
+        raise CheckpointError(f"{source}: {exc}") from exc
+    model = LongCLIP(config)
+    weights = (
+        round_like_reference(state_dict)
+        if reference_rounding
+        else {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+    )
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if wrong:
+            parts.append(f"wrong shapes {wrong[:3]}")
+        raise CheckpointError(
+            f"{source}: tensors do not match the inferred {config}: " + "; ".join(parts)
+        )
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def create_model(
+    name_or_path: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    *,
+    reference_rounding: bool = True,
+) -> LongCLIP:
+    """Load a named model or checkpoint file onto ``device`` (default: CUDA if available)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model(
+        load_state_dict(name_or_path),
+        reference_rounding=reference_rounding,
+        source=str(name_or_path),
+    )
+    return model.to(device)

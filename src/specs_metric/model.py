@@ -1,0 +1,274 @@
+"""The LongCLIP architecture (a ViT image tower and a causal text tower).
+
+Parameter names reproduce the reference state-dict keys exactly, so a reference ``.pt`` file
+loads with ``load_state_dict`` and a model saved here loads in the reference code. The
+architecture is described by :class:`ModelConfig`, which is inferred from tensor shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# LongCLIP keeps CLIP's first 20 positional rows and learns the rest separately.
+KEPT_POSITIONS = 20
+HEAD_WIDTH = 64
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of a LongCLIP / CLIP ViT model."""
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int
+    vision_width: int
+    vision_patch_size: int
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_layers: int
+
+    @property
+    def vision_heads(self) -> int:
+        return self.vision_width // HEAD_WIDTH
+
+    @property
+    def text_heads(self) -> int:
+        return self.text_width // HEAD_WIDTH
+
+    @property
+    def is_long(self) -> bool:
+        """True for LongCLIP (separate ``positional_embedding_res``), False for 77-token CLIP."""
+        return self.context_length > 77
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _count_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    return sum(1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
+    """Infer the architecture from tensor shapes (guide §2).
+
+    Raises:
+        ValueError: for ResNet image towers or missing keys.
+    """
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state_dict):
+        raise ValueError(
+            "this is a ResNet-tower CLIP checkpoint (keys 'visual.layer1.*', "
+            "'visual.attnpool.*'); only ViT image towers are supported"
+        )
+    required = [
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "visual.proj",
+        "text_projection",
+        "token_embedding.weight",
+        "positional_embedding",
+        "ln_final.weight",
+    ]
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"not a CLIP/LongCLIP ViT state dict: missing keys {missing}")
+    conv = state_dict["visual.conv1.weight"]
+    patch = conv.shape[-1]
+    grid = round(math.sqrt(state_dict["visual.positional_embedding"].shape[0] - 1))
+    if grid * grid + 1 != state_dict["visual.positional_embedding"].shape[0]:
+        raise ValueError("visual.positional_embedding does not hold a square grid plus a class row")
+    return ModelConfig(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_resolution=patch * grid,
+        vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
+        vision_width=conv.shape[0],
+        vision_patch_size=patch,
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        text_width=state_dict["ln_final.weight"].shape[0],
+        text_layers=_count_layers(state_dict, "transformer.resblocks."),
+    )
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (as CLIP does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(
+            x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+        )
+        return out.to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names.
+
+    Uses ``scaled_dot_product_attention`` on batch-first input; equal to the reference's
+    ``nn.MultiheadAttention`` within float rounding.
+    """
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = max(heads, 1)
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        n, length, width = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int, causal: bool) -> None:
+        super().__init__()
+        self.width = width
+        self.causal = causal
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=self.causal)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        width, patch = config.vision_width, config.vision_patch_size
+        grid = config.image_resolution // patch
+        self.input_resolution = config.image_resolution
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, config.vision_layers, config.vision_heads, False)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(torch.zeros(width, config.embed_dim))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pixels.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0, :]) @ self.proj
+
+
+class LongCLIP(nn.Module):
+    """LongCLIP (context 248) or CLIP (context 77) with a ViT image tower.
+
+    Embeddings returned by :meth:`encode_image` / :meth:`encode_text` are raw (not
+    normalised), like the reference ``encode_image`` / ``encode_text``.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.visual = VisionTransformer(config)
+        self.transformer = Transformer(
+            config.text_width, config.text_layers, config.text_heads, True
+        )
+        self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
+        self.positional_embedding = nn.Parameter(
+            torch.zeros(config.context_length, config.text_width)
+        )
+        if config.is_long:
+            self.positional_embedding_res = nn.Parameter(
+                torch.zeros(config.context_length, config.text_width)
+            )
+        self.ln_final = LayerNorm(config.text_width)
+        self.text_projection = nn.Parameter(torch.zeros(config.text_width, config.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def text_positional_table(self) -> torch.Tensor:
+        """Positional rows of the text tower.
+
+        Rows < 20 come from ``positional_embedding`` and the rest from
+        ``positional_embedding_res``: one table, equal to the reference's masked sum.
+        """
+        if not self.config.is_long:
+            return self.positional_embedding
+        return torch.cat(
+            [
+                self.positional_embedding[:KEPT_POSITIONS],
+                self.positional_embedding_res[KEPT_POSITIONS:],
+            ]
+        )
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (N, embed_dim) from preprocessed pixels (N, 3, R, R)."""
+        return self.visual(pixels)
+
+    def text_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-layer, ``ln_final``-normalised text states (N, L, W) for tokens (N, L)."""
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
+        x = self.token_embedding(tokens).to(self.dtype)
+        x = x + self.text_positional_table()[:length].to(x.dtype)
+        return self.ln_final(self.transformer(x))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (N, embed_dim) pooled at each row's EOT (its largest id).
+
+        Padding after the EOT may be trimmed: attention is causal, so positions after the
+        EOT never affect it.
+        """
+        x = self.text_hidden(tokens)
+        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return pooled @ self.text_projection
+
+    def forward(
+        self, pixels: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(pixels), self.encode_text(tokens)
+
+
+# Parameters the reference loader stores in fp16 (guide §2): all Conv2d/Linear weights and
+# biases, attention input projections, and the two output projections.
+def is_fp16_rounded(key: str) -> bool:
+    """True for the state-dict keys the reference loader rounds to fp16."""
+    return (
+        key.endswith(("attn.in_proj_weight", "attn.in_proj_bias"))
+        or ".attn.out_proj." in key
+        or ".mlp.c_fc." in key
+        or ".mlp.c_proj." in key
+        or key in ("visual.conv1.weight", "text_projection", "visual.proj")
+    )

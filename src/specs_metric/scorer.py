@@ -1,0 +1,252 @@
+"""The :class:`Scorer`: a loaded model plus its tokenizer and preprocessing.
+
+Text batches are sorted by token length and cut to their longest sequence: attention is
+causal and pooling happens at the EOT token, so padding after it never changes the result
+(guide §2). Images are preprocessed exactly as the reference does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from specs_metric.checkpoint import file_sha256
+from specs_metric.factory import build_model, load_state_dict
+from specs_metric.model import LongCLIP
+from specs_metric.pretrained import REGISTRY, resolve
+from specs_metric.scores import apply_scale, check_scale, cosine_matrix, cosine_similarity
+from specs_metric.tokenizer import Tokenizer, default_tokenizer
+from specs_metric.transform import ImageSource, load_and_preprocess
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Default number of tokens (rows x trimmed length) per text batch.
+DEFAULT_TOKEN_BUDGET = 16384
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CUDA when available, else CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def length_batches(lengths: Sequence[int], token_budget: int, max_rows: int) -> list[np.ndarray]:
+    """Group row indices into batches of similar length within a token budget.
+
+    Rows are sorted by length (stable), then cut so that ``rows x longest <= token_budget``
+    (at least one row per batch) and ``rows <= max_rows``.
+
+    Example:
+        >>> [b.tolist() for b in length_batches([5, 3, 9, 4], token_budget=10, max_rows=8)]
+        [[1, 3], [0], [2]]
+    """
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        rows = end - start
+        if rows > 1 and (rows * longest > token_budget or rows > max_rows):
+            batches.append(order[start : end - 1])
+            start = end - 1
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+class Scorer:
+    """Scores captions against images with a LongCLIP/CLIP model.
+
+    Create one with :func:`load`. Embeddings are raw (like the reference ``encode_*``);
+    scores use the cosine of the two embeddings.
+
+    Args:
+        model: the model (eval mode).
+        name: name or path the model was loaded from.
+        checkpoint_sha256: sha256 of the checkpoint file (``None`` if built in memory).
+        device: where the model runs.
+        precision: ``fp32`` (exact, default), ``bf16`` (autocast; CPU or CUDA) or ``fp16``
+            (CUDA autocast).
+        long_captions: ``truncate`` (default) or ``error`` for captions over the context.
+        reference_rounding: whether the weights were rounded like the reference loader
+            (recorded for cache keys and summaries).
+        tokenizer: a tokenizer (default: the shared CLIP BPE tokenizer).
+    """
+
+    def __init__(
+        self,
+        model: LongCLIP,
+        *,
+        name: str = "model",
+        checkpoint_sha256: str | None = None,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+        long_captions: str = "truncate",
+        reference_rounding: bool = True,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        self.device = resolve_device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' on CPU")
+        self.model = model.to(self.device).eval()
+        self.name = name
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.precision = precision
+        self.long_captions = long_captions
+        self.reference_rounding = reference_rounding
+        self.tokenizer = tokenizer or default_tokenizer()
+
+    # --- properties -------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        return self.model.context_length
+
+    @property
+    def resolution(self) -> int:
+        return self.model.config.image_resolution
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.config.embed_dim
+
+    # --- preprocessing ----------------------------------------------------------------
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """Reference token ids (N, context_length), zero padded."""
+        return self.tokenizer(texts, self.context_length, self.long_captions)
+
+    def preprocess(self, image: ImageSource) -> torch.Tensor:
+        """Reference preprocessing -> FloatTensor (3, R, R). Accepts PIL, path or bytes."""
+        return load_and_preprocess(image, self.resolution)
+
+    # --- encoders ---------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast context for the chosen precision (a no-op for fp32)."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (fp32, on CPU) of a preprocessed batch (N, 3, R, R)."""
+        with self.autocast():
+            out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return out.float().cpu()
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (fp32, on CPU) of token ids, cut to the longest row first."""
+        # The EOT (largest id) ends each row; id 0 is a real token ("!"), so count to it.
+        longest = int(tokens.argmax(dim=1).max()) + 1 if len(tokens) else 1
+        tokens = tokens[:, :longest]
+        with self.autocast():
+            out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+        return out.float().cpu()
+
+    def embed_images(self, images: Sequence[ImageSource], batch_size: int = 64) -> torch.Tensor:
+        """Raw image embeddings (N, D). ``images``: paths, encoded bytes or PIL images.
+
+        Raises:
+            ImageError: for an image that cannot be decoded (naming it).
+        """
+        out = torch.empty(len(images), self.embed_dim)
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            pixels = torch.stack([self.preprocess(img) for img in chunk])
+            out[start : start + len(chunk)] = self.encode_pixels(pixels)
+        return out
+
+    def text_batches(
+        self, texts: Sequence[str], token_budget: int = DEFAULT_TOKEN_BUDGET, max_rows: int = 256
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield ``(row indices, token ids)`` batches, sorted by length and trimmed."""
+        tokens = self.tokenize(list(texts))
+        lengths = (tokens.argmax(dim=1) + 1).tolist()
+        for rows in length_batches(lengths, token_budget, max_rows):
+            yield rows, tokens[torch.from_numpy(rows)]
+
+    def embed_texts(
+        self, texts: Sequence[str], token_budget: int = DEFAULT_TOKEN_BUDGET
+    ) -> torch.Tensor:
+        """Raw text embeddings (N, D), computed in length-sorted, padding-trimmed batches."""
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.empty(len(texts), self.embed_dim)
+        for rows, tokens in self.text_batches(texts, token_budget):
+            out[torch.from_numpy(rows)] = self.encode_tokens(tokens)
+        return out
+
+    # --- scores -----------------------------------------------------------------------
+    def _unique_image_embeddings(
+        self, images: Sequence[ImageSource]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Embed each distinct image once; return embeddings and a row -> embedding map."""
+        keys: dict[object, int] = {}
+        unique: list[ImageSource] = []
+        index: list[int] = []
+        for img in images:
+            key = os.fspath(img) if isinstance(img, (str, os.PathLike)) else id(img)
+            if key not in keys:
+                keys[key] = len(unique)
+                unique.append(img)
+            index.append(keys[key])
+        return self.embed_images(unique), index
+
+    def score(
+        self, images: Sequence[ImageSource], captions: Sequence[str], scale: str = "specs"
+    ) -> np.ndarray:
+        """Scores of 1:1 pairs ``(images[i], captions[i])`` -> float64 array (N,)."""
+        check_scale(scale)
+        if len(images) != len(captions):
+            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        image_emb, index = self._unique_image_embeddings(images)
+        text_emb = self.embed_texts(captions)
+        return apply_scale(cosine_similarity(image_emb[index], text_emb), scale)
+
+    def score_matrix(
+        self, images: Sequence[ImageSource], captions: Sequence[str], scale: str = "specs"
+    ) -> np.ndarray:
+        """Scores of every image against every caption -> (N_images, N_captions)."""
+        check_scale(scale)
+        image_emb, index = self._unique_image_embeddings(images)
+        return apply_scale(cosine_matrix(image_emb[index], self.embed_texts(captions)), scale)
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    *,
+    reference_rounding: bool = True,
+    long_captions: str = "truncate",
+) -> Scorer:
+    """Load a named model (``specs models``) or a checkpoint file as a :class:`Scorer`.
+
+    Args:
+        name_or_path: e.g. ``"specs-b32"`` or ``"path/to/spec.pt"``.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
+        precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` (CUDA).
+        reference_rounding: round weights to fp16 as the reference loader does, so
+            scores equal published ones (default). ``False`` keeps the file's precision
+            (embeddings then differ by about 1e-3).
+        long_captions: ``"truncate"`` or ``"error"``.
+    """
+    path = resolve(name_or_path)
+    model = build_model(
+        load_state_dict(path), reference_rounding=reference_rounding, source=str(path)
+    )
+    return Scorer(
+        model,
+        name=str(name_or_path) if str(name_or_path) in REGISTRY else str(path),
+        checkpoint_sha256=file_sha256(path),
+        device=device,
+        precision=precision,
+        long_captions=long_captions,
+        reference_rounding=reference_rounding,
+    )

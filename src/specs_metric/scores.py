@@ -1,0 +1,76 @@
+"""Score scales computed from the image-caption cosine similarity (guide §1).
+
+- ``specs`` (default): ``max(0, (cos + 1) / 2)``, in [0, 1];
+- ``clip-s``: ``2.5 * max(cos, 0)`` (CLIPScore, Hessel et al. 2021);
+- ``cosine``: the raw cosine;
+- ``torchmetrics``: ``100 * cos`` per pair; torchmetrics' CLIPScore clamps at 0 only after
+  averaging, see :func:`corpus_score`.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import numpy as np
+import torch
+
+SCALES = ("specs", "clip-s", "cosine", "torchmetrics")
+
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
+
+
+def check_scale(scale: str) -> str:
+    """Return ``scale`` if known, else raise ``ValueError`` listing the choices."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+    return scale
+
+
+def apply_scale(cosine: Array, scale: str = "specs") -> Array:
+    """Map cosine similarities to a score scale, element-wise.
+
+    Example:
+        >>> import numpy as np
+        >>> apply_scale(np.array([-1.0, 0.0, 0.5]), "specs").tolist()
+        [0.0, 0.5, 0.75]
+        >>> apply_scale(np.array([-0.2, 0.4]), "clip-s").tolist()
+        [0.0, 1.0]
+    """
+    check_scale(scale)
+    if scale == "cosine":
+        return cosine
+    if scale == "torchmetrics":
+        return 100 * cosine
+    if scale == "specs":
+        shifted = (cosine + 1) / 2
+    else:
+        shifted = 2.5 * cosine
+    if isinstance(shifted, torch.Tensor):
+        return shifted.clamp_min(0)
+    return np.maximum(shifted, 0)
+
+
+def corpus_score(cosine: np.ndarray, scale: str = "specs") -> float:
+    """Corpus-level score: the mean of per-pair scores (torchmetrics: clamp after the mean)."""
+    cosine = np.asarray(cosine, dtype=np.float64)
+    if scale == "torchmetrics":
+        return float(max(100 * cosine.mean(), 0.0))
+    return float(apply_scale(cosine, scale).mean())
+
+
+def cosine_similarity(images: torch.Tensor, texts: torch.Tensor) -> np.ndarray:
+    """Row-wise cosine of paired embeddings (N, D) x (N, D) -> float64 (N,)."""
+    a = images.detach().double().cpu()
+    b = texts.detach().double().cpu()
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    return (a * b).sum(-1).numpy()
+
+
+def cosine_matrix(images: torch.Tensor, texts: torch.Tensor) -> np.ndarray:
+    """All-pairs cosine (N_images, N_texts) in float64."""
+    a = images.detach().double().cpu()
+    b = texts.detach().double().cpu()
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    return (a @ b.T).numpy()

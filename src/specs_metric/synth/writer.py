@@ -1,0 +1,194 @@
+"""Writing a synthetic data set to disk, byte for byte reproducibly.
+
+Layout of ``DIR``:
+
+* ``images/{split}_{index:06d}.png``: the rendered scenes;
+* ``train.parquet``, ``test.parquet``: the sDCI layout, one row per scene with ``id``,
+  ``image`` (path relative to ``DIR``), ``captions`` (``c_1..c_n``), ``neg_captions``
+  (``n_2..n_n``; ``neg_captions[j]`` extends ``captions[j]`` and pairs with
+  ``captions[j + 1]``) and ``scene`` (the scene graph as JSON);
+* ``graded_train.jsonl``, ``graded_test.jsonl``: one graded candidate per line with
+  ``image``, ``caption``, ``human_score`` (fact-level F1), ``group`` (the scene id) and the
+  counts ``n_facts``, ``n_correct``, ``n_missing``, ``n_hallucinated``;
+* ``world.json``: the generation arguments and the world's fixed parameters.
+
+The same arguments give the same bytes: every scene draws from its own seeded stream,
+PNG files carry no time stamps and parquet files no creation metadata besides the
+writer's version string.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from specs_metric.synth import world
+from specs_metric.synth.captions import (
+    GRADED_PER_SCENE,
+    TokenCounter,
+    build_chain,
+    describe,
+    graded_candidates,
+)
+from specs_metric.synth.render import render_scene
+from specs_metric.synth.world import Split, sample_scene, scene_rng
+from specs_metric.tokenizer import default_tokenizer
+
+SPLITS: tuple[Split, ...] = ("train", "test")
+
+
+@dataclass
+class SplitSummary:
+    """What was written for one split."""
+
+    split: str
+    scenes: int
+    captions: int
+    negatives: int
+    graded: int
+    tokens_min: int
+    tokens_max: int
+
+
+def _split_sizes(n: int, test_fraction: float) -> dict[str, int]:
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    if not 0.0 <= test_fraction <= 1.0:
+        raise ValueError(f"--test-fraction must be in [0, 1], got {test_fraction}")
+    n_test = int(round(n * test_fraction))
+    return {"train": n - n_test, "test": n_test}
+
+
+def _write_split(
+    output: Path, split: Split, count: int, seed: int, image_size: int, graded_per_scene: int
+) -> SplitSummary:
+    counter = TokenCounter(default_tokenizer())
+    split_id = SPLITS.index(split)
+    scenes, descriptions = [], []
+    for i in range(count):
+        rng = scene_rng(seed, split, i)
+        scene = sample_scene(rng, split)
+        scenes.append(scene)
+        descriptions.append(describe(scene, rng, counter))
+    pool = [d.facts for d in descriptions]
+
+    rows: dict[str, list] = {k: [] for k in ("id", "image", "captions", "neg_captions", "scene")}
+    graded_lines: list[str] = []
+    lengths: list[int] = []
+    for i, (scene, desc) in enumerate(zip(scenes, descriptions, strict=True)):
+        scene_id = f"{split}_{i:06d}"
+        image = f"images/{scene_id}.png"
+        render_scene(scene, image_size).save(output / image, format="PNG")
+        chain = build_chain(
+            desc, scene, pool, i, np.random.default_rng([seed, split_id, i, 1]), split, counter
+        )
+        rows["id"].append(scene_id)
+        rows["image"].append(image)
+        rows["captions"].append(chain.captions)
+        rows["neg_captions"].append(chain.neg_captions)
+        rows["scene"].append(json.dumps(scene.to_dict(), sort_keys=True))
+        lengths.append(2 + sum(desc.lengths))
+        graded_rng = np.random.default_rng([seed, split_id, i, 2])
+        for cand in graded_candidates(
+            desc, scene, pool, i, graded_rng, split, counter, graded_per_scene
+        ):
+            record = {
+                "image": image,
+                "caption": cand.caption,
+                "human_score": cand.score,
+                "group": scene_id,
+                "n_facts": cand.n_facts,
+                "n_correct": cand.n_correct,
+                "n_missing": cand.n_missing,
+                "n_hallucinated": cand.n_hallucinated,
+            }
+            graded_lines.append(json.dumps(record, sort_keys=True))
+
+    schema = pa.schema(
+        [
+            ("id", pa.string()),
+            ("image", pa.string()),
+            ("captions", pa.list_(pa.string())),
+            ("neg_captions", pa.list_(pa.string())),
+            ("scene", pa.string()),
+        ]
+    )
+    table = pa.table(rows, schema=schema)
+    pq.write_table(table, output / f"{split}.parquet", compression="zstd")
+    (output / f"graded_{split}.jsonl").write_text(
+        "".join(line + "\n" for line in graded_lines), encoding="utf-8"
+    )
+    return SplitSummary(
+        split=split,
+        scenes=count,
+        captions=sum(len(c) for c in rows["captions"]),
+        negatives=sum(len(c) for c in rows["neg_captions"]),
+        graded=len(graded_lines),
+        tokens_min=min(lengths, default=0),
+        tokens_max=max(lengths, default=0),
+    )
+
+
+def world_parameters() -> dict:
+    """The fixed parameters of the world (written to ``world.json``)."""
+    return {
+        "colours": dict(world.COLOURS.items()),
+        "shapes": list(world.SHAPES),
+        "sizes": dict(world.SIZE_RADIUS.items()),
+        "textures": list(world.TEXTURES),
+        "positions": list(world.POSITIONS),
+        "relations": list(world.RELATIONS),
+        "objects_per_scene": [world.MIN_OBJECTS, world.MAX_OBJECTS],
+        "max_relations": world.MAX_RELATIONS,
+        "held_out_pairs": [list(p) for p in world.HELD_OUT_PAIRS],
+    }
+
+
+def generate(
+    output: str | Path,
+    n: int,
+    seed: int = 0,
+    image_size: int = 64,
+    test_fraction: float = 0.2,
+    graded_per_scene: int = GRADED_PER_SCENE,
+) -> list[SplitSummary]:
+    """Generate ``n`` scenes (``round(n * test_fraction)`` of them test scenes) into ``output``.
+
+    Args:
+        output: directory to create or fill (existing files of the layout are overwritten).
+        n: total number of scenes.
+        seed: the world's seed; the same arguments give byte-identical files.
+        image_size: side of the square images in pixels (at least 16).
+        test_fraction: share of test scenes.
+        graded_per_scene: graded candidates per scene.
+
+    Returns:
+        One summary per split.
+    """
+    if image_size < 16:
+        raise ValueError(f"--image-size must be at least 16 pixels, got {image_size}")
+    if graded_per_scene < 0:
+        raise ValueError(f"--graded-per-scene must be >= 0, got {graded_per_scene}")
+    sizes = _split_sizes(n, test_fraction)
+    output = Path(output)
+    (output / "images").mkdir(parents=True, exist_ok=True)
+    summaries = [
+        _write_split(output, split, sizes[split], seed, image_size, graded_per_scene)
+        for split in SPLITS
+    ]
+    meta = {
+        "seed": seed,
+        "n": n,
+        "test_fraction": test_fraction,
+        "image_size": image_size,
+        "graded_per_scene": graded_per_scene,
+        "splits": {s.split: s.scenes for s in summaries},
+        "world": world_parameters(),
+    }
+    (output / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return summaries

@@ -1,0 +1,196 @@
+"""CLIP byte-level BPE tokenizer, producing the reference token ids.
+
+The vocabulary (``assets/bpe_simple_vocab_16e6.txt.gz``, 49408 ids) is OpenAI's CLIP BPE
+file. Text is cleaned the way the reference does it (``ftfy.fix_text``, HTML unescaped
+twice, whitespace collapsed, stripped, lower-cased) before BPE, and every sequence is
+``[SOT] + bpe + [EOT]``, zero padded to the model's context length.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import re
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from importlib import resources
+
+import ftfy
+import regex
+import torch
+
+SOT_TOKEN = "<|startoftext|>"
+EOT_TOKEN = "<|endoftext|>"
+VOCAB_SIZE = 49408
+SOT_ID = 49406
+EOT_ID = 49407
+
+LONG_CAPTION_POLICIES = ("truncate", "error")
+
+# Pre-tokenisation: special tokens, English contractions, letter runs, single digits,
+# runs of other non-space characters.
+_WORD_PATTERN = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+_WHITESPACE = re.compile(r"\s+")
+
+
+class CaptionTooLongError(ValueError):
+    """Raised when a caption does not fit the context and the policy is ``error``."""
+
+
+@lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """Map every byte to a printable unicode character (reversible, no whitespace)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    mapping = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def clean_text(text: str) -> str:
+    """Normalise text exactly as the reference tokenizer does before BPE."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    text = _WHITESPACE.sub(" ", text.strip()).strip()
+    return text.lower()
+
+
+class Tokenizer:
+    """CLIP BPE tokenizer.
+
+    Example:
+        >>> tok = Tokenizer()
+        >>> tok.encode("a photo of a cat")
+        [320, 1125, 539, 320, 2368]
+        >>> tok(["a cat"], context_length=6).tolist()
+        [[49406, 320, 2368, 49407, 0, 0]]
+    """
+
+    def __init__(self) -> None:
+        with (
+            resources.files("specs_metric")
+            .joinpath("assets/bpe_simple_vocab_16e6.txt.gz")
+            .open("rb") as fh
+        ):
+            lines = gzip.decompress(fh.read()).decode("utf-8").split("\n")
+        # Line 0 is a header; the vocabulary uses the first 48894 merges.
+        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+        byte_chars = list(_byte_alphabet().values())
+        vocab = byte_chars + [c + "</w>" for c in byte_chars]
+        vocab += ["".join(pair) for pair in merges]
+        vocab += [SOT_TOKEN, EOT_TOKEN]
+        self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
+        self.decoder: dict[int, str] = {i: tok for tok, i in self.encoder.items()}
+        self._ranks: dict[tuple[str, str], int] = {pair: i for i, pair in enumerate(merges)}
+        self._byte_encoder = _byte_alphabet()
+        self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
+        self._cache: dict[str, str] = {SOT_TOKEN: SOT_TOKEN, EOT_TOKEN: EOT_TOKEN}
+        assert len(self.encoder) == VOCAB_SIZE
+
+    def _bpe(self, token: str) -> str:
+        cached = self._cache.get(token)
+        if cached is not None:
+            return cached
+        word = list(token[:-1]) + [token[-1] + "</w>"]
+        while len(word) > 1:
+            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
+            best = min(pairs, key=lambda p: self._ranks.get(p, float("inf")))
+            if best not in self._ranks:
+                break
+            first, second = best
+            merged: list[str] = []
+            i = 0
+            while i < len(word):
+                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        result = " ".join(word)
+        if len(self._cache) < 100_000:
+            self._cache[token] = result
+        return result
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text`` without SOT/EOT."""
+        ids: list[int] = []
+        for piece in _WORD_PATTERN.findall(clean_text(text)):
+            mapped = "".join(self._byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[t] for t in self._bpe(mapped).split(" "))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Inverse of :meth:`encode` up to text cleaning (padding and specials dropped)."""
+        text = "".join(self.decoder[int(i)] for i in ids if int(i) not in (0, SOT_ID, EOT_ID))
+        raw = bytearray(self._byte_decoder[c] for c in text)
+        return raw.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def token_ids(self, text: str) -> list[int]:
+        """Full sequence ``[SOT] + bpe + [EOT]`` (not padded, not truncated)."""
+        return [SOT_ID, *self.encode(text), EOT_ID]
+
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        context_length: int = 248,
+        long_captions: str = "truncate",
+    ) -> torch.Tensor:
+        """Tokenize into a zero-padded LongTensor of shape (N, context_length).
+
+        Args:
+            texts: one text or a sequence of texts.
+            context_length: positions of the text tower (248 for LongCLIP, 77 for CLIP).
+            long_captions: ``"truncate"`` keeps the first ``context_length`` ids and
+                overwrites the last with EOT (the reference's ``truncate=True``);
+                ``"error"`` raises :class:`CaptionTooLongError`.
+        """
+        ids, _ = self.batch(texts, context_length, long_captions)
+        return ids
+
+    def batch(
+        self,
+        texts: str | Sequence[str],
+        context_length: int = 248,
+        long_captions: str = "truncate",
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """Like :meth:`__call__`, also returning which rows were truncated."""
+        if long_captions not in LONG_CAPTION_POLICIES:
+            raise ValueError(
+                f"long_captions must be one of {LONG_CAPTION_POLICIES}, got {long_captions!r}"
+            )
+        if isinstance(texts, str):
+            texts = [texts]
+        out = torch.zeros(len(texts), context_length, dtype=torch.long)
+        truncated: list[bool] = []
+        for row, text in enumerate(texts):
+            seq = self.token_ids(text)
+            cut = len(seq) > context_length
+            if cut:
+                if long_captions == "error":
+                    raise CaptionTooLongError(
+                        f"caption {row} has {len(seq)} tokens, more than the context length "
+                        f"{context_length}: {text[:60]!r}..."
+                    )
+                seq = seq[:context_length]
+                seq[-1] = EOT_ID
+            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            truncated.append(cut)
+        return out, truncated
+
+
+@lru_cache(maxsize=1)
+def default_tokenizer() -> Tokenizer:
+    """A process-wide tokenizer (loading the vocabulary takes ~0.3 s)."""
+    return Tokenizer()

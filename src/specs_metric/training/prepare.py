@@ -1,0 +1,508 @@
+"""Building the SPECS training set from image/long-caption pairs.
+
+Each kept row gets
+
+- ``image``: the image (a path string resolved against the image root, or encoded bytes
+  when the input embeds them),
+- ``caption``: the full caption, unchanged,
+- ``captions``: cumulative captions ``c_1 .. c_n`` (``c_{k+1}`` = ``c_k`` + one segment),
+- ``neg_captions``: ``n_1 .. n_{n-1}`` with ``n_k`` = ``c_k`` + a segment of another image.
+
+Negatives follow the reference data preparation (guide §5) with a seeded
+:class:`random.Random`: rows are visited in input order; for each segment index ``i`` of a
+row (all but its last segment) a random row with a different image is drawn (again until the
+image differs and it has a segment; the reference would crash on a row without segments) and
+its segment ``i`` (or its last one, if it has fewer) is taken. For the first
+``floor(shuffle_fraction * n)`` rows (``n`` rows with a readable image, in input order) the
+words of that segment are shuffled; the rest keep it intact. Cumulative captions grow while
+both the caption and its negative stay within ``context_length`` tokens (SOT and EOT
+included) of the project tokenizer. Rows left without a negative are dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from specs_metric.tokenizer import Tokenizer, default_tokenizer
+from specs_metric.training.segment import DEFAULT_SEGMENTER, Segmenter, get_segmenter
+
+log = logging.getLogger(__name__)
+
+SKIP_REASONS = (
+    "missing_image",
+    "unreadable_image",
+    "empty_caption",
+    "too_few_segments",
+    "too_long",
+    "no_negative",
+)
+DEFAULT_SHUFFLE_FRACTION = 0.9
+CONTEXT_LENGTH = 248
+OUTPUT_COLUMNS = ("image", "caption", "captions", "neg_captions")
+
+
+class PrepareError(ValueError):
+    """Input that cannot be read at all (the message names the file and the row)."""
+
+
+@dataclass
+class Example:
+    """One input row: its 1-based row number, its image and its caption."""
+
+    row: int
+    image: Any
+    caption: Any
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare_dataset` did.
+
+    Attributes:
+        rows: input rows read.
+        kept: rows written.
+        skipped: count per reason (see :data:`SKIP_REASONS`).
+        examples: up to five skipped row numbers per reason.
+        output: the written file or directory.
+        segments_per_row: mean number of cumulative captions of kept rows.
+    """
+
+    rows: int = 0
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[int]] = field(default_factory=dict)
+    output: Path | None = None
+    segments_per_row: float = 0.0
+
+    def skip(self, reason: str, row: int) -> None:
+        self.skipped[reason] += 1
+        rows = self.examples.setdefault(reason, [])
+        if len(rows) < 5:
+            rows.append(row)
+
+    def summary(self) -> str:
+        lines = [f"read {self.rows} rows, kept {self.kept} -> {self.output}"]
+        for reason in SKIP_REASONS:
+            if self.skipped[reason]:
+                rows = ", ".join(map(str, self.examples.get(reason, [])))
+                lines.append(f"  skipped {self.skipped[reason]:>8}  {reason}  (rows {rows} ...)")
+        if self.kept:
+            lines.append(f"  cumulative captions per kept row: {self.segments_per_row:.2f}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rows": self.rows,
+            "kept": self.kept,
+            "skipped": {r: self.skipped[r] for r in SKIP_REASONS},
+            "example_rows": self.examples,
+            "output": str(self.output),
+            "segments_per_row": self.segments_per_row,
+        }
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_table(path: str | Path) -> pa.Table:
+    """Read a parquet file or a Hugging Face ``datasets`` directory as an Arrow table.
+
+    A ``datasets`` directory is read with ``datasets.load_from_disk`` when that package is
+    installed, otherwise from its Arrow files directly. For a ``DatasetDict`` directory the
+    ``train`` split (or the only split) is used.
+    """
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise PrepareError(f"{path}: expected a .parquet file or a datasets directory")
+        return pq.read_table(path)
+    if not path.is_dir():
+        raise PrepareError(f"{path}: no such file or directory")
+    splits_file = path / "dataset_dict.json"
+    if splits_file.is_file():
+        splits = json.loads(splits_file.read_text())["splits"]
+        split = "train" if "train" in splits else splits[0] if len(splits) == 1 else None
+        if split is None:
+            raise PrepareError(f"{path}: dataset has splits {splits} and none is 'train'")
+        return read_table(path / split)
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        parquet_files = sorted(path.glob("*.parquet"))
+        if parquet_files:
+            return pa.concat_tables([pq.read_table(p) for p in parquet_files])
+        raise PrepareError(f"{path}: not a datasets directory (no state.json or dataset_dict.json)")
+    try:
+        import datasets
+
+        return datasets.load_from_disk(str(path)).data.table
+    except ImportError:
+        pass
+    files = [path / f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
+    tables = []
+    for file in files:
+        with pa.memory_map(str(file)) as source:
+            tables.append(pa.ipc.open_stream(source).read_all())
+    return pa.concat_tables(tables)
+
+
+def _caption_of(record: dict, where: str) -> Any:
+    if "caption" in record:
+        return record["caption"]
+    conversations = record.get("conversations")
+    if isinstance(conversations, list) and conversations:
+        last = conversations[-1]
+        return last.get("value") if isinstance(last, dict) else None
+    if conversations is not None:
+        return None
+    raise PrepareError(f"{where}: no 'caption' or 'conversations' field")
+
+
+def _check_record(record: Any, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise PrepareError(f"{where}: expected an object, got {type(record).__name__}")
+    if "image" not in record:
+        raise PrepareError(f"{where}: no 'image' field")
+    return record
+
+
+def iter_examples(path: str | Path) -> Iterator[Example]:
+    """Read image/caption rows from ShareGPT4V-style JSON, JSONL, CSV, parquet or a
+    ``datasets`` directory.
+
+    JSON is a list of objects with ``image`` and ``conversations`` (the caption is the value
+    of the last turn) or ``caption``; JSONL and CSV rows have ``image`` and ``caption``.
+
+    Raises:
+        PrepareError: the file cannot be parsed or lacks the needed fields; the message
+            names the file and the row.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix == ".parquet":
+        table = read_table(path)
+        for column in ("image", "caption"):
+            if column not in table.column_names:
+                raise PrepareError(f"{path}: no {column!r} column (has {table.column_names})")
+        for row, (image, caption) in enumerate(
+            zip(table.column("image").to_pylist(), table.column("caption").to_pylist(), strict=True),
+            start=1,
+        ):
+            yield Example(row, image, caption)
+    elif not path.is_file():
+        raise PrepareError(f"{path}: no such file")
+    elif suffix == ".json":
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise PrepareError(f"{path}: invalid JSON ({exc})") from exc
+        if not isinstance(records, list):
+            raise PrepareError(f"{path}: expected a JSON list of objects")
+        for row, record in enumerate(records, start=1):
+            record = _check_record(record, f"{path} row {row}")
+            yield Example(row, record["image"], _caption_of(record, f"{path} row {row}"))
+    elif suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for row, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise PrepareError(f"{path} line {row}: invalid JSON ({exc})") from exc
+                record = _check_record(record, f"{path} line {row}")
+                yield Example(row, record["image"], _caption_of(record, f"{path} line {row}"))
+    elif suffix in (".csv", ".tsv"):
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
+            missing = {"image", "caption"} - set(reader.fieldnames or ())
+            if missing:
+                raise PrepareError(f"{path}: missing column(s) {sorted(missing)}")
+            for row, record in enumerate(reader, start=1):
+                yield Example(row, record["image"], record["caption"])
+    else:
+        raise PrepareError(
+            f"{path}: unsupported input (use .json, .jsonl, .csv, .tsv, .parquet or a "
+            "datasets directory)"
+        )
+
+
+def resolve_image(image: Any, root: Path) -> str | bytes | None:
+    """A path string (relative paths joined to ``root``) or encoded bytes; None if absent."""
+    if isinstance(image, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if not isinstance(image, str) or not image.strip():
+        return None
+    path = Path(image)
+    return str(path if path.is_absolute() else root / path)
+
+
+def image_problem(image: str | bytes | None) -> str | None:
+    """``"missing_image"``, ``"unreadable_image"`` or None (header check, like the reference)."""
+    import io
+
+    if image is None:
+        return "missing_image"
+    if isinstance(image, str) and not Path(image).is_file():
+        return "missing_image"
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+            img.size  # noqa: B018 - the header must parse
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return "unreadable_image"
+    return None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def shuffle_words(text: str, rng: random.Random) -> str:
+    """The words of ``text`` (split on whitespace) in a random order."""
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def draw_negative_details(
+    segments: list[list[str]],
+    images: list[Any],
+    shuffle_fraction: float = DEFAULT_SHUFFLE_FRACTION,
+    seed: int = 42,
+) -> list[list[str] | None]:
+    """Negative detail segments for every row (guide §5).
+
+    Args:
+        segments: detail segments of each row (rows with a readable image, in order).
+        images: each row's image (rows with equal images never give each other negatives).
+        shuffle_fraction: leading fraction of rows whose negative segments are word-shuffled.
+        seed: seed of the random generator.
+
+    Returns:
+        Per row, ``len(segments) - 1`` negative segments, or None when no other row with a
+        different image and at least one segment exists.
+    """
+    rng = random.Random(seed)
+    n = len(segments)
+    shuffled_rows = int(n * shuffle_fraction)
+    donors = [k for k in range(n) if segments[k]]
+    out: list[list[str] | None] = []
+    for row, own in enumerate(segments):
+        if len(own) < 2:
+            out.append([])
+            continue
+        if not any(images[k] != images[row] for k in donors):
+            out.append(None)
+            continue
+        negatives = []
+        for i in range(len(own) - 1):
+            while True:
+                other = rng.randrange(n)
+                if images[other] != images[row] and segments[other]:
+                    break
+            segment = segments[other][min(i, len(segments[other]) - 1)].strip()
+            negatives.append(shuffle_words(segment, rng) if row < shuffled_rows else segment)
+        out.append(negatives)
+    return out
+
+
+def cumulative_captions(
+    segments: list[str],
+    negative_details: list[str],
+    tokenizer: Tokenizer | None = None,
+    context_length: int = CONTEXT_LENGTH,
+) -> tuple[list[str], list[str]]:
+    """Cumulative captions and their negatives, cut where either would exceed the context.
+
+    Example:
+        >>> cumulative_captions(["A dog.", "It runs.", "It is brown."], ["cat blue.", "a car."])
+        (['A dog.', 'A dog. It runs.', 'A dog. It runs. It is brown.'], ['A dog. cat blue.', 'A dog. It runs. a car.'])
+    """
+    tokenizer = tokenizer or default_tokenizer()
+    captions = [segments[0].strip()]
+    negatives: list[str] = []
+    for segment, negative in zip(segments[1:], negative_details, strict=False):
+        caption = f"{captions[-1]} {segment.strip()}"
+        negative = f"{captions[-1]} {negative.strip()}"
+        if max(len(tokenizer.token_ids(caption)), len(tokenizer.token_ids(negative))) > (
+            context_length
+        ):
+            break
+        captions.append(caption)
+        negatives.append(negative)
+    return captions, negatives
+
+
+_worker_segmenter: Segmenter | None = None
+
+
+def _init_worker(name: str) -> None:
+    global _worker_segmenter
+    _worker_segmenter = get_segmenter(name)
+
+
+def _segment_in_worker(caption: str) -> list[str]:
+    return _clean_segments(_worker_segmenter(caption))
+
+
+def _clean_segments(segments: list[str]) -> list[str]:
+    return [s for s in segments if s and s.strip()]
+
+
+def segment_all(
+    captions: list[str],
+    segmenter: str | Segmenter = DEFAULT_SEGMENTER,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[list[str]]:
+    """Segment every caption (in ``workers`` processes when a segmenter name is given)."""
+    bar = dict(desc="segmenting", total=len(captions), disable=not progress, unit="caption")
+    if isinstance(segmenter, str):
+        if workers > 1:
+            get_segmenter(segmenter)  # fail here, with a clear message, not in a worker
+            with multiprocessing.get_context("spawn").Pool(
+                workers, initializer=_init_worker, initargs=(segmenter,)
+            ) as pool:
+                return list(tqdm(pool.imap(_segment_in_worker, captions, chunksize=64), **bar))
+        segmenter = get_segmenter(segmenter)
+    return [_clean_segments(segmenter(c)) for c in tqdm(captions, **bar)]
+
+
+def prepare_dataset(
+    input_path: str | Path,
+    output_path: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    segmenter: str | Segmenter = DEFAULT_SEGMENTER,
+    seed: int = 42,
+    shuffle_fraction: float = DEFAULT_SHUFFLE_FRACTION,
+    context_length: int = CONTEXT_LENGTH,
+    check_images: bool = True,
+    workers: int = 1,
+    progress: bool = True,
+    tokenizer: Tokenizer | None = None,
+    log_fn: Callable[[str], None] | None = None,
+) -> PrepareReport:
+    """Build the training set and write it (``.parquet`` file or ``datasets`` directory).
+
+    Args:
+        input_path: JSON / JSONL / CSV / parquet file or ``datasets`` directory.
+        output_path: ``*.parquet`` for a parquet file; any other path is written as a
+            ``datasets`` directory (needs the ``datasets`` package).
+        image_root: directory relative image paths are joined to (default: the input
+            file's directory).
+        segmenter: ``clause`` (default), ``sentence``, ``chunk`` or a callable.
+        seed: seed of the negative sampling and word shuffling.
+        shuffle_fraction: leading fraction of rows whose negative segments are shuffled.
+        context_length: token limit of cumulative captions and negatives.
+        check_images: open each image's header; rows with missing or unreadable images are
+            skipped (when False only embedded-bytes and missing paths are not checked).
+        workers: processes for segmentation.
+        progress: show progress bars.
+        tokenizer: the tokenizer measuring lengths (default: the project tokenizer).
+        log_fn: where to print the summary (default: the module logger).
+
+    Returns:
+        The :class:`PrepareReport` (also written next to the output as ``*.report.json``).
+    """
+    if not 0.0 <= shuffle_fraction <= 1.0:
+        raise ValueError(f"shuffle_fraction must be in [0, 1], got {shuffle_fraction}")
+    input_path, output_path = Path(input_path), Path(output_path)
+    root = Path(image_root) if image_root is not None else (
+        input_path if input_path.is_dir() else input_path.parent
+    )
+    report = PrepareReport()
+    tokenizer = tokenizer or default_tokenizer()
+
+    rows: list[Example] = []
+    for example in tqdm(iter_examples(input_path), desc="checking", disable=not progress,
+                        unit="row"):
+        report.rows += 1
+        example.image = resolve_image(example.image, root)
+        problem = image_problem(example.image) if check_images else (
+            "missing_image" if example.image is None else None
+        )
+        if problem:
+            report.skip(problem, example.row)
+            continue
+        rows.append(example)
+
+    texts = [c if isinstance(c, str) else "" for c in (r.caption for r in rows)]
+    segments = segment_all(texts, segmenter, workers, progress)
+    image_keys = [r.image for r in rows]
+    negatives = draw_negative_details(segments, image_keys, shuffle_fraction, seed)
+
+    out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
+    for example, text, segs, negs in tqdm(
+        zip(rows, texts, segments, negatives, strict=True),
+        total=len(rows), desc="building", disable=not progress, unit="row",
+    ):
+        if not text.strip():
+            report.skip("empty_caption", example.row)
+            continue
+        if len(segs) < 2:
+            report.skip("too_few_segments", example.row)
+            continue
+        if negs is None:
+            report.skip("no_negative", example.row)
+            continue
+        captions, neg_captions = cumulative_captions(segs, negs, tokenizer, context_length)
+        if not neg_captions:
+            report.skip("too_long", example.row)
+            continue
+        out["image"].append(example.image)
+        out["caption"].append(example.caption)
+        out["captions"].append(captions)
+        out["neg_captions"].append(neg_captions)
+
+    report.kept = len(out["caption"])
+    if report.kept:
+        report.segments_per_row = sum(map(len, out["captions"])) / report.kept
+    report.output = write_training_table(out, output_path)
+    report_file = output_path.with_name(output_path.name + ".report.json")
+    report_file.write_text(json.dumps(report.to_dict(), indent=2))
+    (log_fn or log.info)(report.summary())
+    return report
+
+
+def write_training_table(columns: dict[str, list], output_path: str | Path) -> Path:
+    """Write the columns as parquet (``*.parquet``) or a ``datasets`` directory."""
+    output_path = Path(output_path)
+    images = columns["image"]
+    image_type = pa.binary() if images and isinstance(images[0], bytes) else pa.string()
+    schema = pa.schema([
+        ("image", image_type),
+        ("caption", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("neg_captions", pa.list_(pa.string())),
+    ])
+    table = pa.Table.from_pydict({k: columns[k] for k in OUTPUT_COLUMNS}, schema=schema)
+    if output_path.suffix == ".parquet":
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, output_path)
+        return output_path
+    try:
+        import datasets
+    except ImportError as exc:
+        raise PrepareError(
+            f"{output_path}: writing a datasets directory needs the 'datasets' package "
+            "(pip install datasets); or give an output path ending in .parquet"
+        ) from exc
+    datasets.Dataset.from_dict({k: columns[k] for k in OUTPUT_COLUMNS}).save_to_disk(
+        str(output_path)
+    )
+    return output_path
