@@ -254,12 +254,13 @@ def stretch_positional_embedding(table: torch.Tensor) -> torch.Tensor:
 
     Rows 0..19 are kept; each later gap between rows ``20+i`` and ``21+i`` is filled with
     four rows interpolated at 0, 1/4, 1/2, 3/4; the last four rows extrapolate from the
-    final difference.
+    final difference. Computed in float64 and returned in the input dtype (the reference
+    computes in the model's fp16, which rounds the new rows to fp16 as well).
     """
     if table.shape[0] != CLIP_CONTEXT:
         raise ValueError(f"expected a {CLIP_CONTEXT}-row positional table, got {table.shape[0]}")
     dtype = table.dtype
-    p = table.float()
+    p = table.double()
     kept = p[:KEPT_ROWS]
     left, right = p[KEPT_ROWS:-1], p[KEPT_ROWS + 1 :]  # 56 gaps
     steps = [left * (1 - k / 4) + right * (k / 4) for k in range(4)]

@@ -14,9 +14,9 @@ import sys
 from specs_metric import __version__
 
 # Top-level commands, in the order ``specs --help`` lists them.
-COMMANDS = ["score", "models", "convert"]
+COMMANDS = ["score", "models", "convert", "prepare", "train", "compare", "synth"]
 # Sub-commands of ``specs bench``.
-BENCH_COMMANDS: list[str] = []
+BENCH_COMMANDS: list[str] = ["human", "intrinsic"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["truncate", "error"],
         help="captions over the context: truncate (keep EOT) or error for the row",
     )
+    p.add_argument(
+        "--chunk-rows", type=int, default=512, help="rows prepared and written together"
+    )
     p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
     p.add_argument("--cache-dir", type=Path, help="on-disk image-embedding cache")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         token_budget=args.token_budget,
         num_workers=args.workers,
+        chunk_rows=args.chunk_rows,
         cache_dir=args.cache_dir,
         resume=args.resume,
         show_progress=not args.no_progress,

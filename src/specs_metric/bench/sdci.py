@@ -1,0 +1,199 @@
+"""Reading data sets in the sDCI layout: one row per image with cumulative captions.
+
+Columns: ``image`` (a path, encoded bytes, or a Hugging Face ``Image`` struct with
+``bytes`` / ``path``), ``captions`` (``c_1..c_n``) and ``neg_captions`` (``n_2..n_n``, one
+fewer than ``captions``; ``neg_captions[j]`` pairs with ``captions[j + 1]``), and
+optionally ``id``. Other columns are ignored.
+
+Accepted sources:
+
+* a Hugging Face ``datasets`` directory written by ``save_to_disk`` (a ``DatasetDict`` with
+  ``dataset_dict.json`` and one folder per split, or a single ``Dataset`` folder with
+  ``state.json`` and ``*.arrow`` files); the Arrow files are read with pyarrow, so the
+  ``datasets`` package is not needed;
+* a directory holding ``{split}.parquet`` or ``{split}.jsonl`` (as ``specs synth`` writes);
+* a ``.parquet``, ``.arrow``, ``.jsonl`` or ``.json`` (JSON lines) file.
+
+Relative image paths are resolved against ``image_root`` (by default the directory given,
+or the folder of the file given).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REQUIRED_COLUMNS = ("image", "captions", "neg_captions")
+
+
+class SdciFormatError(ValueError):
+    """The data does not follow the sDCI layout (the message names the file and row)."""
+
+
+@dataclass
+class SdciRow:
+    """One image with its cumulative captions and negatives."""
+
+    id: str
+    image: str | bytes
+    captions: list[str]
+    neg_captions: list[str]
+
+
+def _read_arrow(path: Path) -> pa.Table:
+    """An Arrow IPC file in either the stream format (``datasets``) or the file format."""
+    with pa.memory_map(str(path), "r") as source:
+        try:
+            return pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            pass
+    with pa.memory_map(str(path), "r") as source:
+        try:
+            return pa.ipc.open_file(source).read_all()
+        except pa.ArrowInvalid as exc:
+            raise SdciFormatError(f"{path}: not an Arrow IPC file ({exc})") from exc
+
+
+def _dataset_dir_files(directory: Path) -> list[Path]:
+    """Arrow files of one ``datasets`` split folder, in their recorded order."""
+    state = directory / "state.json"
+    if state.is_file():
+        files = json.loads(state.read_text()).get("_data_files", [])
+        names = [f["filename"] for f in files if "filename" in f]
+        if names:
+            return [directory / n for n in names]
+    return sorted(directory.glob("*.arrow"))
+
+
+def _choose_split(available: list[str], split: str | None, where: Path) -> str:
+    if split is None:
+        if "test" in available:
+            return "test"
+        if len(available) == 1:
+            return available[0]
+        raise SdciFormatError(f"{where}: several splits {available}; choose one with --split")
+    if split not in available:
+        raise SdciFormatError(f"{where}: no split {split!r}; available: {available}")
+    return split
+
+
+def _resolve_source(path: Path, split: str | None) -> tuple[list[Path], str]:
+    """The files holding the rows, and a description for messages."""
+    if path.is_file():
+        return [path], str(path)
+    if not path.is_dir():
+        raise SdciFormatError(f"{path}: no such file or directory")
+    dict_file = path / "dataset_dict.json"
+    if dict_file.is_file():
+        splits = json.loads(dict_file.read_text()).get("splits", [])
+        chosen = _choose_split(list(splits), split, path)
+        return _dataset_dir_files(path / chosen), f"{path} [{chosen}]"
+    if (path / "state.json").is_file() or any(path.glob("*.arrow")):
+        return _dataset_dir_files(path), str(path)
+    available = sorted(
+        {p.stem for p in path.glob("*.parquet")} | {p.stem for p in path.glob("*.jsonl")}
+    )
+    if not available:
+        raise SdciFormatError(
+            f"{path}: found no datasets folder (dataset_dict.json / state.json / *.arrow), "
+            "no {split}.parquet and no {split}.jsonl"
+        )
+    chosen = _choose_split(available, split, path)
+    for suffix in (".parquet", ".jsonl"):
+        candidate = path / f"{chosen}{suffix}"
+        if candidate.is_file():
+            return [candidate], str(candidate)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _read_records(file: Path) -> list[dict]:
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        return pq.read_table(file).to_pylist()
+    if suffix == ".arrow":
+        return _read_arrow(file).to_pylist()
+    if suffix in (".jsonl", ".json"):
+        records = []
+        with file.open(encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise SdciFormatError(f"{file}, line {line_no}: invalid JSON ({exc})") from exc
+        return records
+    raise SdciFormatError(f"{file}: unsupported file type (use .parquet, .arrow or .jsonl)")
+
+
+def _image_value(value: object, root: Path, where: str) -> str | bytes:
+    if isinstance(value, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str) and value:
+        p = Path(value)
+        return str(p if p.is_absolute() else root / p)
+    raise SdciFormatError(f"{where}: 'image' must be a path, bytes or an Image struct")
+
+
+def _string_list(value: object, column: str, where: str) -> list[str]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise SdciFormatError(f"{where}: {column!r} must be a list of strings")
+    return list(value)
+
+
+def read_sdci(
+    path: str | Path, split: str | None = None, image_root: str | Path | None = None
+) -> list[SdciRow]:
+    """Read every row of an sDCI-layout data set.
+
+    Args:
+        path: a ``datasets`` folder, a folder with ``{split}.parquet``/``.jsonl``, or a file.
+        split: which split of a multi-split source (default ``test`` when present).
+        image_root: folder for relative image paths (default: ``path`` if it is a folder,
+            else its parent).
+
+    Raises:
+        SdciFormatError: naming the file and row of the first problem.
+    """
+    path = Path(path)
+    files, description = _resolve_source(path, split)
+    if not files:
+        raise SdciFormatError(f"{description}: no data files")
+    root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
+    rows: list[SdciRow] = []
+    for file in files:
+        records = _read_records(file)
+        for i, rec in enumerate(records):
+            where = f"{file}, row {i}"
+            missing = [c for c in REQUIRED_COLUMNS if c not in rec]
+            if missing:
+                raise SdciFormatError(
+                    f"{where}: missing column(s) {missing}; found {sorted(rec)}"
+                )
+            captions = _string_list(rec["captions"], "captions", where)
+            negs = _string_list(rec["neg_captions"], "neg_captions", where)
+            if not captions:
+                raise SdciFormatError(f"{where}: 'captions' is empty")
+            if len(negs) != len(captions) - 1:
+                raise SdciFormatError(
+                    f"{where}: {len(captions)} captions need {len(captions) - 1} neg_captions "
+                    f"(n_k = c_(k-1) + a wrong segment), got {len(negs)}"
+                )
+            row_id = rec.get("id")
+            rows.append(
+                SdciRow(
+                    id=str(row_id) if row_id is not None else str(len(rows)),
+                    image=_image_value(rec["image"], root, where),
+                    captions=captions,
+                    neg_captions=negs,
+                )
+            )
+    return rows

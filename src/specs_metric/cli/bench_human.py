@@ -1,0 +1,137 @@
+"""``specs bench human``: correlation of metrics with human judgments, with cost per caption."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from specs_metric.bench.human import DEFAULT_MODEL, FORMATS
+
+
+def _candidates(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = {}
+    for item in text.split(","):
+        cap, sep, score = item.partition(":")
+        if not sep or not cap.strip() or not score.strip():
+            raise ValueError(f"--candidates: expected CAPTION_COLUMN:SCORE_COLUMN, got {item!r}")
+        pairs[cap.strip()] = score.strip()
+    return pairs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "human",
+        help="correlation of SPECS, CLIP-S and text metrics with human judgments",
+        description=(
+            "Score human-judged captions with each metric and report Kendall tau-b/tau-c, "
+            "Pearson and Spearman (bootstrap CIs over images), pairwise accuracy, and "
+            "seconds per 1,000 captions. Formats are described in docs/meta-evaluation.md."
+        ),
+    )
+    p.add_argument("--data", required=True, type=Path, help="data file or folder")
+    p.add_argument("--format", required=True, choices=FORMATS, help="layout of --data")
+    p.add_argument(
+        "--metrics",
+        default="specs,clip-s,bleu-4,rouge-l,cider-d",
+        help="comma list of [LABEL=]NAME[@MODEL]; NAME: specs, clip-s, cosine, torchmetrics "
+        "(model scores) or bleu-4, rouge-l, cider-d (need references)",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model for NAMEs without @MODEL")
+    p.add_argument("--split", default="test", help="LongCap-Arena split (default test)")
+    p.add_argument("--image-root", type=Path, help="folder for relative image paths")
+    p.add_argument(
+        "--candidates", help="DetailCaps: CAPTION_COLUMN:SCORE_COLUMN,... (default: by name)"
+    )
+    p.add_argument(
+        "--aggregate",
+        default="each",
+        choices=["each", "mean"],
+        help="Flickr8k-Expert: one row per expert judgment (each) or their mean",
+    )
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level (0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    p.add_argument("--out", type=Path, default=Path("bench_human"), help="report folder")
+    p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specs_metric.bench.human import (
+        DataFormatError,
+        evaluate,
+        iter_score_rows,
+        parse_metrics,
+        read_judgments,
+        run_metrics,
+    )
+    from specs_metric.bench.report import human_markdown, write_human_report
+
+    try:
+        metrics = parse_metrics(args.metrics, args.model)
+        sets = read_judgments(
+            args.data,
+            args.format,
+            split=args.split,
+            image_root=args.image_root,
+            candidates=_candidates(args.candidates),
+            aggregate=args.aggregate,
+        )
+    except (DataFormatError, ValueError) as err:
+        print(f"specs bench human: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    scores_path = args.out / "scores.jsonl"
+    scores_path.unlink(missing_ok=True)
+
+    def progress(jset, res) -> None:
+        if res.skipped:
+            print(f"{jset.name}: {res.spec.label} skipped ({res.skipped})", file=sys.stderr)
+            return
+        # write each metric's scores as soon as they exist, so a long run keeps its work
+        name = res.spec.label.replace("/", "_")
+        with open(args.out / f"scores_{name}.jsonl", "a", encoding="utf-8") as fh:
+            for rec, value in zip(jset.rows, res.scores.tolist(), strict=True):
+                value = value if math.isfinite(value) else None
+                fh.write(json.dumps({"set": jset.name, "id": rec.id, "score": value}) + "\n")
+        rate = res.seconds_per_1000
+        print(f"{jset.name}: {res.spec.label} done ({rate:.2f} s / 1000 captions)", file=sys.stderr)
+
+    for stale in args.out.glob("scores_*.jsonl"):
+        stale.unlink()
+    results = run_metrics(
+        sets,
+        metrics,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        on_result=progress,
+    )
+    reports = [
+        evaluate(s, results[s.name], n_boot=args.n_boot, level=args.level, seed=args.seed)
+        for s in sets
+    ]
+    with open(scores_path, "w", encoding="utf-8") as fh:
+        for s in sets:
+            for rec in iter_score_rows(s, results[s.name]):
+                fh.write(json.dumps(rec) + "\n")
+    meta = {
+        "data": str(args.data),
+        "format": args.format,
+        "metrics": [m.__dict__ for m in metrics],
+        "n_boot": args.n_boot,
+        "level": args.level,
+        "seed": args.seed,
+    }
+    write_human_report(reports, meta, args.out, plots=not args.no_plots)
+    print(human_markdown(reports, meta))
+    print(f"report written to {args.out}", file=sys.stderr)
+    return 0

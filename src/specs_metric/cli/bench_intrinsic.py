@@ -1,0 +1,151 @@
+"""``specs bench intrinsic``: positive / negative / average rates of guide §6."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "intrinsic",
+        help="intrinsic specificity: do added details raise and wrong details lower the score?",
+        description=(
+            "Positive rate (s(c_k+1) > s(c_k)), negative rate (s(c_k) > s(n_k)) and their "
+            "average, in percent over images with at least 3 cumulative captions, on data "
+            "in the sDCI layout (datasets folder, parquet or JSONL)."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model name (see `specs models`) or path")
+    p.add_argument("--data", required=True, type=Path, help="sDCI-layout folder or file")
+    p.add_argument("--split", default=None, help="split of a multi-split source (default test)")
+    p.add_argument("--image-root", type=Path, help="folder for relative image paths")
+    p.add_argument("--json", type=Path, help="write rates and per-image results here")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="fp32 = exact reference numerics (default)",
+    )
+    p.add_argument(
+        "--full-precision-weights",
+        action="store_true",
+        help="do not round weights to fp16 like the reference loader",
+    )
+    p.add_argument("--chains-per-batch", type=int, default=16, help="images per text batch")
+    p.add_argument(
+        "--no-prefix-reuse",
+        action="store_true",
+        help="encode every caption on its own (slower; same result)",
+    )
+    p.add_argument(
+        "--timing-chains",
+        type=int,
+        default=16,
+        help="time prefix reuse against plain encoding on this many images (0: skip)",
+    )
+    p.set_defaults(func=run)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _per_image(rows, scores, rates=None) -> list[dict]:
+    out = []
+    for i, (row, sc) in enumerate(zip(rows, scores, strict=False)):
+        entry = {"id": row.id, "caption_scores": sc.captions, "neg_scores": sc.negatives}
+        if rates is not None:
+            r = rates[i]
+            entry["positive"] = None if r.positive is None else 100.0 * r.positive
+            entry["negative"] = None if r.negative is None else 100.0 * r.negative
+        out.append(entry)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from specs_metric.bench.intrinsic import run_intrinsic, time_prefix_reuse
+    from specs_metric.bench.sdci import read_sdci
+    from specs_metric.scorer import load
+
+    rows = read_sdci(args.data, args.split, args.image_root)
+    if args.limit is not None:
+        rows = rows[: args.limit]
+    scorer = load(
+        args.model,
+        device=args.device,
+        precision=args.precision,
+        reference_rounding=not args.full_precision_weights,
+    )
+    print(f"{len(rows)} images from {args.data}; model {scorer.name} on {scorer.device}")
+    header = {"model": scorer.name, "data": str(args.data), "split": args.split}
+
+    timing = None
+    if args.timing_chains > 0 and rows:
+        sample = rows[: args.timing_chains]
+        images = scorer.embed_images([r.image for r in sample])
+        timing = time_prefix_reuse(scorer, sample, images)
+        print(
+            f"prefix reuse on {timing.chains} images ({timing.captions} captions): "
+            f"{timing.prefix_seconds:.2f} s, plain: {timing.plain_seconds:.2f} s, "
+            f"speed-up {timing.speedup:.1f}x, max |cosine difference| {timing.max_abs_diff:.2e}"
+        )
+
+    last_write = [time.monotonic()]
+
+    def progress(done: int, scores) -> None:
+        if args.json is not None and time.monotonic() - last_write[0] > 30:
+            partial = {**header, "complete": False, "done": done}
+            _write_json(args.json, {**partial, "per_image": _per_image(rows, scores)})
+            last_write[0] = time.monotonic()
+        print(f"\r{done}/{len(rows)} images", end="", file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    result, scores = run_intrinsic(
+        scorer,
+        rows,
+        prefix_reuse=not args.no_prefix_reuse,
+        chains_per_batch=args.chains_per_batch,
+        on_progress=progress,
+    )
+    print(file=sys.stderr)
+    elapsed = time.perf_counter() - start
+
+    print(f"{'metric':<10} {'value':>8}")
+    print(f"{'positive':<10} {result.positive:>8.2f}")
+    print(f"{'negative':<10} {result.negative:>8.2f}")
+    print(f"{'average':<10} {result.average:>8.2f}")
+    print(f"{result.n_images} images scored, {result.n_skipped} skipped (< 3 captions), "
+          f"{elapsed:.1f} s")
+    if args.json is not None:
+        payload = {
+            **header,
+            "complete": True,
+            "positive": result.positive,
+            "negative": result.negative,
+            "average": result.average,
+            "n_images": result.n_images,
+            "n_skipped": result.n_skipped,
+            "prefix_reuse": not args.no_prefix_reuse,
+            "seconds": elapsed,
+            "timing": None if timing is None else {
+                "chains": timing.chains,
+                "captions": timing.captions,
+                "prefix_seconds": timing.prefix_seconds,
+                "plain_seconds": timing.plain_seconds,
+                "speedup": timing.speedup,
+                "max_abs_diff": timing.max_abs_diff,
+            },
+            "per_image": _per_image(rows, scores, result.per_image),
+        }
+        _write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,29 @@
+"""Training SPECS: data preparation, the specificity objective and the trainer.
+
+- :mod:`~specs_metric.training.segment`: cutting captions into detail segments.
+- :mod:`~specs_metric.training.prepare`: building cumulative captions and negatives.
+- :mod:`~specs_metric.training.loss`: :class:`SpecificityLoss` (guide §4).
+- :mod:`~specs_metric.training.data`: the training dataset, decoded in DataLoader workers.
+- :mod:`~specs_metric.training.trainer`: :func:`train` for a :class:`TrainConfig`.
+
+The trainer is imported lazily so that ``specs prepare`` does not load it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from specs_metric.training.loss import LossOutput, SpecificityLoss, clip_loss
+
+if TYPE_CHECKING:
+    from specs_metric.training.trainer import TrainConfig, TrainResult, train
+
+__all__ = ["LossOutput", "SpecificityLoss", "TrainConfig", "TrainResult", "clip_loss", "train"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("TrainConfig", "TrainResult", "train"):
+        from specs_metric.training import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'specs_metric.training' has no attribute {name!r}")

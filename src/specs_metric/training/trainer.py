@@ -1,0 +1,619 @@
+"""Fine-tuning LongCLIP with the specificity objective (or CLIP pre-training).
+
+:func:`train` runs the loop for a :class:`TrainConfig`; ``specs train`` is a thin wrapper.
+Defaults are the released SPECS recipe (guide §4): lc = 1, ld = 8, ln = 0.8, adaptive
+margin, AdamW (lr 1e-5, weight decay 0.01 on every parameter), cosine schedule with 40
+warm-up steps, 6 epochs, batch 100 per process x 4 accumulation steps, mixed precision.
+
+Behaviour worth knowing (see docs/training.md):
+
+- Learning rate of optimizer update ``k`` (1-based): ``lr * (k + 1) / warmup`` for
+  ``k < warmup``, else ``lr * (1 + cos(pi * (k - warmup) / (total - warmup))) / 2``, as
+  the reference's rank 0 applies it.
+- Each micro-batch loss is divided by ``grad_accum`` (also in the shorter last group of an
+  epoch, as in the reference); the adaptive margin is updated per micro-batch.
+- With several processes the embeddings of all ranks are gathered (with gradient) so the
+  loss is that of the global batch; ``gather=False`` computes it per process instead.
+- ``positional_embedding`` is frozen when the initial checkpoint is an OpenAI CLIP one
+  (stretched to 248 positions, as LongCLIP training does) and trained otherwise (the
+  reference fine-tunes every parameter of a LongCLIP checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from specs_metric.checkpoint import clip_to_longclip, save_state_dict
+from specs_metric.distributed import DistInfo, init_from_env
+from specs_metric.factory import build_model, load_state_dict
+from specs_metric.training.data import ResumableSampler, SpecificityDataset, collate_examples
+from specs_metric.training.loss import LossOutput, SpecificityLoss, clip_loss
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("specs", "clip")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+LOG_COLUMNS = (
+    "step", "epoch", "lr", "loss", "contrastive", "detail", "negative", "margin",
+    "logit_scale", "images", "skipped_images", "seconds",
+)
+CHECKPOINT_DIR = "checkpoints"
+MODEL_FILES = ("model.pt", "model.safetensors")
+STATE_FILE = "trainer_state.pt"
+
+
+class TrainError(ValueError):
+    """A configuration or resume problem (the message names the argument or file)."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. Defaults are the released SPECS recipe.
+
+    Attributes:
+        init: initial checkpoint: LongCLIP or OpenAI CLIP (stretched to 248 positions),
+            a file path or registry name.
+        data: prepared training set (parquet file or ``datasets`` directory).
+        output: output directory (log, config, checkpoints).
+        objective: ``specs`` (the specificity objective) or ``clip`` (symmetric CLIP
+            contrastive loss on image/full caption, for pre-training).
+        epochs: passes over the data (ignored when ``max_steps`` is set).
+        max_steps: optimizer updates to run (and the length of the cosine schedule).
+        batch_size: micro-batch size per process.
+        grad_accum: micro-batches per optimizer update.
+        lr, weight_decay, warmup_steps: AdamW and schedule.
+        lambda_contrast, lambda_detail, lambda_neg: loss weights (``lambda_detail =
+            lambda_neg = 0`` gives contrastive-only fine-tuning).
+        margin: fixed hinge margin; 0 = adaptive (released).
+        save_every: checkpoint every N updates (and always at the end); 0 = only at the end.
+        precision: ``auto`` (fp16 autocast + gradient scaling on CUDA, fp32 on CPU),
+            ``fp32``, ``fp16`` (CUDA only) or ``bf16`` (autocast, CPU or CUDA).
+        seed: seed of shuffling, the per-row index draw and the RNGs.
+        resume: checkpoint directory to resume from, or ``latest`` (newest in ``output``).
+        image_root: directory relative image paths are joined to.
+        workers: DataLoader worker processes decoding images.
+        device: ``cpu``, ``cuda``, ``cuda:1``... (default: CUDA when available).
+        gather: gather embeddings across processes (global-batch loss).
+        freeze_positional: freeze ``positional_embedding``; None = only for CLIP inits.
+        deterministic: ``torch.use_deterministic_algorithms(True)``.
+        progress: show a progress bar (rank 0).
+        tensorboard: also log to TensorBoard when it is installed.
+    """
+
+    init: str
+    data: str
+    output: str
+    objective: str = "specs"
+    epochs: int = 6
+    max_steps: int | None = None
+    batch_size: int = 100
+    grad_accum: int = 4
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 40
+    lambda_contrast: float = 1.0
+    lambda_detail: float = 8.0
+    lambda_neg: float = 0.8
+    margin: float = 0.0
+    save_every: int = 1000
+    precision: str = "auto"
+    seed: int = 42
+    resume: str | None = None
+    image_root: str | None = None
+    workers: int = 4
+    device: str | None = None
+    gather: bool = True
+    freeze_positional: bool | None = None
+    deterministic: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise TrainError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.precision not in PRECISIONS:
+            raise TrainError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is None and self.epochs < 1:
+            raise TrainError(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise TrainError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.margin < 0:
+            raise TrainError(f"margin must be >= 0 (0 = adaptive), got {self.margin}")
+        if min(self.warmup_steps, self.save_every, self.workers) < 0:
+            raise TrainError("warmup_steps, save_every and workers must be >= 0")
+
+
+@dataclass
+class TrainResult:
+    """Where a finished run left its outputs."""
+
+    output: Path
+    final_checkpoint: Path
+    steps: int
+    skipped_images: int
+    log_file: Path
+
+
+def lr_factor(update: int, warmup: int, total: int) -> float:
+    """Learning-rate multiplier of optimizer update ``update`` (1-based); see module doc.
+
+    Example:
+        >>> [round(lr_factor(k, 2, 4), 3) for k in (1, 2, 3, 4)]
+        [1.0, 1.0, 0.5, 0.0]
+    """
+    if update < warmup:
+        return (update + 1) / warmup
+    span = max(total - warmup, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (update - warmup) / span))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenate a tensor over ranks (sizes may differ); the gradient flows back to each
+    rank's own rows, summed over the identical loss every rank computes."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        size = torch.tensor([tensor.shape[0]], device=tensor.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        counts = [int(s) for s in sizes]
+        longest = max(counts)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        rank = dist.get_rank()
+        ctx.offset, ctx.count = sum(counts[:rank]), counts[rank]
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.offset : ctx.offset + ctx.count]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of ``tensor`` (in rank order), differentiable w.r.t. the local ones."""
+    return _GatherWithGrad.apply(tensor)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_tensors(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state_to_tensors(state: tuple) -> dict:
+    name, keys, pos, has_gauss, gauss = state
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def _set_rng_state(state: dict) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def find_checkpoints(output: str | Path) -> list[Path]:
+    """Complete checkpoint directories of a run, oldest first."""
+    root = Path(output) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and p.suffix != ".tmp"]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _resolve_resume(config: TrainConfig) -> Path | None:
+    if config.resume is None:
+        return None
+    if config.resume == "latest":
+        found = find_checkpoints(config.output)
+        if not found:
+            raise TrainError(f"--resume latest: no checkpoint under {config.output}/{CHECKPOINT_DIR}")
+        return found[-1]
+    path = Path(config.resume)
+    if path.is_file():
+        path = path.parent
+    if not (path / STATE_FILE).is_file():
+        raise TrainError(f"--resume {config.resume}: no {STATE_FILE} in {path}")
+    return path
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class _CsvLog:
+    """The per-update CSV log; on resume rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows = []
+        if resume_step is not None and path.is_file():
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        self.fh = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.fh.flush()
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _tensorboard(output: Path, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(output / "tensorboard"))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class Trainer:
+    """One training run; :func:`train` is the usual entry point."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.config = config
+        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist: DistInfo = init_from_env(device)
+        if self.dist.enabled and self.dist.backend == "nccl":
+            device = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(device)
+        precision = config.precision
+        if precision == "auto":
+            precision = "fp16" if self.device.type == "cuda" else "fp32"
+        if precision == "fp16" and self.device.type != "cuda":
+            raise TrainError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+        self.precision = precision
+        self.output = Path(config.output)
+        self.is_main = self.dist.is_main
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        _seed_everything(config.seed)
+
+        state = load_state_dict(config.init)
+        from_clip = "positional_embedding_res" not in state
+        if from_clip:
+            state = clip_to_longclip(state)
+        self.model = build_model(state, reference_rounding=False, source=str(config.init))
+        self.model.train().to(self.device)
+        freeze = from_clip if config.freeze_positional is None else config.freeze_positional
+        self.model.positional_embedding.requires_grad_(not freeze)
+        self.frozen = ["positional_embedding"] if freeze else []
+
+        self.dataset = SpecificityDataset(
+            config.data,
+            resolution=self.model.config.image_resolution,
+            context_length=self.model.context_length,
+            details=config.objective == "specs",
+            seed=config.seed,
+            image_root=config.image_root,
+        )
+        self.sampler = ResumableSampler(
+            self.dataset, self.dist.world_size, self.dist.rank, config.seed
+        )
+        self.batches_per_epoch = math.ceil(self.sampler.num_samples / config.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.grad_accum)
+        self.total_steps = config.max_steps or self.steps_per_epoch * config.epochs
+
+        self.ddp = (
+            DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.dist.enabled
+            else None
+        )
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        warmup, total = config.warmup_steps, self.total_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda n: lr_factor(n + 1, warmup, total)
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        self.loss_fn = SpecificityLoss(
+            config.lambda_contrast, config.lambda_detail, config.lambda_neg, config.margin
+        )
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.skipped_images = 0
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "loss": self.loss_fn.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "skipped_images": self.skipped_images,
+            "world_size": self.dist.world_size,
+            "batch_size": self.config.batch_size,
+            "rng": _rng_state(),
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-N/{model.pt, model.safetensors, trainer_state.pt}``."""
+        final = self.output / CHECKPOINT_DIR / f"step-{self.step}"
+        tmp = final.with_name(final.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        weights = {k: v.detach().float() if v.is_floating_point() else v
+                   for k, v in self.model.state_dict().items()}
+        for name in MODEL_FILES:
+            save_state_dict(weights, tmp / name)
+        torch.save(self.state_dict(), tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from specs_metric.checkpoint import read_state_dict
+
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        if (state["world_size"] * state["batch_size"]
+                != self.dist.world_size * self.config.batch_size):
+            raise TrainError(
+                f"--resume {path}: saved with global batch {state['world_size']} x "
+                f"{state['batch_size']}, now {self.dist.world_size} x {self.config.batch_size}"
+            )
+        weights = read_state_dict(path / MODEL_FILES[0])
+        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.step = state["step"]
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.skipped_images = state["skipped_images"]
+        _set_rng_state(state["rng"])
+
+    # -- one micro-batch ----------------------------------------------------------------
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.dist.enabled and self.config.gather:
+            return gather_with_grad(tensor)
+        return tensor
+
+    def _forward(self, batch) -> LossOutput:
+        pixels = batch.pixels.to(self.device, non_blocking=True)
+        fields = list(batch.tokens)
+        tokens = torch.cat([batch.tokens[f] for f in fields]).to(self.device, non_blocking=True)
+        model = self.ddp or self.model
+        with _autocast(self.precision, self.device):
+            image, text = model(pixels, tokens)
+        texts = dict(zip(fields, text.chunk(len(fields)), strict=True))
+        image = self._gather(image)
+        texts = {f: self._gather(t) for f, t in texts.items()}
+        scale = self.model.logit_scale.exp()
+        if self.config.objective == "clip":
+            loss = clip_loss(image, texts["caption"], scale)
+            zero = loss.new_zeros(())
+            return LossOutput(loss, loss, zero, zero, 0.0, 0.0, 0.0)
+        return self.loss_fn(
+            image, texts["caption"], texts["base"], texts["detail"], texts["negative"], scale
+        )
+
+    def _all_sum(self, value: int) -> int:
+        if not self.dist.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.long, device=self._collective_device())
+        dist.all_reduce(t)
+        return int(t)
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.dist.backend == "nccl" else torch.device("cpu")
+
+    # -- the run ------------------------------------------------------------------------
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=self.config.batch_size,
+            sampler=self.sampler,
+            num_workers=self.config.workers,
+            collate_fn=collate_examples,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def run(self, on_checkpoint: Callable[[int, Path], None] | None = None) -> TrainResult:
+        config = self.config
+        resume_from = _resolve_resume(config)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if self.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            (self.output / "config.json").write_text(
+                json.dumps(dataclasses.asdict(config), indent=2)
+            )
+        csv_log = _CsvLog(self.output / "train_log.csv", self.step if resume_from else None) \
+            if self.is_main else None
+        board = _tensorboard(self.output, config.tensorboard) if self.is_main else None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (self.is_main and config.progress))
+        self._saved_step = self.step if resume_from else None
+        started = time.time()
+        try:
+            while self.step < self.total_steps:
+                if self.batch_in_epoch >= self.batches_per_epoch:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                self._run_epoch(csv_log, board, bar, started, on_checkpoint)
+                if self.step >= self.total_steps:
+                    break
+            if self._saved_step != self.step:
+                self._checkpoint(on_checkpoint)
+        finally:
+            bar.close()
+            if csv_log:
+                csv_log.close()
+            if board:
+                board.close()
+        final = self.output / CHECKPOINT_DIR / f"step-{self.step}"
+        if self.is_main:
+            for name in MODEL_FILES:
+                shutil.copyfile(final / name, self.output / name)
+        if self.dist.enabled:
+            dist.barrier()
+        return TrainResult(self.output, self.output / MODEL_FILES[0], self.step,
+                           self.skipped_images, self.output / "train_log.csv")
+
+    def _checkpoint(self, on_checkpoint) -> None:
+        if self.is_main:
+            path = self.save_checkpoint()
+            if on_checkpoint is not None:
+                on_checkpoint(self.step, path)
+        if self.dist.enabled:
+            dist.barrier()
+        self._saved_step = self.step
+
+    def _run_epoch(self, csv_log, board, bar, started, on_checkpoint) -> None:
+        config = self.config
+        self.sampler.set_epoch(self.epoch)
+        self.dataset.set_epoch(self.epoch)
+        self.sampler.set_position(self.batch_in_epoch * config.batch_size)
+        sums: dict[str, float] = {}
+        micro = 0
+        images = 0
+        for batch in self._loader():
+            self.batch_in_epoch += 1
+            last_of_group = (
+                self.batch_in_epoch % config.grad_accum == 0
+                or self.batch_in_epoch == self.batches_per_epoch
+            )
+            self.skipped_images += self._all_sum(batch.skipped)
+            if self._all_sum(int(len(batch) == 0)):
+                log.warning("micro-batch without decodable images skipped on some rank")
+            else:
+                sync = self.ddp is None or last_of_group
+                context = nullcontext() if sync else self.ddp.no_sync()
+                with context:
+                    out = self._forward(batch)
+                    self.scaler.scale(out.total / config.grad_accum).backward()
+                for key, value in out.scalars().items():
+                    sums[key] = sums.get(key, 0.0) + value
+                micro += 1
+                images += self._all_sum(len(batch))
+            if not last_of_group:
+                continue
+            lr = self.optimizer.param_groups[0]["lr"]
+            if micro:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            row = {k: v / max(micro, 1) for k, v in sums.items()}
+            row.update(
+                step=self.step, epoch=self.epoch, lr=lr, margin=float(self.loss_fn.running_margin)
+                if config.margin == 0 else config.margin,
+                logit_scale=float(self.model.logit_scale.detach().exp()), images=images,
+                skipped_images=self.skipped_images, seconds=round(time.time() - started, 3),
+            )
+            if config.objective == "clip":
+                row["margin"] = 0.0
+            self._log(row, csv_log, board, bar)
+            sums, micro, images = {}, 0, 0
+            if config.save_every and self.step % config.save_every == 0:
+                self._checkpoint(on_checkpoint)
+            if self.step >= self.total_steps:
+                return
+
+    def _log(self, row: dict, csv_log, board, bar) -> None:
+        if not self.is_main:
+            return
+        row = {k: row.get(k, 0.0) for k in LOG_COLUMNS}
+        csv_log.write(row)
+        if board is not None:
+            for key in LOG_COLUMNS[2:-1]:
+                board.add_scalar(f"train/{key}", row[key], row["step"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", margin=f"{row['margin']:.3f}")
+
+
+def train(
+    config: TrainConfig, on_checkpoint: Callable[[int, Path], None] | None = None
+) -> TrainResult:
+    """Run training as configured.
+
+    Args:
+        config: the run's settings.
+        on_checkpoint: called on rank 0 as ``on_checkpoint(step, directory)`` after each
+            checkpoint is written.
+
+    Returns:
+        A :class:`TrainResult`; the final weights are ``output/model.pt`` and
+        ``output/model.safetensors`` (also under ``output/checkpoints/step-N``).
+    """
+    return Trainer(config).run(on_checkpoint)
