@@ -188,7 +188,7 @@ def _big_corpus(world: Path, path: Path, n: int) -> None:
 
 def test_resume_after_sigkill_gives_identical_output(world, tmp_path):
     src = tmp_path / "in.jsonl"
-    _big_corpus(world, src, 4000)
+    _big_corpus(world, src, 1500)
     base = [sys.executable, "-m", "specs_metric", "score", "--model", str(world / "tiny.pt"),
             "--input", str(src), "--image-root", str(world), "--workers", "0",
             "--chunk-rows", "8", "--no-progress"]
@@ -208,7 +208,7 @@ def test_resume_after_sigkill_gives_identical_output(world, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done = part.read_text().count("\n")
-    assert 0 < done < 4000, "the run was not interrupted mid-way"
+    assert 0 < done < 1500, "the run was not interrupted mid-way"
     assert not out.exists()
     # a torn last line, as a crash in the middle of a write leaves it
     with open(part, "a") as fh:
