@@ -269,11 +269,11 @@ def make_resnet_state_dict(*, seed: int = 0, width: int = 8, embed_dim: int = 16
 # --------------------------------------------------------------------------- file layouts
 
 
-def _to_script_module(tensors: dict[str, torch.Tensor]) -> torch.jit.ScriptModule:
-    """A TorchScript module whose ``state_dict()`` keys are exactly ``tensors``' keys.
+def _save_script_module(tensors: dict[str, torch.Tensor], target) -> None:
+    """Save a TorchScript archive whose ``state_dict()`` keys are exactly ``tensors``' keys.
 
     Floating tensors become parameters, others (the integer extras) buffers, like the modules
-    in OpenAI's archives.
+    in OpenAI's archives. ``target``: a file name or a binary stream.
     """
 
     class Node(nn.Module):
@@ -294,7 +294,7 @@ def _to_script_module(tensors: dict[str, torch.Tensor]) -> torch.jit.ScriptModul
     with warnings.catch_warnings():
         # torch>=2.10 flags TorchScript as deprecated; the files it writes are what we need.
         warnings.simplefilter("ignore", DeprecationWarning)
-        return torch.jit.script(root)
+        torch.jit.save(torch.jit.script(root), target)
 
 
 def checkpoint_suffix(fmt: str) -> str:
@@ -334,7 +334,7 @@ def write_checkpoint(
         tensors = dict(sd)
         if "positional_embedding_res" not in tensors and "input_resolution" not in tensors:
             tensors.update(openai_extras(tensors))
-        _to_script_module(tensors).save(str(path))
+        _save_script_module(tensors, str(path))
     else:
         raise ValueError(f"unknown checkpoint format {fmt!r}; expected one of {CHECKPOINT_FORMATS}")
     return path
@@ -394,6 +394,25 @@ def make_malicious_pickle(path: str | Path, marker: str | Path, *, legacy: bool 
             pickle.dump(payload, f, protocol=2)
     else:
         torch.save(payload, path)
+    return path
+
+
+def make_malicious_torchscript(path: str | Path, marker: str | Path) -> Path:
+    """A TorchScript archive whose ``data.pkl`` creates the file ``marker`` when unpickled.
+
+    Everything else (code, constants, tensor records) is that of a genuine archive, so only a
+    reader that restricts what ``data.pkl`` may reference refuses it.
+    """
+    path = Path(path)
+    genuine = io.BytesIO()
+    _save_script_module({"logit_scale": torch.tensor(LOGIT_SCALE)}, genuine)
+    genuine.seek(0)
+    with zipfile.ZipFile(genuine) as src, zipfile.ZipFile(path, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                data = pickle.dumps({"logit_scale": _Marker(Path(marker))}, protocol=2)
+            dst.writestr(info, data)
     return path
 
 

@@ -11,9 +11,9 @@ import math
 
 import pytest
 import torch
-from factories import make_openai_state_dict, make_state_dict
 from torch import nn
 
+from factories import make_openai_state_dict, make_state_dict
 from specs_metric.checkpoint import CheckpointError, stretch_positional_embedding
 from specs_metric.factory import build_model
 from specs_metric.model import config_from_state_dict, is_fp16_rounded
@@ -29,7 +29,9 @@ ROUNDED = {
 def _rounded(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
-        linear = any(s in k for s in ("attn.in_proj_", "attn.out_proj.", "mlp.c_fc.", "mlp.c_proj."))
+        linear = any(
+            s in k for s in ("attn.in_proj_", "attn.out_proj.", "mlp.c_fc.", "mlp.c_proj.")
+        )
         out[k] = v.half().float() if (linear or k in ROUNDED) else v
     return out
 
@@ -158,8 +160,10 @@ def test_layernorm_runs_in_fp32_under_bf16(sd):
 
 
 def test_resnet_checkpoint_is_refused():
-    sd = {"visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
-          "visual.attnpool.positional_embedding": torch.zeros(50, 2048)}
+    sd = {
+        "visual.layer1.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+        "visual.attnpool.positional_embedding": torch.zeros(50, 2048),
+    }
     with pytest.raises(CheckpointError, match="ResNet"):
         build_model(sd, source="rn50.pt")
 
@@ -173,7 +177,7 @@ def test_wrong_shape_names_the_tensor(sd):
 
 def test_stretching_follows_the_written_rule():
     table = torch.randn(77, 8, dtype=torch.float64)
-    out = stretch_positional_embedding(table)
+    out = stretch_positional_embedding(table, exact=True)
     assert out.shape == (248, 8)
     assert torch.equal(out[:20], table[:20])
     for i in range(56):
@@ -190,4 +194,5 @@ def test_clip_checkpoint_builds_with_77_positions():
     assert model.context_length == 77 and not hasattr(model, "positional_embedding_res")
     tokens = default_tokenizer()(["a dog"], 77)
     assert model.encode_text(tokens).shape == (1, 32)
-    assert math.isfinite(float(model.encode_text(tokens).sum()))
+    with torch.no_grad():
+        assert math.isfinite(float(model.encode_text(tokens).sum()))

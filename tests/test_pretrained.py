@@ -6,14 +6,21 @@ import hashlib
 
 import pytest
 import torch
-from factories import make_state_dict
 
+from factories import make_state_dict
 from specs_metric import pretrained
 from specs_metric.cli import main
 from specs_metric.pretrained import REGISTRY, ModelNotAvailableError, PretrainedModel, resolve
 
-REQUIRED = ["specs-b32", "longclip-b32", "longclip-b16", "longclip-l14", "clip-b32", "clip-b16",
-            "clip-l14"]
+REQUIRED = [
+    "specs-b32",
+    "longclip-b32",
+    "longclip-b16",
+    "longclip-l14",
+    "clip-b32",
+    "clip-b16",
+    "clip-l14",
+]
 
 
 def test_registry_lists_the_released_models(capsys):

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from factories import make_state_dict
 from PIL import Image
 
+from factories import make_state_dict
 from specs_metric.cli import main
 from specs_metric.job import read_output
 
@@ -79,9 +79,22 @@ def test_bad_rows_become_row_errors(world, tmp_path, monkeypatch):
     src = tmp_path / "in.jsonl"
     _write_jsonl(src, rows, malformed_at=4)
     out = tmp_path / "out.jsonl"
-    code = main(["score", "--model", str(world / "tiny.pt"), "--input", str(src),
-                 "--image-root", str(world), "--output", str(out), "--workers", "0",
-                 "--no-progress"])
+    code = main(
+        [
+            "score",
+            "--model",
+            str(world / "tiny.pt"),
+            "--input",
+            str(src),
+            "--image-root",
+            str(world),
+            "--output",
+            str(out),
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = list(read_output(out))
     assert len(result) == len(rows) + 1  # one output row per input row, malformed included
@@ -101,9 +114,23 @@ def test_bad_rows_become_row_errors(world, tmp_path, monkeypatch):
     assert summary["n_errors"] == len(BAD_ROWS) + 1 and summary["n_scored"] == len(BAD_ROWS)
     assert summary["mean"] == pytest.approx(np.mean([r["score"] for r in good]), abs=1e-12)
     # --strict turns row errors into a non-zero exit code, after writing everything
-    strict = main(["score", "--model", str(world / "tiny.pt"), "--input", str(src),
-                   "--image-root", str(world), "--output", str(out), "--workers", "0",
-                   "--no-progress", "--strict"])
+    strict = main(
+        [
+            "score",
+            "--model",
+            str(world / "tiny.pt"),
+            "--input",
+            str(src),
+            "--image-root",
+            str(world),
+            "--output",
+            str(out),
+            "--workers",
+            "0",
+            "--no-progress",
+            "--strict",
+        ]
+    )
     assert strict == 1 and len(list(read_output(out))) == len(rows) + 1
 
 
@@ -113,14 +140,35 @@ def test_scores_equal_the_python_api_and_are_order_invariant(world, tmp_path):
     captions = [f"caption {'word ' * k}number {k}" for k in range(30)]
     images = [f"img{k % 5}.png" for k in range(30)]
     images[7] = "copy_of_0.png"  # same content as img0: encoded once
-    rows = [{"id": k, "image": im, "caption": c}
-            for k, (im, c) in enumerate(zip(images, captions, strict=True))]
+    rows = [
+        {"id": k, "image": im, "caption": c}
+        for k, (im, c) in enumerate(zip(images, captions, strict=True))
+    ]
     src = tmp_path / "in.jsonl"
     _write_jsonl(src, rows)
     out = tmp_path / "out.jsonl"
-    main(["score", "--model", str(world / "tiny.pt"), "--input", str(src), "--image-root",
-          str(world), "--output", str(out), "--workers", "1", "--batch-size", "3",
-          "--token-budget", "64", "--chunk-rows", "7", "--no-progress"])
+    main(
+        [
+            "score",
+            "--model",
+            str(world / "tiny.pt"),
+            "--input",
+            str(src),
+            "--image-root",
+            str(world),
+            "--output",
+            str(out),
+            "--workers",
+            "1",
+            "--batch-size",
+            "3",
+            "--token-budget",
+            "64",
+            "--chunk-rows",
+            "7",
+            "--no-progress",
+        ]
+    )
     result = list(read_output(out))
     scorer = specs_metric.load(world / "tiny.pt")
     # independent path: one pair at a time, full padding, no batching
@@ -139,9 +187,24 @@ def test_scores_equal_the_python_api_and_are_order_invariant(world, tmp_path):
     src2 = tmp_path / "rev.jsonl"
     _write_jsonl(src2, shuffled)
     out2 = tmp_path / "rev.csv"
-    main(["score", "--model", str(world / "tiny.pt"), "--input", str(src2), "--image-root",
-          str(world), "--output", str(out2), "--workers", "0", "--batch-size", "64",
-          "--no-progress"])
+    main(
+        [
+            "score",
+            "--model",
+            str(world / "tiny.pt"),
+            "--input",
+            str(src2),
+            "--image-root",
+            str(world),
+            "--output",
+            str(out2),
+            "--workers",
+            "0",
+            "--batch-size",
+            "64",
+            "--no-progress",
+        ]
+    )
     reversed_rows = {r["id"]: r for r in read_output(out2)}
     assert [r["id"] for r in read_output(out2)] == [str(r["id"]) for r in shuffled]
     for rec in result:
@@ -157,9 +220,22 @@ def test_csv_and_clipscore_json_inputs(world, tmp_path):
     (tmp_path / "caps.json").write_text(json.dumps({"img3": "third caption", "zzz": "none"}))
     for name in ("in.csv", "caps.json"):
         out = tmp_path / f"{name}.out.jsonl"
-        main(["score", "--model", str(world / "tiny.pt"), "--input", str(tmp_path / name),
-              "--image-root", str(world), "--output", str(out), "--workers", "0",
-              "--no-progress"])
+        main(
+            [
+                "score",
+                "--model",
+                str(world / "tiny.pt"),
+                "--input",
+                str(tmp_path / name),
+                "--image-root",
+                str(world),
+                "--output",
+                str(out),
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
         result = list(read_output(out))
         assert len(result) == 2
     assert result[0]["id"] == "img3" and result[0]["error"] is None
@@ -170,8 +246,20 @@ def test_long_caption_policies(world, tmp_path):
     src = tmp_path / "in.jsonl"
     _write_jsonl(src, [{"id": 1, "image": "img0.png", "caption": "word " * 300}])
     out = tmp_path / "o.jsonl"
-    args = ["score", "--model", str(world / "tiny.pt"), "--input", str(src), "--image-root",
-            str(world), "--output", str(out), "--workers", "0", "--no-progress"]
+    args = [
+        "score",
+        "--model",
+        str(world / "tiny.pt"),
+        "--input",
+        str(src),
+        "--image-root",
+        str(world),
+        "--output",
+        str(out),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
     main(args)
     (rec,) = read_output(out)
     assert rec["truncated"] is True and rec["tokens"] == 302 and rec["error"] is None
@@ -181,25 +269,44 @@ def test_long_caption_policies(world, tmp_path):
 
 
 def _big_corpus(world: Path, path: Path, n: int) -> None:
-    rows = [{"id": k, "image": f"img{k % 5}.png", "caption": f"row {k} " + "detail " * (k % 40)}
-            for k in range(n)]
+    rows = [
+        {"id": k, "image": f"img{k % 5}.png", "caption": f"row {k} " + "detail " * (k % 40)}
+        for k in range(n)
+    ]
     _write_jsonl(path, rows)
 
 
 def test_resume_after_sigkill_gives_identical_output(world, tmp_path):
     src = tmp_path / "in.jsonl"
     _big_corpus(world, src, 1500)
-    base = [sys.executable, "-m", "specs_metric", "score", "--model", str(world / "tiny.pt"),
-            "--input", str(src), "--image-root", str(world), "--workers", "0",
-            "--chunk-rows", "8", "--no-progress"]
+    base = [
+        sys.executable,
+        "-m",
+        "specs_metric",
+        "score",
+        "--model",
+        str(world / "tiny.pt"),
+        "--input",
+        str(src),
+        "--image-root",
+        str(world),
+        "--workers",
+        "0",
+        "--chunk-rows",
+        "8",
+        "--no-progress",
+    ]
     reference = tmp_path / "ref.jsonl"
-    subprocess.run([*base, "--output", str(reference)], check=True, env=_env(),
-                   capture_output=True)
+    subprocess.run([*base, "--output", str(reference)], check=True, env=_env(), capture_output=True)
 
     out = tmp_path / "out.jsonl"
     part = out.with_name("out.jsonl.part-0-of-1.jsonl")
-    proc = subprocess.Popen([*base, "--output", str(out)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*base, "--output", str(out)],
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if part.exists() and part.stat().st_size > 20_000:
@@ -213,8 +320,9 @@ def test_resume_after_sigkill_gives_identical_output(world, tmp_path):
     # a torn last line, as a crash in the middle of a write leaves it
     with open(part, "a") as fh:
         fh.write('{"id": 99999, "image": "img')
-    subprocess.run([*base, "--output", str(out), "--resume"], check=True, env=_env(),
-                   capture_output=True)
+    subprocess.run(
+        [*base, "--output", str(out), "--resume"], check=True, env=_env(), capture_output=True
+    )
     assert out.read_bytes() == reference.read_bytes()
     assert not part.exists()
 
@@ -225,9 +333,23 @@ def test_resume_refuses_other_settings(world, tmp_path):
     out = tmp_path / "o.jsonl"
     (tmp_path / "o.jsonl.job.json").write_text(json.dumps({"scale": "clip-s"}))
     with pytest.raises(ValueError, match="other settings"):
-        main(["score", "--model", str(world / "tiny.pt"), "--input", str(src), "--image-root",
-              str(world), "--output", str(out), "--workers", "0", "--no-progress",
-              "--resume"])
+        main(
+            [
+                "score",
+                "--model",
+                str(world / "tiny.pt"),
+                "--input",
+                str(src),
+                "--image-root",
+                str(world),
+                "--output",
+                str(out),
+                "--workers",
+                "0",
+                "--no-progress",
+                "--resume",
+            ]
+        )
 
 
 def test_torchrun_two_processes_equal_one(world, tmp_path):
@@ -236,15 +358,41 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     rows = [json.loads(line) for line in src.read_text().splitlines()]
     rows[50]["image"] = "nope.png"
     _write_jsonl(src, rows)
-    common = ["score", "--model", str(world / "tiny.pt"), "--input", str(src), "--image-root",
-              str(world), "--workers", "0", "--no-progress", "--device", "cpu"]
+    common = [
+        "score",
+        "--model",
+        str(world / "tiny.pt"),
+        "--input",
+        str(src),
+        "--image-root",
+        str(world),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     single = tmp_path / "single.jsonl"
     main([*common, "--output", str(single)])
     multi = tmp_path / "multi.jsonl"
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "specs_metric", *common, "--output", str(multi)],
-        check=True, env=_env(), capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "specs_metric",
+            *common,
+            "--output",
+            str(multi),
+        ],
+        check=True,
+        env=_env(),
+        capture_output=True,
+        timeout=300,
     )
     a, b = list(read_output(single)), list(read_output(multi))
     assert [(r["id"], r["error"]) for r in a] == [(r["id"], r["error"]) for r in b]

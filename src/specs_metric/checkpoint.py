@@ -145,7 +145,9 @@ def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.T
     out: dict[str, torch.Tensor] = {}
     _flatten_script_object(root, "", out)
     # Tensor attributes that are not parameters (the causal mask) are not part of a state dict.
-    return {k: v for k, v in out.items() if not k.endswith("attn_mask")}
+    return {
+        k: v for k, v in out.items() if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")
+    }
 
 
 # --- plain files ---------------------------------------------------------------------------
@@ -249,27 +251,36 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
 # --- CLIP -> LongCLIP -----------------------------------------------------------------------
 
 
-def stretch_positional_embedding(table: torch.Tensor) -> torch.Tensor:
+def stretch_positional_embedding(table: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
     """Knowledge-preserved stretching of a 77-row positional table to 248 rows (guide §2).
 
     Rows 0..19 are kept; each later gap between rows ``20+i`` and ``21+i`` is filled with
     four rows interpolated at 0, 1/4, 1/2, 3/4; the last four rows extrapolate from the
-    final difference. Computed in float64 and returned in the input dtype (the reference
-    computes in the model's fp16, which rounds the new rows to fp16 as well).
+    final difference.
+
+    Args:
+        table: the (77, W) CLIP positional embedding.
+        exact: compute in float64. By default the arithmetic is the reference's: its
+            loader stretches while the model is still fp16, so every row is rounded to fp16
+            and the interpolation runs in fp16 (``3*a/4 + 1*b/4``, ...). The two differ by
+            about 2e-5 per entry.
+
+    Returns:
+        A (248, W) table in the input's dtype.
     """
     if table.shape[0] != CLIP_CONTEXT:
         raise ValueError(f"expected a {CLIP_CONTEXT}-row positional table, got {table.shape[0]}")
-    dtype = table.dtype
-    p = table.double()
+    p = table.double() if exact else table.half()
     kept = p[:KEPT_ROWS]
-    left, right = p[KEPT_ROWS:-1], p[KEPT_ROWS + 1 :]  # 56 gaps
-    steps = [left * (1 - k / 4) + right * (k / 4) for k in range(4)]
+    a, b = p[KEPT_ROWS:-1], p[KEPT_ROWS + 1 :]  # the 56 gaps
+    # Same operation order as the reference, so fp16 rounding matches it bit for bit.
+    steps = [a, 3 * a / 4 + 1 * b / 4, 2 * a / 4 + 2 * b / 4, 1 * a / 4 + 3 * b / 4]
     middle = torch.stack(steps, dim=1).reshape(-1, p.shape[1])
     last, before = p[-1], p[-2]
-    tail = torch.stack([last + k / 4 * (last - before) for k in range(4)])
+    tail = torch.stack([last + k * (last - before) / 4 for k in range(4)])
     out = torch.cat([kept, middle, tail])
     assert out.shape[0] == LONG_CONTEXT
-    return out.to(dtype)
+    return out.to(table.dtype)
 
 
 def clip_to_longclip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -15,11 +15,17 @@ checkpoints and images of ``tests/factories.py``, and writes what it computes:
   (``openai_tiny_input``/``openai_tiny_output``);
 - ``meta.json``: the reference commit and library versions used.
 
-Run it in an environment that has torch, torchvision, ftfy, regex and setuptools<70 (the
-reference imports ``pkg_resources``), with a reference checkout whose ``model`` package is
-importable::
+Run it with a reference checkout (the folder holding its ``model`` package) in a separate
+environment that has torchvision; ``meta.json`` records the versions used last. For example::
 
-    python tests/data/reference/make_fixtures.py --reference /path/to/SPECS --commit <sha>
+    python3 -m venv /tmp/refenv
+    /tmp/refenv/bin/pip install torch torchvision ftfy regex tqdm pillow numpy "setuptools<70"
+    git clone https://github.com/mbzuai-nlp/SPECS /tmp/SPECS
+    /tmp/refenv/bin/python tests/data/reference/make_fixtures.py --reference /tmp/SPECS \
+        --commit "$(git -C /tmp/SPECS rev-parse HEAD)"
+
+(``setuptools<70`` because the reference imports ``pkg_resources``.) Pin Pillow, ftfy and
+regex to the project's versions: the fixtures record their decoding and text cleaning.
 
 The project's tests never import the reference; they only read the files written here.
 """

@@ -1,0 +1,188 @@
+"""``specs compare``: planted differences, identical runs, exact permutation p-values, errors."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from factories import make_state_dict
+from specs_metric.cli import main
+from specs_metric.compare import CompareError, compare_files, sign_flip_p_value
+
+FIELDS = ("id", "image", "caption", "score", "cosine", "tokens", "truncated", "error")
+
+
+def _write_scores(path: Path, scores, *, errors=None, ids=None, captions=None, scale="specs"):
+    """A file in the ``specs score`` output layout, with its summary."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for i, s in enumerate(scores):
+            err = errors.get(i) if errors else None
+            rec = {
+                "id": ids[i] if ids else i,
+                "image": f"img/{i % 7}.png",
+                "caption": captions[i] if captions else f"caption {i}",
+                "score": None if err else float(s),
+                "cosine": None if err else 2 * float(s) - 1,
+                "tokens": 5,
+                "truncated": False,
+                "error": err,
+            }
+            fh.write(json.dumps(rec) + "\n")
+    summary = {"model": path.stem, "checkpoint_sha256": "0" * 64, "scale": scale}
+    path.with_name(path.name + ".summary.json").write_text(json.dumps(summary))
+    return path
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Two real `specs score` runs of the same rows with the same tiny checkpoint."""
+    d = tmp_path_factory.mktemp("scored")
+    torch.save(make_state_dict(seed=0), d / "tiny.pt")
+    rng = np.random.default_rng(0)
+    with open(d / "rows.jsonl", "w") as fh:
+        for i in range(6):
+            arr = rng.integers(0, 255, size=(32, 32, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"{i}.png")
+            for k in range(3):
+                rec = {"id": f"{i}-{k}", "image": f"{i}.png", "caption": f"a shape number {k}"}
+                fh.write(json.dumps(rec) + "\n")
+    for name in ("a", "b"):
+        args = ["score", "--model", str(d / "tiny.pt"), "--input", str(d / "rows.jsonl")]
+        args += ["--output", str(d / f"{name}.jsonl"), "--device", "cpu", "--no-progress"]
+        assert main(args) == 0
+    return d
+
+
+def test_identical_runs_show_no_difference(scored):
+    c = compare_files(scored / "a.jsonl", scored / "b.jsonl", n_boot=500, n_perm=500)
+    assert c.n_used == c.n_rows == 18 and c.n_skipped == 0
+    assert c.mean_diff == 0 and (c.ci_low, c.ci_high) == (0, 0) and c.p_value == 1.0
+    assert (c.wins, c.ties, c.losses) == (0, 18, 0)
+    assert not c.significant and c.top_changes == []
+    assert c.scale == "specs" and c.model_a.endswith("tiny.pt")
+
+
+def test_planted_difference_is_detected(tmp_path):
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0.3, 0.6, 300)
+    b = a + 0.01 + rng.normal(0, 0.02, 300)
+    b[17] += 0.3  # one row changed a lot
+    pa_ = _write_scores(tmp_path / "a.jsonl", a)
+    pb = _write_scores(tmp_path / "b.jsonl", b)
+    c = compare_files(pa_, pb, n_boot=4000, n_perm=4000, seed=5, top=3)
+    d = b - a
+    assert c.mean_diff == pytest.approx(d.mean())
+    assert c.significant and c.p_value < 0.01 and c.ci_low > 0
+    assert (c.wins, c.ties, c.losses) == ((d > 0).sum(), 0, (d < 0).sum())
+    assert c.top_changes[0]["id"] == "17" and c.top_changes[0]["diff"] == pytest.approx(d[17])
+    assert len(c.top_changes) == 3
+    # the CI agrees with a plain-loop bootstrap of the mean (different random stream)
+    loop_rng = np.random.default_rng(99)
+    means = [d[loop_rng.integers(0, d.size, d.size)].mean() for _ in range(4000)]
+    lo, hi = np.quantile(means, [0.025, 0.975])
+    width = hi - lo
+    assert abs(c.ci_low - lo) < 0.1 * width and abs(c.ci_high - hi) < 0.1 * width
+
+
+def test_sign_flip_p_value_matches_exact_enumeration():
+    rng = np.random.default_rng(3)
+    d = rng.normal(0.3, 1.0, 12)
+    observed = abs(d.mean())
+    flips = [abs((np.array(s) * d).mean()) for s in itertools.product([-1, 1], repeat=d.size)]
+    exact = np.mean(np.array(flips) >= observed - 1e-12)
+    estimate = sign_flip_p_value(d, 40000, np.random.default_rng(0))
+    assert estimate == pytest.approx(exact, abs=0.01)
+
+
+def test_no_difference_rejects_rarely(tmp_path):
+    """Under the null (symmetric noise) the test rejects at about its nominal rate."""
+    rng = np.random.default_rng(11)
+    rejections = 0
+    sims = 60
+    for k in range(sims):
+        a = rng.uniform(0.3, 0.6, 80)
+        b = a + rng.normal(0, 0.02, 80)
+        c = compare_files(
+            _write_scores(tmp_path / "a.jsonl", a),
+            _write_scores(tmp_path / "b.jsonl", b),
+            n_boot=500,
+            n_perm=500,
+            seed=k,
+        )
+        rejections += c.significant
+    assert rejections / sims <= 0.15
+
+
+def test_error_rows_are_skipped_and_counted(tmp_path):
+    a = np.linspace(0.2, 0.8, 10)
+    pa_ = _write_scores(tmp_path / "a.jsonl", a, errors={2: "line 3: image missing"})
+    pb = _write_scores(tmp_path / "b.jsonl", a + 0.1, errors={5: "line 6: bad", 2: "x"})
+    c = compare_files(pa_, pb, n_boot=200, n_perm=200)
+    assert (c.n_rows, c.n_used, c.n_skipped) == (10, 8, 2)
+    assert c.mean_diff == pytest.approx(0.1) and c.wins == 8
+
+
+def test_csv_and_jsonl_rows_match_by_id(tmp_path):
+    scores = [0.1, 0.2, 0.3]
+    pa_ = _write_scores(tmp_path / "a.jsonl", scores)
+    pb = tmp_path / "b.csv"
+    with open(pb, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, FIELDS)
+        writer.writeheader()
+        for i in (2, 0, 1):  # another order
+            writer.writerow({"id": i, "image": f"img/{i}.png", "caption": f"caption {i}",
+                             "score": scores[i] + 0.5, "cosine": 0, "tokens": 5,
+                             "truncated": False, "error": ""})  # fmt: skip
+    c = compare_files(pa_, pb, n_boot=100, n_perm=100)
+    assert c.n_used == 3 and c.mean_diff == pytest.approx(0.5)
+    assert c.scale == "specs" and c.model_b is None
+
+
+def test_mismatched_inputs_are_refused(tmp_path):
+    a = _write_scores(tmp_path / "a.jsonl", [0.1, 0.2, 0.3])
+    fewer = _write_scores(tmp_path / "fewer.jsonl", [0.1, 0.2])
+    with pytest.raises(CompareError, match=f"id '2' is in {a} but not in {fewer}"):
+        compare_files(a, fewer)
+    with pytest.raises(CompareError, match=f"id '2' is in {a} but not in {fewer}"):
+        compare_files(fewer, a)
+    other = _write_scores(tmp_path / "o.jsonl", [0.1, 0.2, 0.3], captions=["caption 0", "x", "y"])
+    with pytest.raises(CompareError, match="id '1': caption differs"):
+        compare_files(a, other)
+    clips = _write_scores(tmp_path / "c.jsonl", [0.1, 0.2, 0.3], scale="clip-s")
+    with pytest.raises(CompareError, match="scales differ.*'specs'.*'clip-s'"):
+        compare_files(a, clips)
+    dup = _write_scores(tmp_path / "d.jsonl", [0.1, 0.2, 0.3], ids=[0, 1, 1])
+    with pytest.raises(CompareError, match=f"{dup}: id '1' appears twice"):
+        compare_files(a, dup)
+    with pytest.raises(CompareError, match="no such file"):
+        compare_files(a, tmp_path / "missing.jsonl")
+    not_scores = tmp_path / "rows.jsonl"
+    not_scores.write_text('{"image": "a.png", "caption": "x"}\n')
+    with pytest.raises(CompareError, match="expected the output of `specs score`"):
+        compare_files(not_scores, a)
+
+
+def test_cli_report_and_errors(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    a = rng.uniform(0.3, 0.6, 50)
+    pa_ = _write_scores(tmp_path / "a.jsonl", a)
+    pb = _write_scores(tmp_path / "b.jsonl", a + 0.05)
+    out = tmp_path / "cmp"
+    args = ["compare", str(pa_), str(pb), "--n-boot", "300", "--n-perm", "300", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "**significant**" in text and "Rows that changed most" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["mean_diff"] == pytest.approx(0.05) and report["significant"] is True
+    assert report["wins"] == 50 and report["test"] == "paired sign-flip permutation"
+    assert (out / "distributions.png").read_bytes()[:4] == b"\x89PNG"
+    clips = _write_scores(tmp_path / "c.jsonl", a, scale="clip-s")
+    assert main(["compare", str(pa_), str(clips)]) == 2
+    assert "scales differ" in capsys.readouterr().err
