@@ -14,6 +14,7 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
+from specs_metric.metric import SPECSScore, specs_score  # noqa: E402
 from specs_metric.scorer import Scorer, load  # noqa: E402
 
-__all__ = ["Scorer", "load", "__version__"]
+__all__ = ["SPECSScore", "Scorer", "load", "specs_score", "__version__"]

@@ -48,8 +48,9 @@ class JobConfig:
     output: Path
     image_root: Path | None = None
     scale: str = "specs"
-    batch_size: int = 64  # images per image batch; most rows per text batch
+    batch_size: int = 64  # images per image batch
     token_budget: int = 16384  # rows x trimmed length per text batch
+    max_text_rows: int = 512  # most captions per text batch
     chunk_rows: int = 512  # rows prepared and written together
     num_workers: int = 1
     cache_dir: Path | None = None
@@ -214,7 +215,7 @@ class _ImageEmbeddings:
 def _text_embeddings(scorer: Scorer, tokens: list[list[int]], config: JobConfig) -> np.ndarray:
     out = np.zeros((len(tokens), scorer.embed_dim), dtype=np.float32)
     lengths = [len(t) for t in tokens]
-    for rows in length_batches(lengths, config.token_budget, config.batch_size):
+    for rows in length_batches(lengths, config.token_budget, config.max_text_rows):
         batch = torch.zeros(len(rows), max(lengths[i] for i in rows), dtype=torch.long)
         for j, i in enumerate(rows):
             batch[j, : lengths[i]] = torch.tensor(tokens[i])

@@ -209,6 +209,48 @@ class LongCLIP(nn.Module):
         self.text_projection = nn.Parameter(torch.zeros(config.text_width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> LongCLIP:
+        """CLIP's random initialisation (for training from scratch and benchmarks).
+
+        Normal weights with CLIP's standard deviations, zero biases, unit LayerNorms,
+        ``logit_scale = log(1 / 0.07)``. Returns ``self``.
+        """
+
+        def normal(t: torch.Tensor, std: float) -> None:
+            t.copy_(torch.randn(t.shape, generator=generator) * std)
+
+        normal(self.token_embedding.weight, 0.02)
+        for table in (self.positional_embedding, getattr(self, "positional_embedding_res", None)):
+            if table is not None:
+                normal(table, 0.01)
+        for tower in (self.transformer, self.visual.transformer):
+            width, layers = tower.width, len(tower.resblocks)
+            for block in tower.resblocks:
+                normal(block.attn.in_proj_weight, width**-0.5)
+                normal(block.attn.out_proj.weight, width**-0.5 * (2 * layers) ** -0.5)
+                normal(block.mlp.c_fc.weight, (2 * width) ** -0.5)
+                normal(block.mlp.c_proj.weight, width**-0.5 * (2 * layers) ** -0.5)
+                for bias in (
+                    block.attn.in_proj_bias,
+                    block.attn.out_proj.bias,
+                    block.mlp.c_fc.bias,
+                    block.mlp.c_proj.bias,
+                ):
+                    bias.zero_()
+        vw = self.config.vision_width
+        normal(self.visual.conv1.weight, (3 * self.config.vision_patch_size**2) ** -0.5)
+        normal(self.visual.class_embedding, vw**-0.5)
+        normal(self.visual.positional_embedding, vw**-0.5)
+        normal(self.visual.proj, vw**-0.5)
+        normal(self.text_projection, self.config.text_width**-0.5)
+        for module in self.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        self.logit_scale.fill_(math.log(1 / 0.07))
+        return self
+
     @property
     def context_length(self) -> int:
         return self.config.context_length
@@ -272,3 +314,15 @@ def is_fp16_rounded(key: str) -> bool:
         or ".mlp.c_proj." in key
         or key in ("visual.conv1.weight", "text_projection", "visual.proj")
     )
+
+
+def cast_matmul_weights(model: LongCLIP, dtype: torch.dtype) -> LongCLIP:
+    """Store the Conv/Linear/projection weights (exactly those of :func:`is_fp16_rounded`)
+    in ``dtype``; activations then follow, while LayerNorms still compute in fp32.
+
+    With ``torch.float16`` on CUDA this is the reference's GPU numerics.
+    """
+    for name, param in model.named_parameters():
+        if is_fp16_rounded(name):
+            param.data = param.data.to(dtype)
+    return model

@@ -7,7 +7,6 @@ causal and pooling happens at the EOT token, so padding after it never changes t
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator, Sequence
 
@@ -16,13 +15,14 @@ import torch
 
 from specs_metric.checkpoint import file_sha256
 from specs_metric.factory import build_model, load_state_dict
-from specs_metric.model import LongCLIP
+from specs_metric.model import LongCLIP, cast_matmul_weights
 from specs_metric.pretrained import REGISTRY, resolve
 from specs_metric.scores import apply_scale, check_scale, cosine_matrix, cosine_similarity
 from specs_metric.tokenizer import Tokenizer, default_tokenizer
 from specs_metric.transform import ImageSource, load_and_preprocess
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Default number of tokens (rows x trimmed length) per text batch.
 DEFAULT_TOKEN_BUDGET = 16384
 
@@ -69,8 +69,9 @@ class Scorer:
         name: name or path the model was loaded from.
         checkpoint_sha256: sha256 of the checkpoint file (``None`` if built in memory).
         device: where the model runs.
-        precision: ``fp32`` (exact, default), ``bf16`` (autocast; CPU or CUDA) or ``fp16``
-            (CUDA autocast).
+        precision: ``fp32`` (exact, default), ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA; the
+            reference's GPU numerics): Conv/Linear/projection weights and activations in
+            half precision, LayerNorm in fp32.
         long_captions: ``truncate`` (default) or ``error`` for captions over the context.
         reference_rounding: whether the weights were rounded like the reference loader
             (recorded for cache keys and summaries).
@@ -95,6 +96,10 @@ class Scorer:
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' on CPU")
         self.model = model.to(self.device).eval()
+        if precision != "fp32":
+            # Fast modes keep half-precision matmul weights (LayerNorm stays fp32); this
+            # beats autocast, which re-casts every weight on every call.
+            cast_matmul_weights(self.model, HALF_DTYPES[precision])
         self.name = name
         self.checkpoint_sha256 = checkpoint_sha256
         self.precision = precision
@@ -125,18 +130,10 @@ class Scorer:
         return load_and_preprocess(image, self.resolution)
 
     # --- encoders ---------------------------------------------------------------------
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast context for the chosen precision (a no-op for fp32)."""
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
-
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embeddings (fp32, on CPU) of a preprocessed batch (N, 3, R, R)."""
-        with self.autocast():
-            out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return out.float().cpu()
 
     @torch.inference_mode()
@@ -145,8 +142,7 @@ class Scorer:
         # The EOT (largest id) ends each row; id 0 is a real token ("!"), so count to it.
         longest = int(tokens.argmax(dim=1).max()) + 1 if len(tokens) else 1
         tokens = tokens[:, :longest]
-        with self.autocast():
-            out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+        out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
         return out.float().cpu()
 
     def embed_images(self, images: Sequence[ImageSource], batch_size: int = 64) -> torch.Tensor:

@@ -1,0 +1,287 @@
+"""Scoring speed and memory: reference-style loop vs exact mode vs fast (bf16) mode.
+
+Builds full-size LongCLIP-B/32 shapes with random weights (vision 768 x 12, patch 32, 224 px;
+text 512 x 12, 248 positions; embed 512), a corpus of images with 8 captions each
+(15-200 words), and times in one run:
+
+(a) a reference-style loop: one image and its captions at a time, captions padded to 248
+    tokens, fp32;
+(b) exact mode: ``specs score``'s streaming job in fp32 (length-sorted, trimmed batches,
+    each image encoded once, decoding in a background worker);
+(c) fast mode: the same job in bf16.
+
+It prints captions/s, ratios against (a), max |delta score| against (a), the share of
+same-image caption pairs (reference gap > 1e-3) whose order fast mode keeps, peak RSS, and
+the fraction of the measured matmul peak achieved. ``--stream-rows N`` also runs an
+N-row ``specs score`` job in a subprocess and samples its memory over time.
+
+Usage:
+    python benchmarks/speed.py                       # ~10 minutes on 2 cores
+    python benchmarks/speed.py --images 4 --stream-rows 0   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from specs_metric.factory import build_model
+from specs_metric.job import JobConfig, read_output, run_job
+from specs_metric.model import LongCLIP, ModelConfig
+from specs_metric.scorer import Scorer
+from specs_metric.tokenizer import default_tokenizer
+
+B32 = ModelConfig(
+    embed_dim=512,
+    image_resolution=224,
+    vision_layers=12,
+    vision_width=768,
+    vision_patch_size=32,
+    context_length=248,
+    vocab_size=49408,
+    text_width=512,
+    text_layers=12,
+)
+WORDS = (
+    "a the red blue green small large wooden metal cat dog person table chair window "
+    "on under next to behind sitting standing holding bright dark striped round square "
+    "tree sky cloud street car bicycle building door light shadow with and of in near "
+    "left right top bottom corner background foreground three two several old young"
+).split()
+
+
+def make_corpus(root: Path, n_images: int, per_image: int, seed: int) -> Path:
+    """Random images (JPEG, 320x240) and captions of 15-200 words; returns the JSONL path."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n_images):
+        small = rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((320, 240), Image.BILINEAR).save(root / f"{i}.jpg")
+        for j in range(per_image):
+            words = rng.choice(WORDS, size=int(rng.integers(15, 201)))
+            rows.append({"id": f"{i}-{j}", "image": f"{i}.jpg", "caption": " ".join(words) + "."})
+    path = root / "corpus.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def reference_loop(scorer: Scorer, corpus: Path) -> tuple[np.ndarray, float]:
+    """One image at a time, its captions padded to the full context, fp32."""
+    rows = [json.loads(line) for line in corpus.read_text().splitlines()]
+    by_image: dict[str, list[int]] = {}
+    for k, r in enumerate(rows):
+        by_image.setdefault(r["image"], []).append(k)
+    scores = np.zeros(len(rows))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for image, idx in by_image.items():
+            pixels = scorer.preprocess(Image.open(corpus.parent / image))[None]
+            img = scorer.model.encode_image(pixels)
+            txt = scorer.model.encode_text(scorer.tokenize([rows[k]["caption"] for k in idx]))
+            img = img / img.norm(dim=-1, keepdim=True)
+            txt = txt / txt.norm(dim=-1, keepdim=True)
+            cos = (txt @ img.T)[:, 0].double().numpy()
+            scores[idx] = np.maximum((cos + 1) / 2, 0)
+    return scores, time.perf_counter() - start
+
+
+def job_scores(scorer: Scorer, corpus: Path, out: Path, workers: int) -> tuple[np.ndarray, float]:
+    config = JobConfig(input=corpus, output=out, num_workers=workers, show_progress=False)
+    start = time.perf_counter()
+    run_job(config, scorer)
+    elapsed = time.perf_counter() - start
+    return np.array([r["score"] for r in read_output(out)]), elapsed
+
+
+def order_kept(reference: np.ndarray, other: np.ndarray, per_image: int) -> tuple[float, int]:
+    """Share of same-image caption pairs with reference gap > 1e-3 ordered alike."""
+    kept = total = 0
+    for start in range(0, len(reference), per_image):
+        a, b = reference[start : start + per_image], other[start : start + per_image]
+        for i in range(len(a)):
+            for j in range(i + 1, len(a)):
+                if abs(a[i] - a[j]) > 1e-3:
+                    total += 1
+                    kept += np.sign(a[i] - a[j]) == np.sign(b[i] - b[j])
+    return kept / max(total, 1), total
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int = 10) -> float:
+    """Measured GFLOP/s of a model-shaped GEMM (tokens x 512 @ 512 x 2048)."""
+    a = torch.randn(4096, 512).to(dtype)
+    b = torch.randn(512, 2048).to(dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * 2 * 4096 * 512 * 2048 / (time.perf_counter() - start) / 1e9
+
+
+def model_gflop(corpus: Path, n_images: int) -> float:
+    """Matmul FLOPs of the corpus at trimmed lengths (what an ideal implementation needs)."""
+    tok = default_tokenizer()
+    total = 0.0
+    w, layers = B32.text_width, B32.text_layers
+    for line in corpus.read_text().splitlines():
+        n = min(len(tok.token_ids(json.loads(line)["caption"])), B32.context_length)
+        total += layers * (24 * n * w * w + 4 * n * n * w)
+    vw, n = B32.vision_width, (B32.image_resolution // B32.vision_patch_size) ** 2 + 1
+    per_image = B32.vision_layers * (24 * n * vw * vw + 4 * n * n * vw) + 2 * n * 3 * 32 * 32 * vw
+    return (total + n_images * per_image) / 1e9
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stream_job(root: Path, rows: int) -> dict:
+    """Run an N-row `specs score` in a subprocess; sample its RSS over time."""
+    tiny = ModelConfig(
+        embed_dim=64,
+        image_resolution=64,
+        vision_layers=2,
+        vision_width=128,
+        vision_patch_size=16,
+        context_length=248,
+        vocab_size=49408,
+        text_width=128,
+        text_layers=2,
+    )
+    model = LongCLIP(tiny).init_weights(torch.Generator().manual_seed(0))
+    torch.save(model.state_dict(), root / "tiny.pt")
+    rng = np.random.default_rng(1)
+    for i in range(50):
+        Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(root / f"s{i}.png")
+    src = root / "stream.jsonl"
+    with open(src, "w") as fh:
+        for k in range(rows):
+            words = " ".join(rng.choice(WORDS, size=int(rng.integers(5, 40))))
+            fh.write(json.dumps({"id": k, "image": f"s{k % 50}.png", "caption": words}) + "\n")
+    cmd = [
+        sys.executable,
+        "-m",
+        "specs_metric",
+        "score",
+        "--model",
+        str(root / "tiny.pt"),
+        "--input",
+        str(src),
+        "--output",
+        str(root / "stream_out.jsonl"),
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    samples = []
+    start = time.perf_counter()
+    while proc.poll() is None:
+        samples.append(tree_rss_mb(proc.pid))
+        time.sleep(0.2)
+    elapsed = time.perf_counter() - start
+    samples = [s for s in samples if s > 0]
+    quarters = [samples[int(q * (len(samples) - 1))] for q in (0.25, 0.5, 0.75, 1.0)]
+    return {
+        "rows": rows,
+        "seconds": round(elapsed, 1),
+        "rows_per_s": round(rows / elapsed, 1),
+        "peak_rss_mb_process_tree": round(max(samples), 1),
+        "rss_mb_at_25_50_75_100pct": [round(x) for x in quarters],
+        "returncode": proc.returncode,
+    }
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the decoding workers), in MB."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(next(x for x in status.splitlines() if x.startswith("VmRSS")).split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--per-image", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--stream-rows", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    torch.manual_seed(args.seed)
+    weights = LongCLIP(B32).init_weights(torch.Generator().manual_seed(args.seed)).state_dict()
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        corpus = make_corpus(root, args.images, args.per_image, args.seed)
+        n = args.images * args.per_image
+        exact = Scorer(build_model(weights), device="cpu")
+        ref_scores, t_ref = reference_loop(exact, corpus)
+        ex_scores, t_ex = job_scores(exact, corpus, root / "exact.jsonl", args.workers)
+        del exact
+        fast = Scorer(build_model(weights), device="cpu", precision="bf16")
+        fa_scores, t_fa = job_scores(fast, corpus, root / "fast.jsonl", args.workers)
+        kept, pairs = order_kept(ref_scores, fa_scores, args.per_image)
+        gflop = model_gflop(corpus, args.images)
+        peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+        results.update(
+            {
+                "captions": n,
+                "reference_loop": {
+                    "captions_per_s": round(n / t_ref, 2),
+                    "seconds": round(t_ref, 1),
+                },
+                "exact": {
+                    "captions_per_s": round(n / t_ex, 2),
+                    "speedup": round(t_ref / t_ex, 2),
+                    "max_abs_delta_score": float(np.abs(ex_scores - ref_scores).max()),
+                    "matmul_peak_fraction": round(gflop / t_ex / peak32, 3),
+                },
+                "fast_bf16": {
+                    "captions_per_s": round(n / t_fa, 2),
+                    "speedup": round(t_ref / t_fa, 2),
+                    "speedup_vs_exact": round(t_ex / t_fa, 2),
+                    "max_abs_delta_score": float(np.abs(fa_scores - ref_scores).max()),
+                    "pair_order_kept": round(kept, 4),
+                    "pairs_compared": pairs,
+                    "matmul_peak_fraction": round(gflop / t_fa / peak16, 3),
+                },
+                "reference_matmul_peak_fraction": round(gflop / t_ref / peak32, 3),
+                "matmul_peak_gflops": {"fp32": round(peak32, 1), "bf16": round(peak16, 1)},
+                "model_gflop_for_corpus": round(gflop, 1),
+                "peak_rss_mb_in_process": round(peak_rss_mb(), 1),
+            }
+        )
+        if args.stream_rows:
+            results["stream"] = stream_job(root, args.stream_rows)
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""SPECSScore: per-sample clamping, accumulation, and DDP synchronisation."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from factories import make_state_dict
+
+from specs_metric.factory import build_model
+from specs_metric.metric import SPECSScore, specs_score
+from specs_metric.scorer import Scorer
+
+CAPTIONS = ["a cat", "a dog on a sofa", "three birds", "a long caption " * 10, "red", "blue"]
+
+
+def _scorer() -> Scorer:
+    return Scorer(build_model(make_state_dict(seed=5)), device="cpu")
+
+
+def _pixels(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _plain_cosines(scorer: Scorer, pixels: torch.Tensor, captions: list[str]) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for p, c in zip(pixels, captions, strict=True):
+            a = scorer.model.encode_image(p[None])[0].double()
+            b = scorer.model.encode_text(scorer.tokenize([c]))[0].double()
+            out.append(float(a @ b / (a.norm() * b.norm())))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("scale", ["specs", "clip-s", "cosine"])
+def test_metric_equals_mean_of_clamped_pairs(scale):
+    scorer = _scorer()
+    pixels = _pixels(6)
+    cos = _plain_cosines(scorer, pixels, CAPTIONS)
+    per_pair = {"specs": np.maximum((cos + 1) / 2, 0), "clip-s": 2.5 * np.maximum(cos, 0),
+                "cosine": cos}[scale]
+    metric = SPECSScore(scorer, scale=scale)
+    metric.update(pixels[:4], CAPTIONS[:4])  # two updates of different sizes
+    metric.update(pixels[4:], CAPTIONS[4:])
+    assert metric.compute() == pytest.approx(per_pair.mean(), abs=1e-6)
+    np.testing.assert_allclose(specs_score(scorer, pixels, CAPTIONS, scale).numpy(), per_pair,
+                               atol=1e-6)
+
+
+def test_clip_s_clamps_each_pair_before_averaging():
+    scorer = _scorer()
+    pixels = _pixels(6)
+    cos = _plain_cosines(scorer, pixels, CAPTIONS)
+    assert (cos < 0).any() and (cos > 0).any(), "the fixture needs both signs"
+    metric = SPECSScore(scorer, scale="clip-s")
+    metric.update(pixels, CAPTIONS)
+    assert metric.compute() == pytest.approx(2.5 * np.maximum(cos, 0).mean(), abs=1e-6)
+    assert metric.compute() != pytest.approx(max(2.5 * cos.mean(), 0), abs=1e-6)
+
+
+def test_reset_and_empty():
+    metric = SPECSScore(_scorer())
+    with pytest.raises(RuntimeError, match="before any update"):
+        metric.compute()
+    metric.update(_pixels(2), CAPTIONS[:2])
+    metric.reset()
+    assert metric.count == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    pixels = _pixels(6)
+    shard = slice(rank * 3, rank * 3 + 3)
+    metric = SPECSScore(_scorer())
+    metric.update(pixels[shard], CAPTIONS[shard])
+    queue.put((rank, metric.compute()))
+    dist.destroy_process_group()
+
+
+def test_state_syncs_across_ddp_processes():
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), queue), nprocs=2,
+                       start_method="spawn")
+    results = dict(queue.get(timeout=60) for _ in range(2))
+    single = SPECSScore(_scorer())
+    single.update(_pixels(6), CAPTIONS)
+    assert results[0] == pytest.approx(single.compute(), abs=1e-6)
+    assert results[1] == pytest.approx(results[0], abs=1e-12)
