@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from factories import make_state_dict
 from PIL import Image
 
+from factories import make_state_dict
 from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.cli import main
 from specs_metric.job import read_output

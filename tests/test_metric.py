@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from factories import make_state_dict
 
+from factories import make_state_dict
 from specs_metric.factory import build_model
 from specs_metric.metric import SPECSScore, specs_score
 from specs_metric.scorer import Scorer

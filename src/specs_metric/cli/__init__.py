@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from specs_metric import __version__
@@ -16,7 +17,7 @@ from specs_metric import __version__
 # Top-level commands, in the order ``specs --help`` lists them.
 COMMANDS = ["score", "models", "convert", "prepare", "train", "compare", "synth"]
 # Sub-commands of ``specs bench``.
-BENCH_COMMANDS: list[str] = ["human", "intrinsic"]
+BENCH_COMMANDS: list[str] = ["human", "intrinsic", "retrieval", "zeroshot"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,9 +39,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``specs`` console script."""
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Entry point of the ``specs`` console script.
+
+    Errors caused by the user's input (a missing file, an unusable checkpoint, a model that
+    cannot be downloaded, a bad value) print one line and exit with status 2; set
+    ``SPECS_DEBUG=1`` for the traceback.
+    """
+    from specs_metric.checkpoint import CheckpointError
+    from specs_metric.pretrained import ModelNotAvailableError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CheckpointError, ModelNotAvailableError, FileNotFoundError, ValueError) as exc:
+        if os.environ.get("SPECS_DEBUG") == "1":
+            raise
+        print(f"specs {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
