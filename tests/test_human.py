@@ -161,6 +161,9 @@ def test_longcap_arena_missing_column(tmp_path):
     pq.write_table(pa.table({"file_name": ["a"], "cand": ["x"], "score": [1.0]}), path)
     with pytest.raises(human.DataFormatError, match="missing column.*image.*refs"):
         human.read_judgments(path, "longcap-arena")
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(human.DataFormatError, match=f"{path}: cannot read parquet"):
+        human.read_judgments(path, "longcap-arena")
 
 
 def _write_detailcaps(path: Path) -> Path:

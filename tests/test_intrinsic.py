@@ -10,16 +10,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from factories import make_state_dict
 from PIL import Image
 
+from factories import make_state_dict
 from specs_metric.bench.intrinsic import (
     encode_chains,
     image_rates,
     intrinsic_rates,
     run_intrinsic,
 )
-from specs_metric.bench.sdci import SdciFormatError, read_sdci
+from specs_metric.bench.sdci import SdciFormatError, load_image_source, read_sdci
 from specs_metric.checkpoint import save_state_dict
 from specs_metric.cli import main
 from specs_metric.factory import build_model
@@ -94,10 +94,9 @@ def _model(width: int, layers: int, seed: int = 0):
 
 
 def _plain(model, texts):
-    """Each caption through model.encode_text on its own, padded to the full context."""
-    tok = default_tokenizer()
+    """Every caption through model.encode_text, padded to the full context (rows independent)."""
     with torch.inference_mode():
-        return torch.cat([model.encode_text(tok([t], context_length=248)) for t in texts])
+        return model.encode_text(default_tokenizer()(texts, context_length=248))
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +160,8 @@ def test_read_hf_datasets_directory(tmp_path):
     )
     rows = read_sdci(root)
     assert [r.captions for r in rows] == [r["captions"] for r in ROWS]
-    assert rows[0].image == _png_bytes("red")
-    assert rows[1].image == str(root / "x.png")
+    assert load_image_source(rows[0].image) == _png_bytes("red")
+    assert load_image_source(rows[1].image) == str(root / "x.png")
     with pytest.raises(SdciFormatError, match="no split 'validation'"):
         read_sdci(root, split="validation")
 
@@ -176,8 +175,11 @@ def test_read_jsonl_and_parquet(tmp_path):
     assert rows[0].image == str(tmp_path / "img/a.png") and rows[1].id == "1"
     pq.write_table(pa.Table.from_pylist([{"image": "/abs/a.png", **r} for r in ROWS]),
                    tmp_path / "test.parquet")
-    rows = read_sdci(tmp_path, image_root=tmp_path / "elsewhere")
-    assert rows[0].image == "/abs/a.png" and rows[1].neg_captions == ["d z"]
+    rows = read_sdci(tmp_path)
+    assert load_image_source(rows[0].image) == "/abs/a.png" and rows[1].neg_captions == ["d z"]
+    # an absolute path from another machine is looked up by name under --image-root
+    rows = read_sdci(tmp_path / "test.parquet", image_root=tmp_path / "elsewhere")
+    assert load_image_source(rows[0].image) == str(tmp_path / "elsewhere" / "a.png")
 
 
 def test_read_errors_name_the_row(tmp_path):
@@ -201,8 +203,9 @@ def test_run_intrinsic_equals_plain_guide_computation(world):
     result, scores = run_intrinsic(scorer, rows, chains_per_batch=2)
     caps, negs = [], []
     for row in rows:
-        c = scorer.score([row.image] * len(row.captions), row.captions, scale="cosine")
-        n = scorer.score([row.image] * len(row.neg_captions), row.neg_captions, scale="cosine")
+        image = load_image_source(row.image)
+        c = scorer.score([image] * len(row.captions), row.captions, scale="cosine")
+        n = scorer.score([image] * len(row.neg_captions), row.neg_captions, scale="cosine")
         caps.append(c.tolist())
         negs.append(n.tolist())
     for got, c, n in zip(scores, caps, negs, strict=True):
@@ -210,6 +213,29 @@ def test_run_intrinsic_equals_plain_guide_computation(world):
         np.testing.assert_allclose(got.negatives, n, atol=1e-5)
     expected = plain_rates(caps, negs)
     assert (result.positive, result.negative, result.average) == pytest.approx(expected)
+
+
+def test_images_as_bytes_in_a_datasets_folder(world, tmp_path):
+    """The same rows with embedded image bytes (datasets Image struct) give the same scores."""
+    scorer = Scorer(_model(64, 1, seed=4), device="cpu")
+    records = pq.read_table(world / "test.parquet").to_pylist()[:3]
+    table = pa.table(
+        {
+            "image": [{"bytes": (world / r["image"]).read_bytes(), "path": None} for r in records],
+            "captions": [r["captions"] for r in records],
+            "neg_captions": [r["neg_captions"] for r in records],
+        }
+    )
+    folder = tmp_path / "single.hf"
+    folder.mkdir()
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    from_bytes = run_intrinsic(scorer, read_sdci(folder))[1]
+    from_paths = run_intrinsic(scorer, read_sdci(world, split="test")[:3])[1]
+    for a, b in zip(from_bytes, from_paths, strict=True):
+        assert a.captions == pytest.approx(b.captions, abs=1e-6)
+        assert a.negatives == pytest.approx(b.negatives, abs=1e-6)
 
 
 def test_cli_bench_intrinsic(world, tmp_path, capsys):
@@ -227,3 +253,10 @@ def test_cli_bench_intrinsic(world, tmp_path, capsys):
     expected = plain_rates([p["caption_scores"] for p in per], [p["neg_scores"] for p in per])
     assert (data["positive"], data["negative"], data["average"]) == pytest.approx(expected)
     assert data["timing"]["max_abs_diff"] < 1e-5
+
+
+def test_cli_reports_bad_data(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "a.png", "captions": ["a", "a b"], "neg_captions": []}))
+    assert main(["bench", "intrinsic", "--model", "unused", "--data", str(bad)]) == 2
+    assert "bad.jsonl, row 0" in capsys.readouterr().err

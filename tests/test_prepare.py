@@ -15,6 +15,7 @@ from specs_metric.cli import main
 from specs_metric.tokenizer import default_tokenizer
 from specs_metric.training.prepare import (
     PrepareError,
+    TokenCounter,
     cumulative_captions,
     draw_negative_details,
     prepare_dataset,
@@ -98,10 +99,23 @@ def test_cumulative_captions_and_token_cap():
     seg = " ".join(["dog"] * 60)
     long_neg = " ".join(["cat"] * 61)
     assert len(tok.token_ids(" ".join([seg] * 4))) == 242
-    captions, negatives = cumulative_captions([seg] * 6, [long_neg] * 5, tok, 248)
-    assert len(captions) == 4 and len(negatives) == 3
-    captions, negatives = cumulative_captions([seg] * 6, [long_neg] * 5, tok, 242)
-    assert len(captions) == 3 and len(negatives) == 2
+    for count in (None, lambda text: len(tok.token_ids(text))):
+        captions, negatives = cumulative_captions([seg] * 6, [long_neg] * 5, count, 248)
+        assert len(captions) == 4 and len(negatives) == 3
+        captions, negatives = cumulative_captions([seg] * 6, [long_neg] * 5, count, 242)
+        assert len(captions) == 3 and len(negatives) == 2
+
+
+@pytest.mark.parametrize("text", [
+    "", "A dog.", "  Two   spaces\tand\nlines  ", "Caf\u00e9 na\u00efve \u2014 emoji \U0001f600!",
+    "&amp;amp; &lt;b&gt; entities", "don't it's they're 3.14 x2", "mojibake: caf\u00c3\u00a9",
+    "UPPER lower MiXeD, punctuation!!! (brackets) [x] {y}",
+])
+def test_token_counter_equals_full_encoding(text):
+    tok = default_tokenizer()
+    counter = TokenCounter()
+    assert counter(text) == len(tok.token_ids(text))
+    assert counter(text + " " + text) == len(tok.token_ids(text + " " + text))
 
 
 def test_prepare_sharegpt4v_json_with_skips(images, tmp_path):
@@ -218,3 +232,13 @@ def test_cli_prepare(images, tmp_path, capsys):
     assert "kept 6" in text and "missing_image" in text
     rows = pq.read_table(out).to_pylist()
     assert [len(r["captions"]) for r in rows] == [2] * 6  # two sentences each
+
+
+def test_worker_processes_give_the_same_table(images, tmp_path):
+    src = tmp_path / "r.jsonl"
+    src.write_text("\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)})
+                             for c in COLORS))
+    for workers in (1, 2):
+        prepare_dataset(src, tmp_path / f"w{workers}.parquet", workers=workers, progress=False,
+                        log_fn=lambda s: None)
+    assert pq.read_table(tmp_path / "w1.parquet").equals(pq.read_table(tmp_path / "w2.parquet"))

@@ -327,29 +327,21 @@ def test_resume_after_sigkill_gives_identical_output(world, tmp_path):
     assert not part.exists()
 
 
-def test_resume_refuses_other_settings(world, tmp_path):
+def test_resume_refuses_other_settings(world, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     _big_corpus(world, src, 20)
     out = tmp_path / "o.jsonl"
-    (tmp_path / "o.jsonl.job.json").write_text(json.dumps({"scale": "clip-s"}))
-    with pytest.raises(ValueError, match="other settings"):
-        main(
-            [
-                "score",
-                "--model",
-                str(world / "tiny.pt"),
-                "--input",
-                str(src),
-                "--image-root",
-                str(world),
-                "--output",
-                str(out),
-                "--workers",
-                "0",
-                "--no-progress",
-                "--resume",
-            ]
-        )
+    args = ["score", "--model", str(world / "tiny.pt"), "--input", str(src), "--image-root",
+            str(world), "--output", str(out), "--workers", "0", "--no-progress"]
+    assert main(args) == 0
+    first = out.read_bytes()
+    assert main([*args, "--resume"]) == 0  # complete and unchanged: nothing to redo
+    assert out.read_bytes() == first
+    code = main([*args, "--resume", "--scale", "clip-s"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "other settings (scale)" in err and str(out) in err
+    assert out.read_bytes() == first
 
 
 def test_torchrun_two_processes_equal_one(world, tmp_path):

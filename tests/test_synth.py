@@ -130,6 +130,7 @@ def test_split_sizes_and_layout(world_dir):
     assert (len(train), len(test)) == (32, 8)
     for row in train + test:
         assert {"image", "captions", "neg_captions"} <= set(row)
+        assert row["caption"] == row["captions"][-1]
         assert (world_dir / row["image"]).is_file()
         assert len(row["neg_captions"]) == len(row["captions"]) - 1
     for split in ("train", "test"):

@@ -33,7 +33,7 @@ from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.distributed import DistInfo, barrier, shard_range
 from specs_metric.rows import Row, count_rows, read_rows
 from specs_metric.scorer import Scorer, length_batches
-from specs_metric.scores import apply_scale, check_scale
+from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
 from specs_metric.tokenizer import EOT_ID, default_tokenizer
 from specs_metric.transform import ImageError, open_image, preprocess
 
@@ -305,7 +305,6 @@ def _write_final(config: JobConfig, world_size: int) -> None:
     os.replace(tmp, config.output)
     for part in parts:
         part.unlink()
-    _job_path(config.output).unlink(missing_ok=True)
 
 
 def read_output(path: str | os.PathLike[str]) -> Iterator[dict]:
@@ -364,20 +363,26 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
     identity = _job_identity(config, scorer, info.world_size)
     job_file = _job_path(config.output)
     my_part = part_path(config.output, info.rank, info.world_size)
-    finished = config.resume and config.output.exists() and not job_file.exists()
+    previous = json.loads(job_file.read_text()) if job_file.exists() else None
+    if config.resume and previous is not None:
+        settings = {k: v for k, v in previous.items() if k != "complete"}
+        if settings != identity:
+            changed = sorted(k for k in identity if settings.get(k) != identity[k])
+            raise ValueError(
+                f"--resume: the output {config.output} was made with other settings "
+                f"({', '.join(changed)}); remove it or run without --resume"
+            )
+    finished = (
+        config.resume
+        and previous is not None
+        and previous.get("complete", False)
+        and config.output.exists()
+    )
     encoded = 0
     if not finished:
-        if config.resume and job_file.exists():
-            previous = json.loads(job_file.read_text())
-            if previous != identity:
-                changed = sorted(k for k in identity if previous.get(k) != identity[k])
-                raise ValueError(
-                    f"--resume: the partial output {config.output} was made with other "
-                    f"settings ({', '.join(changed)}); remove it or run without --resume"
-                )
         barrier(info)
         if info.is_main:
-            job_file.write_text(json.dumps(identity, indent=1))
+            job_file.write_text(json.dumps({**identity, "complete": False}, indent=1))
         done = _complete_lines(my_part) if config.resume else 0
         if not config.resume:
             my_part.unlink(missing_ok=True)
@@ -438,11 +443,13 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
         barrier(info)
         if info.is_main:
             _write_final(config, info.world_size)
+            job_file.write_text(json.dumps({**identity, "complete": True}, indent=1))
     summary = {}
     if info.is_main:
         summary = summarize(config.output)
         summary.update(
             {
+                "corpus_score": corpus_from_mean(summary["mean"], config.scale),
                 "scale": config.scale,
                 "model": scorer.name,
                 "checkpoint_sha256": scorer.checkpoint_sha256,

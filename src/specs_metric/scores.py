@@ -50,12 +50,22 @@ def apply_scale(cosine: Array, scale: str = "specs") -> Array:
     return np.maximum(shifted, 0)
 
 
+def corpus_from_mean(mean_score: float, scale: str = "specs") -> float:
+    """Corpus score from the mean of per-pair scores: the mean itself, except that
+    torchmetrics clamps at 0 after averaging."""
+    return max(mean_score, 0.0) if scale == "torchmetrics" else mean_score
+
+
 def corpus_score(cosine: np.ndarray, scale: str = "specs") -> float:
-    """Corpus-level score: the mean of per-pair scores (torchmetrics: clamp after the mean)."""
-    cosine = np.asarray(cosine, dtype=np.float64)
-    if scale == "torchmetrics":
-        return float(max(100 * cosine.mean(), 0.0))
-    return float(apply_scale(cosine, scale).mean())
+    """Corpus-level score: the mean of per-pair scores (torchmetrics: clamp after the mean).
+
+    Example:
+        >>> cos = np.array([-0.5, 0.1])
+        >>> corpus_score(cos, "clip-s"), corpus_score(cos, "torchmetrics")
+        (0.125, 0.0)
+    """
+    per_pair = apply_scale(np.asarray(cosine, dtype=np.float64), scale)
+    return corpus_from_mean(float(per_pair.mean()), scale)
 
 
 def cosine_similarity(images: torch.Tensor, texts: torch.Tensor) -> np.ndarray:

@@ -24,9 +24,10 @@ import numpy as np
 
 from specs_metric.bench import stats
 from specs_metric.bench.text_metrics import TEXT_METRICS, text_metric
+from specs_metric.scores import SCALES
 
 FORMATS = ("generic", "longcap-arena", "detailcaps", "flickr8k-expert", "flickr8k-cf")
-MODEL_SCALES = ("specs", "clip-s", "cosine", "torchmetrics")
+MODEL_SCALES = SCALES  # model metrics are named by their score scale
 DEFAULT_MODEL = "specs-b32"
 
 ImageRef = str | bytes
@@ -121,9 +122,13 @@ def _as_references(value: object, where: str) -> tuple[str, ...]:
     return refs
 
 
-def _intern(cache: dict[str, ImageRef], key: str, image: ImageRef) -> ImageRef:
-    """One object per image, so that rows of the same image share its bytes."""
-    return cache.setdefault(key, image)
+def _image_once(
+    cache: dict[str, ImageRef], key: str, get_raw: Callable[[], object], root: Path, where: str
+) -> ImageRef:
+    """One object per image, read once, so that rows of the same image share its bytes."""
+    if key not in cache:
+        cache[key] = _resolve_image(get_raw(), root, where)
+    return cache[key]
 
 
 def read_generic(path: Path, image_root: Path | None = None) -> list[JudgmentSet]:
@@ -163,7 +168,7 @@ def read_generic(path: Path, image_root: Path | None = None) -> list[JudgmentSet
         rows.append(
             Judgment(
                 id=str(rec.get("id", n)),
-                image=_intern(images, key, image),
+                image=images.setdefault(key, image),
                 image_key=key,
                 caption=_as_caption(rec["caption"], where, "caption"),
                 human_score=_as_float(rec["human_score"], where, "human_score"),
@@ -187,22 +192,37 @@ def _parquet_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_parquet(path: Path, columns: Sequence[str] | None = None) -> list[dict]:
+def _iter_parquet(path: Path, lazy: str = "image", batch_rows: int = 256):
+    """Yield ``(row number, record, get_lazy)`` batch by batch.
+
+    The ``lazy`` column (the image bytes) is converted to Python only when ``get_lazy()`` is
+    called, so rows repeating an image already read cost no copy of its bytes.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, columns=list(columns) if columns else None)
-    except Exception as err:  # pyarrow raises several types for bad files and columns
+        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        row = 0
+        for batch in batches:
+            names = [n for n in batch.schema.names if n != lazy]
+            cols = {n: batch.column(n).to_pylist() for n in names}
+            lazy_col = batch.column(lazy) if lazy in batch.schema.names else None
+            for i in range(batch.num_rows):
+                rec = {n: cols[n][i] for n in names}
+                yield row, rec, (lambda c=lazy_col, i=i: None if c is None else c[i].as_py())
+                row += 1
+    except (OSError, pa.ArrowException) as err:  # unreadable or corrupt file
         raise DataFormatError(f"{path}: cannot read parquet ({err})") from None
-    return table.to_pylist()
 
 
 def _parquet_columns(path: Path) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         return list(pq.read_schema(path).names)
-    except Exception as err:
+    except (OSError, pa.ArrowException) as err:
         raise DataFormatError(f"{path}: cannot read parquet ({err})") from None
 
 
@@ -239,12 +259,10 @@ def read_longcap_arena(
             missing = {"file_name", "image", "refs", "cand", "score"} - set(_parquet_columns(f))
             if missing:
                 raise DataFormatError(f"{f}: missing column(s) {', '.join(sorted(missing))}")
-            for i, rec in enumerate(_read_parquet(f)):
+            for i, rec, get_image in _iter_parquet(f):
                 where = f"{f} row {i}"
                 key = str(rec["file_name"])
-                image = images.get(key) or _intern(
-                    images, key, _resolve_image(rec["image"], root, where)
-                )
+                image = _image_once(images, key, get_image, root, where)
                 rows.append(
                     Judgment(
                         id=f"{name}:{len(rows)}",
@@ -298,12 +316,10 @@ def read_detailcaps(
             raise DataFormatError(f"{f}: missing column(s) {', '.join(sorted(missing))}")
         ref_cols = [c for c in columns if c.startswith(reference_prefix)]
         id_col = next((c for c in DETAILCAPS_ID_COLUMNS if c in columns), None)
-        for i, rec in enumerate(_read_parquet(f)):
+        for i, rec, get_image in _iter_parquet(f):
             where = f"{f} row {i}"
             key = f"{f.name}:{rec[id_col] if id_col else i}"
-            image = images.get(key) or _intern(
-                images, key, _resolve_image(rec["image"], root, where)
-            )
+            image = _image_once(images, key, get_image, root, where)
             refs = tuple(r for c in ref_cols if isinstance(r := rec.get(c), str) and r.strip())
             for cap_col, score_col in pairs.items():
                 if rec.get(cap_col) is None or rec.get(score_col) is None:
@@ -509,12 +525,12 @@ class _Unique:
     image_of_pair: np.ndarray
 
 
-def _unique(rows: Sequence[Judgment]) -> _Unique:
+def _unique(rows: Sequence[Judgment], with_references: bool) -> _Unique:
     pair_ids: dict[tuple, int] = {}
     pairs: list[Judgment] = []
     pair_of_row = np.empty(len(rows), dtype=np.int64)
     for i, r in enumerate(rows):
-        key = (r.image_key, r.caption, r.references)
+        key = (r.image_key, r.caption, r.references if with_references else ())
         if key not in pair_ids:
             pair_ids[key] = len(pairs)
             pairs.append(r)
@@ -526,7 +542,7 @@ def _unique(rows: Sequence[Judgment]) -> _Unique:
     return _Unique(pair_of_row, pairs, list(image_ids), image_of_pair)
 
 
-def _embed_images_safely(scorer, images: Sequence[ImageRef], batch_size: int):
+def _embed_images_safely(scorer, images: Sequence[ImageRef], keys: Sequence[str], batch_size: int):
     """Image embeddings with NaN rows (and a message) for images that cannot be decoded."""
     import torch
 
@@ -543,7 +559,7 @@ def _embed_images_safely(scorer, images: Sequence[ImageRef], batch_size: int):
                 try:
                     out[start + k] = scorer.embed_images([img])[0]
                 except ImageError as err:
-                    errors.append(str(err))
+                    errors.append(f"image {keys[start + k]}: {err}")
     return out, errors
 
 
@@ -557,14 +573,13 @@ def model_cosines(
     """
     from specs_metric.scores import cosine_similarity
 
-    uniq = _unique(rows)
+    uniq = _unique(rows, with_references=False)
     first_row_of_image: dict[str, ImageRef] = {}
     for r in uniq.pairs:
         first_row_of_image.setdefault(r.image_key, r.image)
     started = time.perf_counter()
-    image_emb, errors = _embed_images_safely(
-        scorer, [first_row_of_image[k] for k in uniq.image_keys], batch_size
-    )
+    images = [first_row_of_image[k] for k in uniq.image_keys]
+    image_emb, errors = _embed_images_safely(scorer, images, uniq.image_keys, batch_size)
     text_emb = scorer.embed_texts([r.caption for r in uniq.pairs])
     cos = cosine_similarity(image_emb[uniq.image_of_pair], text_emb)
     seconds = time.perf_counter() - started
@@ -573,7 +588,7 @@ def model_cosines(
 
 def text_scores(name: str, rows: Sequence[Judgment]) -> tuple[np.ndarray, float, int]:
     """(per-row scores, seconds, distinct pairs) of a reference-based text metric."""
-    uniq = _unique(rows)
+    uniq = _unique(rows, with_references=True)
     started = time.perf_counter()
     scores = text_metric(
         name,
@@ -679,6 +694,7 @@ class MetricAgreement:
     seconds: float
     seconds_per_1000: float
     n_scored: int
+    load_seconds: float = 0.0
     skipped: str | None = None
     errors: list[str] = field(default_factory=list)
 
@@ -726,7 +742,9 @@ def evaluate(
                 seed=seed,
             )
             if jset.has_groups:
-                g = np.array([str(x) for x in groups], dtype=object)[ok]
+                # a row without a group is compared with no other row
+                labels = [f"g:{x}" if x is not None else f"row:{i}" for i, x in enumerate(groups)]
+                g = np.array(labels, dtype=object)[ok]
                 pacc = stats.pairwise_accuracy_ci(
                     res.scores[ok], human[ok], g, n_boot=n_boot, level=level, seed=seed
                 )
@@ -743,6 +761,7 @@ def evaluate(
                 seconds=res.seconds,
                 seconds_per_1000=res.seconds_per_1000,
                 n_scored=res.n_scored,
+                load_seconds=res.load_seconds,
                 skipped=res.skipped,
                 errors=res.errors,
             )

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from specs_metric.bench.sdci import SdciRow
+from specs_metric.bench.sdci import SdciRow, load_image_source
 from specs_metric.model import LongCLIP
 from specs_metric.scorer import Scorer
 from specs_metric.scores import cosine_similarity
@@ -172,21 +172,25 @@ def _suffix_attention(
     """Attention of suffix queries over their trunk prefix and their own causal suffix.
 
     Shapes: q, k, v (C, H, I, S, d); k_trunk, v_trunk (C, H, T, d); prefix (C, I).
-    Returns (C, H, I, S, d).
+    Returns (C, H, I, S, d). The softmax runs over the two key blocks jointly (one shared
+    maximum and denominator) without concatenating them.
     """
-    scale = q.shape[-1] ** -0.5
+    q = q * q.shape[-1] ** -0.5
     t_len, s_len = k_trunk.shape[2], q.shape[3]
-    s_trunk = torch.einsum("chisd,chtd->chist", q, k_trunk) * scale
-    s_self = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s_trunk = torch.einsum("chisd,chtd->chist", q, k_trunk).float()
+    s_self = torch.matmul(q, k.transpose(-1, -2)).float()
     visible = torch.arange(t_len, device=q.device) < prefix[:, None, :, None, None]
     causal = torch.ones(s_len, s_len, dtype=torch.bool, device=q.device).tril()
-    scores = torch.cat(
-        [s_trunk.masked_fill(~visible, float("-inf")), s_self.masked_fill(~causal, float("-inf"))],
-        dim=-1,
-    )
-    weights = torch.softmax(scores.float(), dim=-1).to(v.dtype)
-    out = torch.einsum("chist,chtd->chisd", weights[..., :t_len], v_trunk)
-    return out + torch.matmul(weights[..., t_len:], v)
+    s_trunk.masked_fill_(~visible, float("-inf"))
+    s_self.masked_fill_(~causal, float("-inf"))
+    # Every query sees at least its own key, so the maximum is finite.
+    top = torch.maximum(s_trunk.amax(-1, keepdim=True), s_self.amax(-1, keepdim=True))
+    e_trunk = s_trunk.sub_(top).exp_()
+    e_self = s_self.sub_(top).exp_()
+    denom = e_trunk.sum(-1, keepdim=True) + e_self.sum(-1, keepdim=True)
+    out = torch.einsum("chist,chtd->chisd", e_trunk.to(v.dtype), v_trunk)
+    out = out + torch.matmul(e_self.to(v.dtype), v)
+    return (out / denom).to(v.dtype)
 
 
 def _encode_groups(
@@ -312,6 +316,13 @@ def encode_chains(
 # --------------------------------------------------------------------------------------
 
 
+def embed_row_images(
+    scorer: Scorer, rows: Sequence[SdciRow], batch_size: int = 64
+) -> torch.Tensor:
+    """Raw image embeddings (N, D) of the rows' images."""
+    return scorer.embed_images([load_image_source(r.image) for r in rows], batch_size=batch_size)
+
+
 def _token_lists(scorer: Scorer, texts: Sequence[str]) -> list[list[int]]:
     """The scorer's token ids (truncation policy applied), cut after each row's EOT."""
     ids = scorer.tokenize(list(texts))
@@ -331,7 +342,7 @@ def embed_chain_texts(
     caption goes through ``model.encode_text`` on its own.
     """
     chains = [_token_lists(scorer, r.captions + r.neg_captions) for r in rows]
-    with torch.inference_mode(), scorer.autocast():
+    with torch.inference_mode():
         if prefix_reuse:
             out = encode_chains(scorer.model, chains, max_suffix)
         else:
@@ -440,7 +451,7 @@ def run_intrinsic(
     scores: list[ChainScores] = []
     for start in range(0, len(rows), chains_per_batch):
         batch = rows[start : start + chains_per_batch]
-        images = scorer.embed_images([r.image for r in batch], batch_size=image_batch_size)
+        images = embed_row_images(scorer, batch, image_batch_size)
         scores += score_rows(scorer, batch, images, prefix_reuse, max_suffix)
         if on_progress is not None:
             on_progress(len(scores), scores)

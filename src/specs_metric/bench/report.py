@@ -85,6 +85,7 @@ def human_report_dict(reports: Sequence[SetReport], meta: dict) -> dict:
                     "seconds": m.seconds,
                     "seconds_per_1000_captions": m.seconds_per_1000,
                     "n_scored_pairs": m.n_scored,
+                    "model_load_seconds": m.load_seconds,
                     "skipped": m.skipped,
                     "errors": m.errors[:20],
                 }
@@ -297,7 +298,7 @@ def plot_distributions(
     fig, axes = _canvas(1, 2, 10.0, 3.8)
     lo = float(min(a.min(), b.min())) if a.size else 0.0
     hi = float(max(a.max(), b.max())) if a.size else 1.0
-    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 41)
+    bins = np.linspace(lo, hi if hi - lo > 1e-9 else lo + 1e-6, 41)
     ax = axes[0, 0]
     ax.hist(a, bins=bins, alpha=0.55, label=labels[0])
     ax.hist(b, bins=bins, alpha=0.55, label=labels[1])
@@ -306,7 +307,10 @@ def plot_distributions(
     ax.legend(fontsize=8)
     ax.set_title("score distributions", fontsize=10)
     ax = axes[0, 1]
-    ax.hist(b - a, bins=40, color="C2")
+    d = b - a
+    lo, hi = (float(d.min()), float(d.max())) if d.size else (0.0, 0.0)
+    pad = max(1e-9, 1e-6 * abs(hi)) if hi - lo < 1e-9 else 0.0  # constant shift: one bar
+    ax.hist(d, bins=np.linspace(lo - pad, hi + pad, 41), color="C2")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("B − A per row")
     ax.set_title("paired differences", fontsize=10)

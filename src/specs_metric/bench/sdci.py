@@ -15,7 +15,10 @@ Accepted sources:
 * a ``.parquet``, ``.arrow``, ``.jsonl`` or ``.json`` (JSON lines) file.
 
 Relative image paths are resolved against ``image_root`` (by default the directory given,
-or the folder of the file given).
+or the folder of the file given). An absolute path that does not exist is looked up as
+``image_root / file name`` when ``image_root`` is given (data sets written on another
+machine). Image bytes stay in the Arrow table (memory-mapped for ``.arrow`` files) until
+:func:`load_image_source` asks for one row's image.
 """
 
 from __future__ import annotations
@@ -34,12 +37,28 @@ class SdciFormatError(ValueError):
     """The data does not follow the sDCI layout (the message names the file and row)."""
 
 
+@dataclass(frozen=True)
+class ArrowImage:
+    """A reference to the image of one row of an Arrow column (read on demand)."""
+
+    column: pa.ChunkedArray
+    index: int
+    where: str  # file and row, for messages
+    root: Path
+    explicit_root: bool
+
+    def source(self) -> str | bytes:
+        """The image as a path or encoded bytes."""
+        value = self.column[self.index].as_py()
+        return _image_value(value, self.root, self.explicit_root, self.where)
+
+
 @dataclass
 class SdciRow:
     """One image with its cumulative captions and negatives."""
 
     id: str
-    image: str | bytes
+    image: str | bytes | ArrowImage
     captions: list[str]
     neg_captions: list[str]
 
@@ -110,12 +129,18 @@ def _resolve_source(path: Path, split: str | None) -> tuple[list[Path], str]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _read_records(file: Path) -> list[dict]:
+def _read_records(file: Path) -> tuple[list[dict], pa.ChunkedArray | None]:
+    """Rows without their ``image`` value, and the ``image`` column (None for JSON lines)."""
     suffix = file.suffix.lower()
-    if suffix == ".parquet":
-        return pq.read_table(file).to_pylist()
-    if suffix == ".arrow":
-        return _read_arrow(file).to_pylist()
+    if suffix in (".parquet", ".arrow"):
+        table = pq.read_table(file) if suffix == ".parquet" else _read_arrow(file)
+        images = table.column("image") if "image" in table.column_names else None
+        rest = table.drop_columns(["image"]) if images is not None else table
+        records = rest.to_pylist()
+        if images is not None:
+            for rec in records:
+                rec["image"] = None  # placeholder: the value stays in the column
+        return records, images
     if suffix in (".jsonl", ".json"):
         records = []
         with file.open(encoding="utf-8") as fh:
@@ -126,11 +151,11 @@ def _read_records(file: Path) -> list[dict]:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
                     raise SdciFormatError(f"{file}, line {line_no}: invalid JSON ({exc})") from exc
-        return records
+        return records, None
     raise SdciFormatError(f"{file}: unsupported file type (use .parquet, .arrow or .jsonl)")
 
 
-def _image_value(value: object, root: Path, where: str) -> str | bytes:
+def _image_value(value: object, root: Path, explicit_root: bool, where: str) -> str | bytes:
     if isinstance(value, dict):  # Hugging Face Image feature: {"bytes": ..., "path": ...}
         if value.get("bytes"):
             return bytes(value["bytes"])
@@ -139,8 +164,17 @@ def _image_value(value: object, root: Path, where: str) -> str | bytes:
         return bytes(value)
     if isinstance(value, str) and value:
         p = Path(value)
-        return str(p if p.is_absolute() else root / p)
+        if not p.is_absolute():
+            return str(root / p)
+        if explicit_root and not p.exists():
+            return str(root / p.name)
+        return str(p)
     raise SdciFormatError(f"{where}: 'image' must be a path, bytes or an Image struct")
+
+
+def load_image_source(image: str | bytes | ArrowImage) -> str | bytes:
+    """A path or encoded bytes for a row's image (reading an :class:`ArrowImage`)."""
+    return image.source() if isinstance(image, ArrowImage) else image
 
 
 def _string_list(value: object, column: str, where: str) -> list[str]:
@@ -168,9 +202,10 @@ def read_sdci(
     if not files:
         raise SdciFormatError(f"{description}: no data files")
     root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
+    explicit_root = image_root is not None
     rows: list[SdciRow] = []
     for file in files:
-        records = _read_records(file)
+        records, image_column = _read_records(file)
         for i, rec in enumerate(records):
             where = f"{file}, row {i}"
             missing = [c for c in REQUIRED_COLUMNS if c not in rec]
@@ -191,7 +226,11 @@ def read_sdci(
             rows.append(
                 SdciRow(
                     id=str(row_id) if row_id is not None else str(len(rows)),
-                    image=_image_value(rec["image"], root, where),
+                    image=(
+                        ArrowImage(image_column, i, where, root, explicit_root)
+                        if image_column is not None
+                        else _image_value(rec["image"], root, explicit_root, where)
+                    ),
                     captions=captions,
                     neg_captions=negs,
                 )

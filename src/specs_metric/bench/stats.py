@@ -30,14 +30,22 @@ def _as_pair(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray):
     return a, b
 
 
-def _tie_pairs(values: np.ndarray) -> int:
-    """Number of unordered pairs with equal values: sum over tie groups of t(t-1)/2."""
-    _, counts = np.unique(values, return_counts=True)
-    return int((counts * (counts - 1) // 2).sum())
+def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
+    """Mask of positions that start a run of equal values in a sorted array."""
+    starts = np.empty(sorted_values.size, dtype=bool)
+    starts[:1] = True
+    starts[1:] = sorted_values[1:] != sorted_values[:-1]
+    return starts
 
 
-def _inversions(seq: np.ndarray) -> int:
-    """Pairs i < j with seq[i] > seq[j] (strictly), counted by a bottom-up merge sort.
+def _pairs_within_runs(starts: np.ndarray) -> int:
+    """Sum over runs of t(t-1)/2: the pairs of equal items."""
+    lengths = np.diff(np.append(np.flatnonzero(starts), starts.size))
+    return int((lengths * (lengths - 1) // 2).sum())
+
+
+def _inversions(codes: np.ndarray) -> int:
+    """Pairs i < j with codes[i] > codes[j] (non-negative integers), by a bottom-up merge sort.
 
     Before the level of width w the array is sorted within blocks of w items. Merging each
     pair of neighbouring blocks is a stable sort by (merged block, value): on equal values the
@@ -45,8 +53,8 @@ def _inversions(seq: np.ndarray) -> int:
     that end up after it. Each pair of indices is counted at the one level where they first
     share a merged block. Stable sorting of pre-sorted runs keeps every level near O(n).
     """
-    n = seq.size
-    cur = np.unique(seq, return_inverse=True)[1].astype(np.int64).ravel()
+    n = codes.size
+    cur = codes.astype(np.int64)
     n_values = int(cur.max()) + 1 if n else 1
     pos = np.arange(n)
     total = 0
@@ -66,25 +74,37 @@ def _inversions(seq: np.ndarray) -> int:
     return total
 
 
-def _concordance(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int, int]:
-    """(concordant - discordant, pairs tied in a, pairs tied in b, number of pairs)."""
+def _concordance(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int, int, int]:
+    """(concordant - discordant, pairs tied in a, pairs tied in b, distinct a, distinct b)."""
     n = a.size
-    n0 = n * (n - 1) // 2
     if n <= _PAIRWISE_LIMIT:
         sa = np.sign(a[:, None] - a[None, :])
         sb = np.sign(b[:, None] - b[None, :])
         s = int((sa * sb).sum()) // 2
-        return s, _tie_pairs(a), _tie_pairs(b), n0
+        eq_a, eq_b = sa == 0, sb == 0  # the diagonal is always tied
+        # an item repeats an earlier value when it ties with an item above it
+        repeat_a = np.triu(eq_a, 1).any(axis=0).sum()
+        repeat_b = np.triu(eq_b, 1).any(axis=0).sum()
+        return (
+            s,
+            int(eq_a.sum() - n) // 2,
+            int(eq_b.sum() - n) // 2,
+            int(n - repeat_a),
+            int(n - repeat_b),
+        )
     # Knight's method: sort by (a, b); discordant pairs are the inversions of b in that order.
     order = np.lexsort((b, a))
     a_s, b_s = a[order], b[order]
-    n1 = _tie_pairs(a)
-    n2 = _tie_pairs(b)
-    joint = np.unique(np.stack([a_s, b_s]), axis=1, return_counts=True)[1]
-    n3 = int((joint * (joint - 1) // 2).sum())
-    discordant = _inversions(b_s)
-    concordant = n0 - n1 - n2 + n3 - discordant
-    return concordant - discordant, n1, n2, n0
+    a_runs = _run_starts(a_s)
+    ab_runs = a_runs | _run_starts(b_s)
+    b_sorted = np.sort(b)
+    b_runs = _run_starts(b_sorted)
+    n1 = _pairs_within_runs(a_runs)
+    n2 = _pairs_within_runs(b_runs)
+    n3 = _pairs_within_runs(ab_runs)  # tied in both
+    discordant = _inversions(np.searchsorted(b_sorted[b_runs], b_s))
+    concordant = n * (n - 1) // 2 - n1 - n2 + n3 - discordant
+    return concordant - discordant, n1, n2, int(a_runs.sum()), int(b_runs.sum())
 
 
 def kendall_tau(x, y, variant: str = "b") -> float:
@@ -114,10 +134,11 @@ def _kendall_bc(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     n = a.size
     if n < 2:
         return float("nan"), float("nan")
-    s, n1, n2, n0 = _concordance(a, b)
+    s, n1, n2, distinct_a, distinct_b = _concordance(a, b)
+    n0 = n * (n - 1) // 2
     denom = np.sqrt(float(n0 - n1) * float(n0 - n2))
     tau_b = float(s / denom) if denom > 0 else float("nan")
-    m = min(np.unique(a).size, np.unique(b).size)
+    m = min(distinct_a, distinct_b)
     tau_c = float(2.0 * s / (n * n * (m - 1) / m)) if m >= 2 else float("nan")
     return tau_b, tau_c
 

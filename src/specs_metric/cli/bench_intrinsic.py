@@ -72,7 +72,18 @@ def _per_image(rows, scores, rates=None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.bench.intrinsic import run_intrinsic, time_prefix_reuse
+    from specs_metric.bench.sdci import SdciFormatError
+    from specs_metric.transform import ImageError
+
+    try:
+        return _run(args)
+    except (SdciFormatError, ImageError) as exc:
+        print(f"specs bench intrinsic: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from specs_metric.bench.intrinsic import embed_row_images, run_intrinsic, time_prefix_reuse
     from specs_metric.bench.sdci import read_sdci
     from specs_metric.scorer import load
 
@@ -91,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     timing = None
     if args.timing_chains > 0 and rows:
         sample = rows[: args.timing_chains]
-        images = scorer.embed_images([r.image for r in sample])
+        images = embed_row_images(scorer, sample)
         timing = time_prefix_reuse(scorer, sample, images)
         print(
             f"prefix reuse on {timing.chains} images ({timing.captions} captions): "

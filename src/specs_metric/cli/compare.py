@@ -58,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
         write_json(result.as_dict(), args.out / "report.json")
         if not args.no_plots:
             plot_distributions(
-                result.scores_a, result.scores_b, args.out / "distributions.png", ("A", "B")
+                result.scores_a,
+                result.scores_b,
+                args.out / "distributions.png",
+                (f"A: {args.a.name}", f"B: {args.b.name}"),
             )
         print(f"report written to {args.out}", file=sys.stderr)
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -82,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainError, CheckpointError, ValueError, FileNotFoundError) as exc:
         print(f"specs train: error: {exc}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print(f"trained {result.steps} steps; final weights {result.final_checkpoint} "
           f"(and .safetensors); {result.skipped_images} unreadable images skipped")
     return 0

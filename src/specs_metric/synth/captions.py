@@ -152,9 +152,7 @@ def _swap_values(kind: str) -> Sequence[str]:
         return TEXTURES
     if kind == "position":
         return [str(i) for i in range(GRID * GRID)]
-    if kind == "relation":
-        return ("left of", "right of", "above", "below")
-    raise ValueError(kind)
+    raise ValueError(f"no attribute values for fact kind {kind!r}")
 
 
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -263,7 +261,14 @@ class Candidate:
 
 
 def fact_f1(correct: int, hallucinated: int, total: int) -> float:
-    """Fact-level F1: precision correct/(correct+hallucinated), recall correct/total."""
+    """Fact-level F1: precision correct/(correct+hallucinated), recall correct/total.
+
+    Example:
+        >>> fact_f1(correct=3, hallucinated=1, total=4)  # P = 3/4, R = 3/4
+        0.75
+        >>> fact_f1(correct=0, hallucinated=2, total=5)
+        0.0
+    """
     if correct == 0:
         return 0.0
     return 2.0 * correct / (2.0 * correct + hallucinated + (total - correct))

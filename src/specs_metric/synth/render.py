@@ -3,7 +3,7 @@
 Each object is drawn through a binary mask (PIL polygons and ellipses without
 anti-aliasing, so output pixels depend only on the scene and the image size). Textures
 alternate the object's colour with a contrast colour (black on light colours, white on
-dark ones) in a pattern anchored at the object's bounding box:
+dark ones, see :func:`contrast_colour`) in a pattern anchored at the object's bounding box:
 
 * solid: the object colour only;
 * striped: horizontal bands ``u`` pixels high;
@@ -23,10 +23,17 @@ from PIL import Image, ImageDraw
 from specs_metric.synth.world import COLOURS, GRID, SIZE_RADIUS, Scene, SceneObject
 
 
-def contrast_colour(colour: str) -> tuple[int, int, int]:
-    """Black for light colours, white for dark ones (Rec. 601 luma threshold 140)."""
+def contrast_colour(colour: str, background: str) -> tuple[int, int, int]:
+    """The texture's second colour: black on light colours, white on dark ones.
+
+    Light means Rec. 601 luma above 140. When that colour is the background's, the other
+    of black and white is used, and mid gray when that one is the object's own colour.
+    """
     r, g, b = COLOURS[colour]
-    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+    black, white, gray = (0, 0, 0), (255, 255, 255), (128, 128, 128)
+    order = [black, white] if 0.299 * r + 0.587 * g + 0.114 * b > 140 else [white, black]
+    taken = {COLOURS[colour], COLOURS[background]}
+    return next(c for c in [*order, gray] if c not in taken)
 
 
 def _regular_polygon(cx: float, cy: float, r: float, n: int, phase: float) -> list[tuple]:
@@ -104,5 +111,5 @@ def render_scene(scene: Scene, size: int = 64) -> Image.Image:
         pattern = np.zeros((size, size), dtype=bool)
         pattern[top:, left:] = _texture(obj.texture, size - top, size - left, unit)
         pixels[mask & ~pattern] = COLOURS[obj.colour]
-        pixels[mask & pattern] = contrast_colour(obj.colour)
+        pixels[mask & pattern] = contrast_colour(obj.colour, scene.background)
     return Image.fromarray(pixels)

@@ -4,7 +4,8 @@ Layout of ``DIR``:
 
 * ``images/{split}_{index:06d}.png``: the rendered scenes;
 * ``train.parquet``, ``test.parquet``: the sDCI layout, one row per scene with ``id``,
-  ``image`` (path relative to ``DIR``), ``captions`` (``c_1..c_n``), ``neg_captions``
+  ``image`` (path relative to ``DIR``), ``caption`` (the full description, as the
+  training data of ``specs prepare`` has it), ``captions`` (``c_1..c_n``), ``neg_captions``
   (``n_2..n_n``; ``neg_captions[j]`` extends ``captions[j]`` and pairs with
   ``captions[j + 1]``) and ``scene`` (the scene graph as JSON);
 * ``graded_train.jsonl``, ``graded_test.jsonl``: one graded candidate per line with
@@ -77,7 +78,8 @@ def _write_split(
         descriptions.append(describe(scene, rng, counter))
     pool = [d.facts for d in descriptions]
 
-    rows: dict[str, list] = {k: [] for k in ("id", "image", "captions", "neg_captions", "scene")}
+    columns = ("id", "image", "caption", "captions", "neg_captions", "scene")
+    rows: dict[str, list] = {k: [] for k in columns}
     graded_lines: list[str] = []
     lengths: list[int] = []
     for i, (scene, desc) in enumerate(zip(scenes, descriptions, strict=True)):
@@ -89,6 +91,7 @@ def _write_split(
         )
         rows["id"].append(scene_id)
         rows["image"].append(image)
+        rows["caption"].append(chain.captions[-1])
         rows["captions"].append(chain.captions)
         rows["neg_captions"].append(chain.neg_captions)
         rows["scene"].append(json.dumps(scene.to_dict(), sort_keys=True))
@@ -113,6 +116,7 @@ def _write_split(
         [
             ("id", pa.string()),
             ("image", pa.string()),
+            ("caption", pa.string()),
             ("captions", pa.list_(pa.string())),
             ("neg_captions", pa.list_(pa.string())),
             ("scene", pa.string()),

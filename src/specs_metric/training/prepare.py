@@ -22,6 +22,7 @@ included) of the project tokenizer. Rows left without a negative are dropped.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import multiprocessing
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from specs_metric.tokenizer import Tokenizer, default_tokenizer
+from specs_metric.tokenizer import Tokenizer, clean_text, default_tokenizer
 from specs_metric.training.segment import DEFAULT_SEGMENTER, Segmenter, get_segmenter
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,9 @@ class PrepareReport:
 def read_table(path: str | Path) -> pa.Table:
     """Read a parquet file or a Hugging Face ``datasets`` directory as an Arrow table.
 
-    A ``datasets`` directory is read with ``datasets.load_from_disk`` when that package is
-    installed, otherwise from its Arrow files directly. For a ``DatasetDict`` directory the
-    ``train`` split (or the only split) is used.
+    A ``datasets`` directory (``save_to_disk``) is read from the Arrow files its
+    ``state.json`` lists, memory-mapped, without needing the ``datasets`` package. For a
+    ``DatasetDict`` directory the ``train`` split (or the only split) is used.
     """
     path = Path(path)
     if path.is_file():
@@ -145,12 +146,6 @@ def read_table(path: str | Path) -> pa.Table:
         if parquet_files:
             return pa.concat_tables([pq.read_table(p) for p in parquet_files])
         raise PrepareError(f"{path}: not a datasets directory (no state.json or dataset_dict.json)")
-    try:
-        import datasets
-
-        return datasets.load_from_disk(str(path)).data.table
-    except ImportError:
-        pass
     files = [path / f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
     tables = []
     for file in files:
@@ -197,10 +192,9 @@ def iter_examples(path: str | Path) -> Iterator[Example]:
         for column in ("image", "caption"):
             if column not in table.column_names:
                 raise PrepareError(f"{path}: no {column!r} column (has {table.column_names})")
-        for row, (image, caption) in enumerate(
-            zip(table.column("image").to_pylist(), table.column("caption").to_pylist(), strict=True),
-            start=1,
-        ):
+        images = table.column("image").to_pylist()
+        captions = table.column("caption").to_pylist()
+        for row, (image, caption) in enumerate(zip(images, captions, strict=True), start=1):
             yield Example(row, image, caption)
     elif not path.is_file():
         raise PrepareError(f"{path}: no such file")
@@ -254,8 +248,6 @@ def resolve_image(image: Any, root: Path) -> str | bytes | None:
 
 def image_problem(image: str | bytes | None) -> str | None:
     """``"missing_image"``, ``"unreadable_image"`` or None (header check, like the reference)."""
-    import io
-
     if image is None:
         return "missing_image"
     if isinstance(image, str) and not Path(image).is_file():
@@ -320,31 +312,103 @@ def draw_negative_details(
     return out
 
 
+class TokenCounter:
+    """Exact token counts, ``len(tokenizer.token_ids(text))``, for many overlapping texts.
+
+    The text is cleaned as a whole (as the tokenizer does); BPE ids are then counted per
+    space-separated word with a memo. Pre-tokenisation never spans a space, so the pieces of
+    a cleaned text are those of its words, and the count is exact. Words that cleaning would
+    change again fall back to encoding the whole text.
+    """
+
+    MAX_MEMO = 2_000_000
+
+    def __init__(self, tokenizer: Tokenizer | None = None) -> None:
+        self.tokenizer = tokenizer or default_tokenizer()
+        self._words: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        total = 2  # SOT and EOT
+        for word in clean_text(text).split(" "):
+            n = self._words.get(word)
+            if n is None:
+                n = len(self.tokenizer.encode(word)) if clean_text(word) == word else -1
+                if len(self._words) < self.MAX_MEMO:
+                    self._words[word] = n
+            if n < 0:
+                return len(self.tokenizer.token_ids(text))
+            total += n
+        return total
+
+
 def cumulative_captions(
     segments: list[str],
     negative_details: list[str],
-    tokenizer: Tokenizer | None = None,
+    count_tokens: Callable[[str], int] | None = None,
     context_length: int = CONTEXT_LENGTH,
 ) -> tuple[list[str], list[str]]:
     """Cumulative captions and their negatives, cut where either would exceed the context.
 
+    Args:
+        segments: detail segments of a caption.
+        negative_details: a negative segment for each segment but the last.
+        count_tokens: token count of a text, SOT and EOT included (default: the project
+            tokenizer's, via :class:`TokenCounter`).
+        context_length: the largest allowed count.
+
     Example:
-        >>> cumulative_captions(["A dog.", "It runs.", "It is brown."], ["cat blue.", "a car."])
-        (['A dog.', 'A dog. It runs.', 'A dog. It runs. It is brown.'], ['A dog. cat blue.', 'A dog. It runs. a car.'])
+        >>> captions, negatives = cumulative_captions(["A dog.", "It runs."], ["cat blue."])
+        >>> captions, negatives
+        (['A dog.', 'A dog. It runs.'], ['A dog. cat blue.'])
     """
-    tokenizer = tokenizer or default_tokenizer()
+    count_tokens = count_tokens or TokenCounter()
     captions = [segments[0].strip()]
     negatives: list[str] = []
     for segment, negative in zip(segments[1:], negative_details, strict=False):
         caption = f"{captions[-1]} {segment.strip()}"
         negative = f"{captions[-1]} {negative.strip()}"
-        if max(len(tokenizer.token_ids(caption)), len(tokenizer.token_ids(negative))) > (
-            context_length
-        ):
+        if count_tokens(caption) > context_length or count_tokens(negative) > context_length:
             break
         captions.append(caption)
         negatives.append(negative)
     return captions, negatives
+
+
+_worker_counter: TokenCounter | None = None
+_worker_context = CONTEXT_LENGTH
+
+
+def _init_build_worker(context_length: int) -> None:
+    global _worker_counter, _worker_context
+    _worker_counter = TokenCounter()
+    _worker_context = context_length
+
+
+def _build_in_worker(job: tuple[list[str], list[str]]) -> tuple[list[str], list[str]]:
+    return cumulative_captions(job[0], job[1], _worker_counter, _worker_context)
+
+
+def build_all(
+    jobs: list[tuple[list[str], list[str]]],
+    count_tokens: Callable[[str], int] | None = None,
+    context_length: int = CONTEXT_LENGTH,
+    workers: int = 1,
+    progress: bool = True,
+) -> list[tuple[list[str], list[str]]]:
+    """:func:`cumulative_captions` for every (segments, negatives) job, in order."""
+    bar = dict(desc="building", total=len(jobs), disable=not progress, unit="row")
+    if workers > 1 and count_tokens is None:
+        with _pool(workers, _init_build_worker, (context_length,)) as pool:
+            return list(tqdm(pool.imap(_build_in_worker, jobs, chunksize=64), **bar))
+    count_tokens = count_tokens or TokenCounter()
+    return [cumulative_captions(s, n, count_tokens, context_length) for s, n in tqdm(jobs, **bar)]
+
+
+def _pool(workers: int, initializer, initargs):
+    # fork starts workers without re-importing the package; the work is pure Python.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return context.Pool(workers, initializer=initializer, initargs=initargs)
 
 
 _worker_segmenter: Segmenter | None = None
@@ -374,9 +438,7 @@ def segment_all(
     if isinstance(segmenter, str):
         if workers > 1:
             get_segmenter(segmenter)  # fail here, with a clear message, not in a worker
-            with multiprocessing.get_context("spawn").Pool(
-                workers, initializer=_init_worker, initargs=(segmenter,)
-            ) as pool:
+            with _pool(workers, _init_worker, (segmenter,)) as pool:
                 return list(tqdm(pool.imap(_segment_in_worker, captions, chunksize=64), **bar))
         segmenter = get_segmenter(segmenter)
     return [_clean_segments(segmenter(c)) for c in tqdm(captions, **bar)]
@@ -411,9 +473,10 @@ def prepare_dataset(
         context_length: token limit of cumulative captions and negatives.
         check_images: open each image's header; rows with missing or unreadable images are
             skipped (when False only embedded-bytes and missing paths are not checked).
-        workers: processes for segmentation.
+        workers: processes for segmentation and for building cumulative captions.
         progress: show progress bars.
-        tokenizer: the tokenizer measuring lengths (default: the project tokenizer).
+        tokenizer: the tokenizer measuring lengths (default: the project tokenizer; a
+            custom one disables the building worker processes).
         log_fn: where to print the summary (default: the module logger).
 
     Returns:
@@ -426,7 +489,6 @@ def prepare_dataset(
         input_path if input_path.is_dir() else input_path.parent
     )
     report = PrepareReport()
-    tokenizer = tokenizer or default_tokenizer()
 
     rows: list[Example] = []
     for example in tqdm(iter_examples(input_path), desc="checking", disable=not progress,
@@ -447,20 +509,20 @@ def prepare_dataset(
     negatives = draw_negative_details(segments, image_keys, shuffle_fraction, seed)
 
     out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
-    for example, text, segs, negs in tqdm(
-        zip(rows, texts, segments, negatives, strict=True),
-        total=len(rows), desc="building", disable=not progress, unit="row",
-    ):
+    candidates = []
+    for example, text, segs, negs in zip(rows, texts, segments, negatives, strict=True):
         if not text.strip():
             report.skip("empty_caption", example.row)
-            continue
-        if len(segs) < 2:
+        elif len(segs) < 2:
             report.skip("too_few_segments", example.row)
-            continue
-        if negs is None:
+        elif negs is None:
             report.skip("no_negative", example.row)
-            continue
-        captions, neg_captions = cumulative_captions(segs, negs, tokenizer, context_length)
+        else:
+            candidates.append((example, segs, negs))
+    count_tokens = TokenCounter(tokenizer) if tokenizer is not None else None
+    built = build_all([(segs, negs) for _, segs, negs in candidates], count_tokens,
+                      context_length, workers, progress)
+    for (example, _, _), (captions, neg_captions) in zip(candidates, built, strict=True):
         if not neg_captions:
             report.skip("too_long", example.row)
             continue

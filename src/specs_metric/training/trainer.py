@@ -257,7 +257,9 @@ def _resolve_resume(config: TrainConfig) -> Path | None:
     if config.resume == "latest":
         found = find_checkpoints(config.output)
         if not found:
-            raise TrainError(f"--resume latest: no checkpoint under {config.output}/{CHECKPOINT_DIR}")
+            raise TrainError(
+                f"--resume latest: no checkpoint under {Path(config.output) / CHECKPOINT_DIR}"
+            )
         return found[-1]
     path = Path(config.resume)
     if path.is_file():

@@ -1,0 +1,182 @@
+"""Embedding whole data sets for the extrinsic benchmarks, sharded over torchrun ranks.
+
+Every rank embeds a contiguous block of the images (or texts) given by
+:func:`~specs_metric.distributed.shard_range`; the blocks are then gathered so that every
+rank holds all embeddings in input order (only rank 0 uses them). Without torchrun the
+single process embeds everything. Images are decoded and preprocessed by DataLoader
+workers while the model runs; texts go through the scorer's length-sorted, padding-trimmed
+batches, so the embeddings equal those of :meth:`Scorer.embed_images` and
+:meth:`Scorer.embed_texts`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from specs_metric.distributed import DistInfo, shard_range
+from specs_metric.scorer import Scorer
+from specs_metric.transform import ImageError, ImageSource, load_and_preprocess
+
+
+def describe_image(source: ImageSource) -> str:
+    """How messages name an image: its path, or the size of in-memory data."""
+    if isinstance(source, bytes):
+        return f"<{len(source)} image bytes>"
+    return str(source)
+
+
+@dataclass
+class ImageEmbeddings:
+    """Embeddings of a list of images, with the images that could not be decoded.
+
+    Attributes:
+        embeddings: (N, D) raw embeddings; rows of failed images are zero.
+        ok: (N,) bool, False for failed images.
+        errors: ``(index, message)`` of each failed image, in input order.
+    """
+
+    embeddings: torch.Tensor
+    ok: torch.Tensor
+    errors: list[tuple[int, str]]
+
+
+class _Images(Dataset):
+    """Decoded, preprocessed images of one shard; a failure is returned, not raised."""
+
+    def __init__(self, images: Sequence[ImageSource], offset: int, resolution: int) -> None:
+        self.images, self.offset, self.resolution = images, offset, resolution
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        source = self.images[i]
+        try:
+            return i + self.offset, load_and_preprocess(source, self.resolution), None
+        except ImageError as exc:
+            return i + self.offset, None, str(exc)
+
+
+def _collate(items: list) -> list:
+    return items
+
+
+def gather_rows(local: torch.Tensor, total: int, info: DistInfo) -> torch.Tensor:
+    """Concatenate every rank's block of rows (blocks from :func:`shard_range`) in rank order.
+
+    Returns the full (total, ...) tensor on CPU on every rank. nccl needs CUDA tensors, so
+    the blocks travel through the rank's GPU there; gloo gathers CPU tensors.
+    """
+    if not info.enabled:
+        return local
+    sizes = [len(shard_range(total, r, info.world_size)) for r in range(info.world_size)]
+    on_gpu = info.backend == "nccl"
+    device = torch.device("cuda", info.local_rank) if on_gpu else torch.device("cpu")
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: len(local)] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n].cpu() for p, n in zip(parts, sizes, strict=True)])
+
+
+def _gather_objects(obj: list, info: DistInfo) -> list:
+    if not info.enabled:
+        return obj
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return [item for part in out for item in part]
+
+
+def embed_images(
+    scorer: Scorer,
+    images: Sequence[ImageSource],
+    info: DistInfo | None = None,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    show_progress: bool = False,
+) -> ImageEmbeddings:
+    """Raw embeddings of ``images`` (paths, encoded bytes or PIL images), sharded over ranks.
+
+    Images that cannot be decoded get a zero row and are listed in ``errors`` (the caller
+    decides whether that is fatal); nothing is raised, so no rank is left waiting in a
+    collective call while another one has failed.
+
+    Args:
+        scorer: the model.
+        images: the images, in order.
+        info: the torchrun position (default: a single process).
+        batch_size: images per forward pass.
+        num_workers: DataLoader processes decoding images (0: decode in this process).
+        show_progress: show a progress bar on rank 0.
+    """
+    info = info or DistInfo()
+    shard = shard_range(len(images), info.rank, info.world_size)
+    local = torch.zeros(len(shard), scorer.embed_dim)
+    local_ok = torch.zeros(len(shard), dtype=torch.uint8)
+    errors: list[tuple[int, str]] = []
+    loader = DataLoader(
+        _Images(images[shard.start : shard.stop], shard.start, scorer.resolution),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    bar = tqdm(
+        total=len(shard),
+        unit="img",
+        desc="images",
+        file=sys.stderr,
+        disable=not (show_progress and info.is_main),
+    )
+    for items in loader:
+        good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
+        errors.extend((index, msg) for index, pixels, msg in items if pixels is None)
+        if good:
+            rows = torch.tensor([index - shard.start for index, _ in good])
+            local[rows] = scorer.encode_pixels(torch.stack([p for _, p in good]))
+            local_ok[rows] = 1
+        bar.update(len(items))
+    bar.close()
+    return ImageEmbeddings(
+        embeddings=gather_rows(local, len(images), info),
+        ok=gather_rows(local_ok, len(images), info).bool(),
+        errors=sorted(_gather_objects(errors, info)),
+    )
+
+
+def embed_texts(scorer: Scorer, texts: Sequence[str], info: DistInfo | None = None) -> torch.Tensor:
+    """Raw embeddings (N, D) of ``texts`` (length-sorted, trimmed batches), sharded over ranks.
+
+    Captions longer than the context follow the scorer's ``long_captions`` policy
+    (``truncate``: keep the first tokens and end with EOT; ``error``: raise).
+    """
+    info = info or DistInfo()
+    shard = shard_range(len(texts), info.rank, info.world_size)
+    mine = list(texts[shard.start : shard.stop])
+    local = torch.zeros(len(mine), scorer.embed_dim)
+    failure: list[str] = []
+    try:
+        if mine:
+            local = scorer.embed_texts(mine)
+    except ValueError as exc:  # e.g. a caption over the context with long_captions="error"
+        if not info.enabled:
+            raise
+        failure.append(f"rank {info.rank}: {exc}")
+    # Every rank learns about a failure anywhere before the gather, so none waits forever.
+    failures = _gather_objects(failure, info)
+    if failures:
+        raise ValueError("; ".join(failures))
+    return gather_rows(local, len(texts), info)
+
+
+def normalize(embeddings: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, in float64 (the precision of the project's cosines)."""
+    x = embeddings.double()
+    return x / x.norm(dim=1, keepdim=True)

@@ -1,0 +1,206 @@
+"""``specs bench retrieval``: image -> text and text -> image Recall@K."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from specs_metric import __version__
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Model, data and run options shared by the extrinsic benchmarks."""
+    p.add_argument(
+        "--model",
+        required=True,
+        action="append",
+        help="model name (see `specs models`) or checkpoint path; repeat to compare models",
+    )
+    p.add_argument("--data", required=True, type=Path, help="data set (see docs/extrinsic.md)")
+    p.add_argument("--split", default=None, help="split of a multi-split source (default test)")
+    p.add_argument("--image-root", type=Path, help="folder for relative image paths")
+    p.add_argument("--image-column", default="image", help="image column of a table (image)")
+    p.add_argument("--json", type=Path, help="write the results here (JSON)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16"],
+        help="fp32 = exact reference numerics (default)",
+    )
+    p.add_argument(
+        "--full-precision-weights",
+        action="store_true",
+        help="do not round weights to fp16 like the reference loader",
+    )
+    p.add_argument(
+        "--long-captions",
+        default="truncate",
+        choices=["truncate", "error"],
+        help="texts over the context length: keep the first tokens (default) or stop",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=2, help="image decoding processes (0: none)")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out unreadable images (counted in the output) instead of stopping",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def setup(args: argparse.Namespace):
+    """torchrun position and device of this process."""
+    from specs_metric.distributed import init_from_env, local_device
+
+    info = init_from_env(args.device)
+    return info, local_device(info, args.device)
+
+
+def load_scorer(args: argparse.Namespace, name: str, device):
+    from specs_metric.scorer import load
+
+    return load(
+        name,
+        device=device,
+        precision=args.precision,
+        reference_rounding=not args.full_precision_weights,
+        long_captions=args.long_captions,
+    )
+
+
+def model_meta(scorer) -> dict:
+    return {
+        "model": scorer.name,
+        "checkpoint_sha256": scorer.checkpoint_sha256,
+        "precision": scorer.precision,
+        "reference_rounding": scorer.reference_rounding,
+        "long_captions": scorer.long_captions,
+        "device": str(scorer.device),
+    }
+
+
+def run_meta(args: argparse.Namespace, info) -> dict:
+    return {
+        "version": __version__,
+        "data": str(args.data),
+        "split": args.split,
+        "limit": args.limit,
+        "world_size": info.world_size,
+    }
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "retrieval",
+        help="image-text retrieval Recall@1/5/10 in both directions",
+        description=(
+            "Image -> text (a hit when any caption of the image is in the top K) and "
+            "text -> image Recall@K on an image-caption set: a JSONL/CSV/parquet/datasets "
+            "table with image + caption(s), a COCO captions JSON or an Urban1k folder. "
+            "Works under torchrun (embedding is sharded over ranks)."
+        ),
+    )
+    add_common_arguments(p)
+    p.add_argument(
+        "--captions",
+        default="all",
+        choices=["all", "first", "last"],
+        help="which captions of an image to use (last: the full one of cumulative lists)",
+    )
+    p.add_argument(
+        "--max-captions-per-image",
+        type=int,
+        help="keep only the first N captions of each image (the reference COCO script: 5)",
+    )
+    p.add_argument("--caption-column", help="caption column (default caption, else captions)")
+    p.add_argument(
+        "--ks", default="1,5,10", help="comma-separated K values of Recall@K (default 1,5,10)"
+    )
+    p.set_defaults(func=run)
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"--ks {text!r}: expected positive integers such as 1,5,10")
+    return ks
+
+
+def print_table(rows: list[tuple[str, dict]], ks: list[int]) -> None:
+    head = [f"i2t R@{k}" for k in ks] + [f"t2i R@{k}" for k in ks]
+    width = max(len("model"), *(len(name) for name, _ in rows))
+    print(f"{'model':<{width}}  " + "  ".join(f"{h:>9}" for h in head))
+    for name, res in rows:
+        values = [res.image_to_text[k] for k in ks] + [res.text_to_image[k] for k in ks]
+        print(f"{name:<{width}}  " + "  ".join(f"{v:>9.2f}" for v in values))
+
+
+def save_results(args: argparse.Namespace, header: dict, results: list[dict], done: bool) -> None:
+    """Write the JSON report (after every model, so a long multi-model run keeps its work)."""
+    from specs_metric.bench.report import write_json
+
+    if args.json is not None:
+        write_json({**header, "complete": done, "results": results}, args.json)
+
+
+def run(args: argparse.Namespace) -> int:
+    from specs_metric.bench.retrieval import evaluate_retrieval, read_retrieval
+
+    ks = parse_ks(args.ks)
+    info, device = setup(args)
+    data = read_retrieval(
+        args.data,
+        split=args.split,
+        image_root=args.image_root,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        captions=args.captions,
+        max_captions_per_image=args.max_captions_per_image,
+    )
+    if args.limit is not None:
+        data = data.head(args.limit)
+    if info.is_main:
+        print(f"{len(data)} images, {len(data.captions)} captions from {data.source}")
+    header = {
+        "benchmark": "retrieval",
+        **run_meta(args, info),
+        "captions": args.captions,
+        "max_captions_per_image": args.max_captions_per_image,
+        "tie_rule": "rank = #higher + #equal with a smaller index",
+    }
+    rows, results = [], []
+    for name in args.model:
+        scorer = load_scorer(args, name, device)
+        result = evaluate_retrieval(
+            scorer,
+            data,
+            info,
+            ks=ks,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+            skip_bad_images=args.skip_bad_images,
+            show_progress=not args.quiet,
+        )
+        if info.is_main:
+            if result.skipped_images:
+                print(
+                    f"{name}: skipped {len(result.skipped_images)} unreadable images",
+                    file=sys.stderr,
+                )
+            rows.append((name, result))
+            results.append({**model_meta(scorer), **result.to_dict()})
+            save_results(args, header, results, done=False)
+        del scorer
+    if not info.is_main:
+        return 0
+    print_table(rows, ks)
+    save_results(args, header, results, done=True)
+    if args.json is not None:
+        print(f"wrote {args.json}")
+    return 0
