@@ -103,8 +103,11 @@ def test_chunk_without_nltk_data_names_the_download(monkeypatch):
         get_segmenter("chunk")
     assert "nltk.download('punkt_tab')" in str(info.value)
     assert "nltk.download('averaged_perceptron_tagger_eng')" in str(info.value)
-    # Injecting all three pieces needs no data.
+    # Injecting all three pieces needs no data; injecting the tagger only needs punkt_tab.
     assert injected()("A dog runs.") == ["A dog runs ."]
+    with pytest.raises(SegmenterError) as info:
+        ChunkSegmenter(tagger=dict_tagger)
+    assert "punkt_tab" in str(info.value) and "tagger" not in str(info.value)
 
 
 def test_sentence_splitter():

@@ -90,7 +90,9 @@ class SPECSScore:
         state = torch.stack([self.total, torch.tensor(float(self.count), dtype=torch.float64)])
         if self.sync_on_compute and dist.is_available() and dist.is_initialized():
             backend = dist.get_backend()
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+            device = (
+                torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+            )
             state = state.to(device)
             dist.all_reduce(state)
             state = state.cpu()

@@ -205,13 +205,15 @@ def _encode_groups(
         x = model.token_embedding(g.tokens).to(model.dtype)
         xs.append(x + table[g.positions].to(x.dtype))
     c, t_len, width = x_trunk.shape
-    for block in model.transformer.resblocks:
+    blocks = list(model.transformer.resblocks)
+    for layer, block in enumerate(blocks):
         attn = block.attn
         heads = attn.heads
         d = width // heads
         qkv = F.linear(block.ln_1(x_trunk), attn.in_proj_weight, attn.in_proj_bias)
         q_t, k_t, v_t = qkv.view(c, t_len, 3, heads, d).permute(2, 0, 3, 1, 4)
-        trunk_out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True)
+        if layer < len(blocks) - 1:
+            trunk_out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True)
         new_xs = []
         for g, x in zip(groups, xs, strict=True):
             _, items, s_len = g.tokens.shape
@@ -223,6 +225,8 @@ def _encode_groups(
             x = x + attn.out_proj(out)
             new_xs.append(x + block.mlp(block.ln_2(x)))
         xs = new_xs
+        if layer == len(blocks) - 1:
+            break  # the trunk's own output is never pooled: only its keys/values are used
         x_trunk = x_trunk + attn.out_proj(trunk_out.transpose(1, 2).reshape(c, t_len, width))
         x_trunk = x_trunk + block.mlp(block.ln_2(x_trunk))
     out = torch.empty(n_rows, model.config.embed_dim, dtype=model.dtype, device=trunks.device)
@@ -232,7 +236,7 @@ def _encode_groups(
         ci = torch.tensor([(t[0], t[1]) for t in g.targets], device=trunks.device)
         rows = torch.tensor([t[2] for t in g.targets], device=trunks.device)
         pooled = x[ci[:, 0], ci[:, 1], g.pool[ci[:, 0], ci[:, 1]]]
-        out[rows] = model.ln_final(pooled).to(model.dtype) @ model.text_projection
+        out[rows] = model.ln_final(pooled) @ model.text_projection
     return out
 
 

@@ -174,15 +174,20 @@ class ChunkSegmenter:
         word_tokenize: Callable[[str], list[str]] | None = None,
     ) -> None:
         self._parser = _chunk_parser()
-        if tagger is None or sent_tokenize is None or word_tokenize is None:
+        needed = []
+        if sent_tokenize is None or word_tokenize is None:
+            needed.append("tokenizers/punkt_tab")
+        if tagger is None:
+            needed.append("taggers/averaged_perceptron_tagger_eng")
+        if needed:
             import nltk
 
             missing = []
-            for resource, call in NLTK_DATA.items():
+            for resource in needed:
                 try:
                     nltk.data.find(resource)
                 except LookupError:
-                    missing.append(call)
+                    missing.append(NLTK_DATA[resource])
             if missing:
                 raise SegmenterError(
                     "the 'chunk' segmenter needs NLTK data that is not installed; run "

@@ -345,7 +345,6 @@ class Trainer:
         self.model.train().to(self.device)
         freeze = from_clip if config.freeze_positional is None else config.freeze_positional
         self.model.positional_embedding.requires_grad_(not freeze)
-        self.frozen = ["positional_embedding"] if freeze else []
 
         self.dataset = SpecificityDataset(
             config.data,
@@ -383,6 +382,16 @@ class Trainer:
         self.epoch = 0
         self.batch_in_epoch = 0
         self.skipped_images = 0
+        if self.is_main:
+            trainable = sum(p.numel() for p in params)
+            log.info(
+                "%s: %s; %d trainable parameters%s; %d rows; %d updates of %d x %d x %d "
+                "examples; %s on %s",
+                config.init, self.model.config, trainable,
+                " (positional_embedding frozen)" if freeze else "", len(self.dataset),
+                self.total_steps, self.dist.world_size, config.batch_size, config.grad_accum,
+                self.precision, self.device,
+            )
 
     # -- checkpoints ------------------------------------------------------------------
 
