@@ -1,6 +1,6 @@
 """Two-process DDP (torchrun, gloo on CPU) reproduces a single-process run with the same
-global batch: embeddings are gathered with gradient, so every logged loss component and the
-margin match step by step."""
+global batch: embeddings are gathered with gradient (also when ranks hold different numbers
+of examples), so every logged loss component and the margin match step by step."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def data(tmp_path_factory):
         "caption": f"A {c} tile lies flat, with a {c} edge around it. It is shiny and clean.",
     }) for c in COLORS))
     prepare_dataset(root / "in.jsonl", root / "t.parquet", progress=False, log_fn=lambda s: None)
+    # Corrupt one image after preparation: it is skipped in every epoch, so ranks gather
+    # micro-batches of unequal size (1 and 2 examples) in the update that meets it.
+    (root / "green.png").write_bytes(b"\x89PNG truncated")
     save_state_dict(make_state_dict(seed=2), root / "init.pt")
     return root
 
@@ -69,7 +72,8 @@ def test_two_process_gloo_matches_single_process(data):
     one, two = read_log(single.log_file), read_log(data / "ddp" / "train_log.csv")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):
-        assert b["images"] == a["images"] == 8  # global images per update
+        assert b["images"] == a["images"] == 7  # global images per update, one unreadable
+        assert b["skipped_images"] == a["skipped_images"] == a["step"]
         for key in COMPONENTS:
             assert b[key] == pytest.approx(a[key], abs=1e-4), (a["step"], key)
     # Rank 0 alone wrote the checkpoint, in both formats.
