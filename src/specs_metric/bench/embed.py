@@ -25,13 +25,6 @@ from specs_metric.scorer import Scorer
 from specs_metric.transform import ImageError, ImageSource, load_and_preprocess
 
 
-def describe_image(source: ImageSource) -> str:
-    """How messages name an image: its path, or the size of in-memory data."""
-    if isinstance(source, bytes):
-        return f"<{len(source)} image bytes>"
-    return str(source)
-
-
 @dataclass
 class ImageEmbeddings:
     """Embeddings of a list of images, with the images that could not be decoded.

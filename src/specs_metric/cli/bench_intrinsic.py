@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from specs_metric.cli.common import add_model_options, load_scorer
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -26,18 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", type=Path, help="folder for relative image paths")
     p.add_argument("--json", type=Path, help="write rates and per-image results here")
     p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="fp32 = exact reference numerics (default)",
-    )
-    p.add_argument(
-        "--full-precision-weights",
-        action="store_true",
-        help="do not round weights to fp16 like the reference loader",
-    )
+    add_model_options(p)
     p.add_argument("--chains-per-batch", type=int, default=16, help="images per text batch")
     p.add_argument(
         "--no-prefix-reuse",
@@ -85,17 +76,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from specs_metric.bench.intrinsic import embed_row_images, run_intrinsic, time_prefix_reuse
     from specs_metric.bench.sdci import read_sdci
-    from specs_metric.scorer import load
 
     rows = read_sdci(args.data, args.split, args.image_root)
     if args.limit is not None:
         rows = rows[: args.limit]
-    scorer = load(
-        args.model,
-        device=args.device,
-        precision=args.precision,
-        reference_rounding=not args.full_precision_weights,
-    )
+    scorer = load_scorer(args, args.model)
     print(f"{len(rows)} images from {args.data}; model {scorer.name} on {scorer.device}")
     header = {"model": scorer.name, "data": str(args.data), "split": args.split}
 
@@ -134,8 +119,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"{'positive':<10} {result.positive:>8.2f}")
     print(f"{'negative':<10} {result.negative:>8.2f}")
     print(f"{'average':<10} {result.average:>8.2f}")
-    print(f"{result.n_images} images scored, {result.n_skipped} skipped (< 3 captions), "
-          f"{elapsed:.1f} s")
+    print(
+        f"{result.n_images} images scored, {result.n_skipped} skipped (< 3 captions), "
+        f"{elapsed:.1f} s"
+    )
     if args.json is not None:
         payload = {
             **header,
@@ -147,7 +134,9 @@ def _run(args: argparse.Namespace) -> int:
             "n_skipped": result.n_skipped,
             "prefix_reuse": not args.no_prefix_reuse,
             "seconds": elapsed,
-            "timing": None if timing is None else {
+            "timing": None
+            if timing is None
+            else {
                 "chains": timing.chains,
                 "captions": timing.captions,
                 "prefix_seconds": timing.prefix_seconds,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from specs_metric import __version__
+from specs_metric.cli.common import add_model_options, load_scorer, model_meta
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,24 +24,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-column", default="image", help="image column of a table (image)")
     p.add_argument("--json", type=Path, help="write the results here (JSON)")
     p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="fp32 = exact reference numerics (default)",
-    )
-    p.add_argument(
-        "--full-precision-weights",
-        action="store_true",
-        help="do not round weights to fp16 like the reference loader",
-    )
-    p.add_argument(
-        "--long-captions",
-        default="truncate",
-        choices=["truncate", "error"],
-        help="texts over the context length: keep the first tokens (default) or stop",
-    )
+    add_model_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="image decoding processes (0: none)")
     p.add_argument(
@@ -57,29 +41,6 @@ def setup(args: argparse.Namespace):
 
     info = init_from_env(args.device)
     return info, local_device(info, args.device)
-
-
-def load_scorer(args: argparse.Namespace, name: str, device):
-    from specs_metric.scorer import load
-
-    return load(
-        name,
-        device=device,
-        precision=args.precision,
-        reference_rounding=not args.full_precision_weights,
-        long_captions=args.long_captions,
-    )
-
-
-def model_meta(scorer) -> dict:
-    return {
-        "model": scorer.name,
-        "checkpoint_sha256": scorer.checkpoint_sha256,
-        "precision": scorer.precision,
-        "reference_rounding": scorer.reference_rounding,
-        "long_captions": scorer.long_captions,
-        "device": str(scorer.device),
-    }
 
 
 def run_meta(args: argparse.Namespace, info) -> dict:

@@ -7,13 +7,12 @@ import sys
 
 from specs_metric.cli.bench_retrieval import (
     add_common_arguments,
-    load_scorer,
-    model_meta,
     parse_ks,
     run_meta,
     save_results,
     setup,
 )
+from specs_metric.cli.common import load_scorer, model_meta
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

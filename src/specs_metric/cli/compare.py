@@ -24,9 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--level", type=float, default=0.95, help="confidence level (0.95)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--top", type=int, default=10, help="rows that changed most to list (10)")
-    p.add_argument(
-        "--tie-tolerance", type=float, default=0.0, help="|B - A| counted as a tie (0)"
-    )
+    p.add_argument("--tie-tolerance", type=float, default=0.0, help="|B - A| counted as a tie (0)")
     p.add_argument("--out", type=Path, help="folder for report.md, report.json and plots")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots in --out")
     p.set_defaults(func=run)

@@ -24,23 +24,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--input", required=True, help="input file or datasets directory")
     parser.add_argument("--output", required=True, help="OUT.parquet or a datasets directory")
     parser.add_argument(
-        "--image-root", default=None,
+        "--image-root",
+        default=None,
         help="directory relative image paths are joined to (default: the input's directory)",
     )
     parser.add_argument(
-        "--segmenter", choices=SEGMENTERS, default=DEFAULT_SEGMENTER,
+        "--segmenter",
+        choices=SEGMENTERS,
+        default=DEFAULT_SEGMENTER,
         help="clause: rule-based, no data (default); sentence; chunk: the reference NLTK "
         "grammar (needs NLTK data)",
     )
     parser.add_argument("--seed", type=int, default=42, help="seed of negative sampling")
     parser.add_argument(
-        "--shuffle-fraction", type=float, default=DEFAULT_SHUFFLE_FRACTION,
+        "--shuffle-fraction",
+        type=float,
+        default=DEFAULT_SHUFFLE_FRACTION,
         help="leading fraction of rows whose negative segments are word-shuffled",
     )
     parser.add_argument("--context-length", type=int, default=248, help="token limit")
     parser.add_argument("--workers", type=int, default=1, help="segmentation processes")
     parser.add_argument(
-        "--no-image-check", action="store_true",
+        "--no-image-check",
+        action="store_true",
         help="do not open image headers (missing paths are still not detected)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from specs_metric.cli.common import add_model_options, load_scorer
 from specs_metric.scores import SCALES
 
 
@@ -31,28 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=16384,
         help="rows x tokens per text batch (default 16384)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    p.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16", "fp16"],
-        help="fp32 = exact reference numerics (default); bf16/fp16 = fast",
-    )
-    p.add_argument(
-        "--full-precision-weights",
-        action="store_true",
-        help="do not round weights to fp16 like the reference loader",
-    )
+    add_model_options(p)
     p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
-    p.add_argument(
-        "--long-captions",
-        default="truncate",
-        choices=["truncate", "error"],
-        help="captions over the context: truncate (keep EOT) or error for the row",
-    )
-    p.add_argument(
-        "--chunk-rows", type=int, default=512, help="rows prepared and written together"
-    )
+    p.add_argument("--chunk-rows", type=int, default=512, help="rows prepared and written together")
     p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
     p.add_argument("--cache-dir", type=Path, help="on-disk image-embedding cache")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -64,16 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from specs_metric.distributed import init_from_env, local_device
     from specs_metric.job import JobConfig, run_job
-    from specs_metric.scorer import load
 
     info = init_from_env(args.device)
-    scorer = load(
-        args.model,
-        device=local_device(info, args.device),
-        precision=args.precision,
-        reference_rounding=not args.full_precision_weights,
-        long_captions=args.long_captions,
-    )
+    scorer = load_scorer(args, args.model, local_device(info, args.device))
     config = JobConfig(
         input=args.input,
         output=args.output,

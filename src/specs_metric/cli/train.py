@@ -21,15 +21,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "per process. See docs/training.md."
         ),
     )
-    p.add_argument("--init", required=True,
-                   help="initial checkpoint: LongCLIP, or OpenAI CLIP (stretched to 248)")
+    p.add_argument(
+        "--init",
+        required=True,
+        help="initial checkpoint: LongCLIP, or OpenAI CLIP (stretched to 248)",
+    )
     p.add_argument("--data", required=True, help="training set: .parquet or datasets directory")
     p.add_argument("--output", required=True, help="output directory")
-    p.add_argument("--objective", choices=OBJECTIVES, default=d.objective,
-                   help="specs (default) or clip: symmetric contrastive pre-training")
+    p.add_argument(
+        "--objective",
+        choices=OBJECTIVES,
+        default=d.objective,
+        help="specs (default) or clip: symmetric contrastive pre-training",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="optimizer updates (overrides --epochs; sets the schedule length)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="optimizer updates (overrides --epochs; sets the schedule length)",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -39,22 +50,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lambda-detail", type=float, default=d.lambda_detail)
     p.add_argument("--lambda-neg", type=float, default=d.lambda_neg)
     p.add_argument("--margin", type=float, default=d.margin, help="hinge margin; 0 = adaptive")
-    p.add_argument("--save-every", type=int, default=d.save_every,
-                   help="checkpoint every N updates (0: only at the end)")
-    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: fp16 autocast on CUDA, fp32 on CPU; bf16 works on CPU too")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=d.save_every,
+        help="checkpoint every N updates (0: only at the end)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=d.precision,
+        help="auto: fp16 autocast on CUDA, fp32 on CPU; bf16 works on CPU too",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--resume", default=None,
-                   help="checkpoint directory (OUTPUT/checkpoints/step-N) or 'latest'")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint directory (OUTPUT/checkpoints/step-N) or 'latest'",
+    )
     p.add_argument("--image-root", default=None, help="folder for relative image paths")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
-    p.add_argument("--local-loss", action="store_true",
-                   help="compute the loss per process instead of on the gathered global batch")
-    p.add_argument("--freeze-positional", choices=("auto", "yes", "no"), default="auto",
-                   help="freeze positional_embedding (auto: only for OpenAI CLIP inits)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="torch.use_deterministic_algorithms(True)")
+    p.add_argument(
+        "--local-loss",
+        action="store_true",
+        help="compute the loss per process instead of on the gathered global batch",
+    )
+    p.add_argument(
+        "--freeze-positional",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="freeze positional_embedding (auto: only for OpenAI CLIP inits)",
+    )
+    p.add_argument(
+        "--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)"
+    )
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -66,16 +96,32 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TrainConfig(
-        init=args.init, data=args.data, output=args.output, objective=args.objective,
-        epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, lambda_contrast=args.lambda_contrast,
-        lambda_detail=args.lambda_detail, lambda_neg=args.lambda_neg, margin=args.margin,
-        save_every=args.save_every, precision=args.precision, seed=args.seed,
-        resume=args.resume, image_root=args.image_root, workers=args.workers,
-        device=args.device, gather=not args.local_loss,
+        init=args.init,
+        data=args.data,
+        output=args.output,
+        objective=args.objective,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lambda_contrast=args.lambda_contrast,
+        lambda_detail=args.lambda_detail,
+        lambda_neg=args.lambda_neg,
+        margin=args.margin,
+        save_every=args.save_every,
+        precision=args.precision,
+        seed=args.seed,
+        resume=args.resume,
+        image_root=args.image_root,
+        workers=args.workers,
+        device=args.device,
+        gather=not args.local_loss,
         freeze_positional={"auto": None, "yes": True, "no": False}[args.freeze_positional],
-        deterministic=args.deterministic, progress=not args.quiet,
+        deterministic=args.deterministic,
+        progress=not args.quiet,
         tensorboard=not args.no_tensorboard,
     )
     try:
@@ -85,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    print(f"trained {result.steps} steps; final weights {result.final_checkpoint} "
-          f"(and .safetensors); {result.skipped_images} unreadable images skipped")
+    print(
+        f"trained {result.steps} steps; final weights {result.final_checkpoint} "
+        f"(and .safetensors); {result.skipped_images} unreadable images skipped"
+    )
     return 0
