@@ -131,6 +131,23 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=causal)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor, causal: bool) -> torch.Tensor:
+        """Attention output (N, W) at one query position per row (keys: all positions, or
+        those up to the query when causal)."""
+        n, length, width = x.shape
+        head_dim = width // self.heads
+        w, b = self.in_proj_weight, self.in_proj_bias
+        query = F.linear(x[torch.arange(n, device=x.device), index], w[:width], b[:width])
+        kv = F.linear(x, w[width:], b[width:]).view(n, length, 2, self.heads, head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4)
+        q = query.view(n, self.heads, 1, head_dim)
+        mask = None
+        if causal:
+            positions = torch.arange(length, device=x.device)
+            mask = (positions[None, :] <= index[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(out.reshape(n, width))
+
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int) -> None:
@@ -147,6 +164,16 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x), causal=causal)
         return x + self.mlp(self.ln_2(x))
 
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor, causal: bool) -> torch.Tensor:
+        """The block's output (N, W) at position ``index[i]`` of each row i.
+
+        Equal to ``forward(x)[arange(N), index]``, without computing the MLP and the
+        attention output of the other positions (most of a block's cost).
+        """
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = x[rows, index] + self.attn.forward_at(self.ln_1(x), index, causal)
+        return y + self.mlp(self.ln_2(y))
+
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, causal: bool) -> None:
@@ -159,6 +186,13 @@ class Transformer(nn.Module):
         for block in self.resblocks:
             x = block(x, causal=self.causal)
         return x
+
+    def forward_at(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Final states (N, W) at one position per row: what pooling reads. The last block
+        only computes that position (all positions still provide keys and values)."""
+        for block in self.resblocks[:-1]:
+            x = block(x, causal=self.causal)
+        return self.resblocks[-1].forward_at(x, index, self.causal)
 
 
 class VisionTransformer(nn.Module):
@@ -179,8 +213,9 @@ class VisionTransformer(nn.Module):
         x = self.conv1(pixels.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0, :]) @ self.proj
+        class_token = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        x = self.transformer.forward_at(self.ln_pre(x), class_token)
+        return self.ln_post(x) @ self.proj
 
 
 class LongCLIP(nn.Module):
@@ -278,14 +313,17 @@ class LongCLIP(nn.Module):
         """Image embeddings (N, embed_dim) from preprocessed pixels (N, 3, R, R)."""
         return self.visual(pixels)
 
-    def text_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-layer, ``ln_final``-normalised text states (N, L, W) for tokens (N, L)."""
+    def text_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token plus positional embeddings (N, L, W): the text transformer's input."""
         length = tokens.shape[1]
         if length > self.context_length:
             raise ValueError(f"{length} tokens exceed the context length {self.context_length}")
         x = self.token_embedding(tokens).to(self.dtype)
-        x = x + self.text_positional_table()[:length].to(x.dtype)
-        return self.ln_final(self.transformer(x))
+        return x + self.text_positional_table()[:length].to(x.dtype)
+
+    def text_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-layer, ``ln_final``-normalised text states (N, L, W) for tokens (N, L)."""
+        return self.ln_final(self.transformer(self.text_input(tokens)))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embeddings (N, embed_dim) pooled at each row's EOT (its largest id).
@@ -293,9 +331,9 @@ class LongCLIP(nn.Module):
         Padding after the EOT may be trimmed: attention is causal, so positions after the
         EOT never affect it.
         """
-        x = self.text_hidden(tokens)
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return pooled @ self.text_projection
+        eot = tokens.argmax(dim=-1)
+        pooled = self.transformer.forward_at(self.text_input(tokens), eot)
+        return self.ln_final(pooled) @ self.text_projection
 
     def forward(
         self, pixels: torch.Tensor, tokens: torch.Tensor
