@@ -5,7 +5,8 @@ text 512 x 12, 248 positions; embed 512), a corpus of images with 8 captions eac
 (15-200 words), and times in one run:
 
 (a) a reference-style loop: one image and its captions at a time, captions padded to 248
-    tokens, fp32;
+    tokens, fp32, computed as the reference code does (``reference_style.py``:
+    ``nn.MultiheadAttention``, full blocks);
 (b) exact mode: ``specs score``'s streaming job in fp32 (length-sorted, trimmed batches,
     each image encoded once, decoding in a background worker);
 (c) fast mode: the same job in bf16.
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from reference_style import ReferenceStyleCLIP
 
 from specs_metric.factory import build_model
 from specs_metric.job import JobConfig, read_output, run_job
@@ -78,7 +80,9 @@ def make_corpus(root: Path, n_images: int, per_image: int, seed: int) -> Path:
 
 
 def reference_loop(scorer: Scorer, corpus: Path) -> tuple[np.ndarray, float]:
-    """One image at a time, its captions padded to the full context, fp32."""
+    """One image at a time, its captions padded to the full context, fp32, computed by
+    the reference architecture (:mod:`reference_style`) with the scorer's weights."""
+    model = ReferenceStyleCLIP(scorer.model.state_dict())
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     by_image: dict[str, list[int]] = {}
     for k, r in enumerate(rows):
@@ -88,8 +92,8 @@ def reference_loop(scorer: Scorer, corpus: Path) -> tuple[np.ndarray, float]:
     with torch.inference_mode():
         for image, idx in by_image.items():
             pixels = scorer.preprocess(Image.open(corpus.parent / image))[None]
-            img = scorer.model.encode_image(pixels)
-            txt = scorer.model.encode_text(scorer.tokenize([rows[k]["caption"] for k in idx]))
+            img = model.encode_image(pixels)
+            txt = model.encode_text(scorer.tokenize([rows[k]["caption"] for k in idx]))
             img = img / img.norm(dim=-1, keepdim=True)
             txt = txt / txt.norm(dim=-1, keepdim=True)
             cos = (txt @ img.T)[:, 0].double().numpy()

@@ -1,0 +1,91 @@
+"""The reference implementation's computation, rebuilt for the speed baseline.
+
+Same weights as the project's model, but computed the way the reference code does it:
+``nn.MultiheadAttention`` on (L, N, D) input with an additive -inf causal mask, every caption
+padded to the full 248 positions, the two positional tables combined by masks on every call,
+and every position of every block computed. Used only by ``benchmarks/speed.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, mask: torch.Tensor | None) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, width // 64)
+        self.ln_1 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+        self.ln_2 = nn.LayerNorm(width)
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=self.mask)[0]
+        h = self.mlp.c_fc(self.ln_2(x))
+        return x + self.mlp.c_proj(h * torch.sigmoid(1.702 * h))
+
+
+class ReferenceStyleCLIP(nn.Module):
+    """Loads a project state dict; ``encode_image`` / ``encode_text`` as the reference."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        sd = state_dict
+        vw = sd["visual.conv1.weight"].shape[0]
+        tw = sd["ln_final.weight"].shape[0]
+        ctx = sd["positional_embedding"].shape[0]
+        n_vis = sum(1 for k in sd if k.startswith("visual.") and k.endswith("in_proj_weight"))
+        n_txt = sum(1 for k in sd if k.startswith("transformer.") and k.endswith("in_proj_weight"))
+        patch = sd["visual.conv1.weight"].shape[-1]
+        self.conv1 = nn.Conv2d(3, vw, patch, patch, bias=False)
+        self.visual_blocks = nn.Sequential(*[_Block(vw, None) for _ in range(n_vis)])
+        mask = torch.full((ctx, ctx), float("-inf")).triu_(1)
+        self.text_blocks = nn.Sequential(*[_Block(tw, mask) for _ in range(n_txt)])
+        self.ln_pre, self.ln_post, self.ln_final = (
+            nn.LayerNorm(vw),
+            nn.LayerNorm(vw),
+            nn.LayerNorm(tw),
+        )
+        self.token_embedding = nn.Embedding(*sd["token_embedding.weight"].shape)
+        params = {}
+        for key, value in sd.items():
+            if key.startswith("visual.transformer.resblocks."):
+                params["visual_blocks." + key[len("visual.transformer.resblocks.") :]] = value
+            elif key.startswith("transformer.resblocks."):
+                params["text_blocks." + key[len("transformer.resblocks.") :]] = value
+            elif key.startswith("visual.") and key[7:].split(".")[0] in (
+                "conv1",
+                "ln_pre",
+                "ln_post",
+            ):
+                params[key[7:]] = value
+            elif key.startswith(("ln_final.", "token_embedding.")):
+                params[key] = value
+        self.load_state_dict(params)
+        self.class_embedding = sd["visual.class_embedding"]
+        self.visual_positions = sd["visual.positional_embedding"]
+        self.visual_proj = sd["visual.proj"]
+        self.pos, self.pos_res = sd["positional_embedding"], sd["positional_embedding_res"]
+        self.text_projection = sd["text_projection"]
+        self.mask1 = torch.zeros(ctx, 1)
+        self.mask1[:20] = 1
+        self.eval()
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(pixels).flatten(2).permute(0, 2, 1)
+        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.visual_positions)
+        x = self.visual_blocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+        return self.ln_post(x[:, 0]) @ self.visual_proj
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.token_embedding(tokens)
+        x = x + self.pos * self.mask1 + self.pos_res * (1 - self.mask1)
+        x = self.text_blocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
