@@ -14,7 +14,9 @@ text 512 x 12, 248 positions; embed 512), a corpus of images with 8 captions eac
 It prints captions/s, ratios against (a), max |delta score| against (a), the share of
 same-image caption pairs (reference gap > 1e-3) whose order fast mode keeps, peak RSS, and
 the fraction of the measured matmul peak achieved. ``--stream-rows N`` also runs an
-N-row ``specs score`` job in a subprocess and samples its memory over time.
+N-row ``specs score`` job with a tiny model in a subprocess and samples its memory (process
+and decoding workers) over time; ``--stream-full-rows M`` does the same with the full-size
+model in bf16, to show the footprint with the model included.
 
 Usage:
     python benchmarks/speed.py                       # ~10 minutes on 2 cores
@@ -151,21 +153,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def stream_job(root: Path, rows: int) -> dict:
-    """Run an N-row `specs score` in a subprocess; sample its RSS over time."""
-    tiny = ModelConfig(
-        embed_dim=64,
-        image_resolution=64,
-        vision_layers=2,
-        vision_width=128,
-        vision_patch_size=16,
-        context_length=248,
-        vocab_size=49408,
-        text_width=128,
-        text_layers=2,
-    )
-    model = LongCLIP(tiny).init_weights(torch.Generator().manual_seed(0))
-    torch.save(model.state_dict(), root / "tiny.pt")
+TINY = ModelConfig(
+    embed_dim=64,
+    image_resolution=64,
+    vision_layers=2,
+    vision_width=128,
+    vision_patch_size=16,
+    context_length=248,
+    vocab_size=49408,
+    text_width=128,
+    text_layers=2,
+)
+
+
+def stream_job(root: Path, rows: int, config: ModelConfig, precision: str = "fp32") -> dict:
+    """Run an N-row `specs score` in a subprocess; sample its memory over time."""
+    checkpoint = root / f"stream-{config.text_width}.pt"
+    model = LongCLIP(config).init_weights(torch.Generator().manual_seed(0))
+    torch.save(model.state_dict(), checkpoint)
+    del model
     rng = np.random.default_rng(1)
     for i in range(50):
         Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(root / f"s{i}.png")
@@ -180,7 +186,9 @@ def stream_job(root: Path, rows: int) -> dict:
         "specs_metric",
         "score",
         "--model",
-        str(root / "tiny.pt"),
+        str(checkpoint),
+        "--precision",
+        precision,
         "--input",
         str(src),
         "--output",
@@ -227,7 +235,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--per-image", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--stream-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--stream-rows", type=int, default=100_000, help="rows of the tiny-model stream job"
+    )
+    parser.add_argument(
+        "--stream-full-rows",
+        type=int,
+        default=1000,
+        help="rows of a stream job with the full-size model in bf16 (memory over time)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -280,7 +296,9 @@ def main() -> None:
             }
         )
         if args.stream_rows:
-            results["stream"] = stream_job(root, args.stream_rows)
+            results["stream_tiny_model"] = stream_job(root, args.stream_rows, TINY)
+        if args.stream_full_rows:
+            results["stream_b32_bf16"] = stream_job(root, args.stream_full_rows, B32, "bf16")
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
