@@ -32,7 +32,7 @@ from specs_metric import __version__
 from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.distributed import DistInfo, barrier, shard_range
 from specs_metric.rows import Row, count_rows, read_rows
-from specs_metric.scorer import Scorer, length_batches
+from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer, length_batches
 from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
 from specs_metric.tokenizer import EOT_ID, default_tokenizer
 from specs_metric.transform import ImageError, open_image, preprocess
@@ -49,7 +49,7 @@ class JobConfig:
     image_root: Path | None = None
     scale: str = "specs"
     batch_size: int = 64  # images per image batch
-    token_budget: int = 16384  # rows x trimmed length per text batch
+    token_budget: int = DEFAULT_TOKEN_BUDGET  # rows x trimmed length per text batch
     max_text_rows: int = 512  # most captions per text batch
     chunk_rows: int = 512  # rows prepared and written together
     num_workers: int = 1

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from specs_metric.cli.common import add_model_options, load_scorer
+from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
 from specs_metric.scores import SCALES
 
 
@@ -29,8 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--token-budget",
         type=int,
-        default=16384,
-        help="rows x tokens per text batch (default 16384)",
+        default=DEFAULT_TOKEN_BUDGET,
+        help=f"rows x tokens per text batch (default {DEFAULT_TOKEN_BUDGET})",
     )
     add_model_options(p)
     p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
