@@ -135,10 +135,12 @@ def run(args: argparse.Namespace) -> int:
         "max_captions_per_image": args.max_captions_per_image,
         "tie_rule": "rank = #higher + #equal with a smaller index",
     }
-    rows, results = [], []
-    for name in args.model:
-        scorer = load_scorer(args, name, device)
-        result = evaluate_retrieval(
+    rows = evaluate_models(
+        args,
+        info,
+        device,
+        header,
+        lambda scorer: evaluate_retrieval(
             scorer,
             data,
             info,
@@ -147,7 +149,21 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             skip_bad_images=args.skip_bad_images,
             show_progress=not args.quiet,
-        )
+        ),
+    )
+    if info.is_main:
+        print_table(rows, ks)
+        finish(args)
+    return 0
+
+
+def evaluate_models(args: argparse.Namespace, info, device, header: dict, evaluate) -> list:
+    """Run ``evaluate(scorer)`` for every ``--model``; rank 0 rewrites the JSON after each
+    model (``complete: false`` until the last) and gets ``[(name, result), ...]``."""
+    rows, results = [], []
+    for name in args.model:
+        scorer = load_scorer(args, name, device)
+        result = evaluate(scorer)
         if info.is_main:
             if result.skipped_images:
                 print(
@@ -156,12 +172,11 @@ def run(args: argparse.Namespace) -> int:
                 )
             rows.append((name, result))
             results.append({**model_meta(scorer), **result.to_dict()})
-            save_results(args, header, results, done=False)
+            save_results(args, header, results, done=len(results) == len(args.model))
         del scorer
-    if not info.is_main:
-        return 0
-    print_table(rows, ks)
-    save_results(args, header, results, done=True)
+    return rows
+
+
+def finish(args: argparse.Namespace) -> None:
     if args.json is not None:
         print(f"wrote {args.json}")
-    return 0

@@ -7,12 +7,12 @@ import sys
 
 from specs_metric.cli.bench_retrieval import (
     add_common_arguments,
+    evaluate_models,
+    finish,
     parse_ks,
     run_meta,
-    save_results,
     setup,
 )
-from specs_metric.cli.common import load_scorer, model_meta
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -87,10 +87,12 @@ def run(args: argparse.Namespace) -> int:
         "templates": list(templates),
         "tie_rule": "rank = #higher + #equal with a smaller class index",
     }
-    rows, results = [], []
-    for name in args.model:
-        scorer = load_scorer(args, name, device)
-        result = evaluate_zeroshot(
+    rows = evaluate_models(
+        args,
+        info,
+        device,
+        header,
+        lambda scorer: evaluate_zeroshot(
             scorer,
             data,
             templates,
@@ -100,17 +102,8 @@ def run(args: argparse.Namespace) -> int:
             num_workers=args.workers,
             skip_bad_images=args.skip_bad_images,
             show_progress=not args.quiet,
-        )
-        if info.is_main:
-            if result.skipped_images:
-                print(
-                    f"{name}: skipped {len(result.skipped_images)} unreadable images",
-                    file=sys.stderr,
-                )
-            rows.append((name, result))
-            results.append({**model_meta(scorer), **result.to_dict()})
-            save_results(args, header, results, done=False)
-        del scorer
+        ),
+    )
     if not info.is_main:
         return 0
     width = max(len("model"), *(len(name) for name, _ in rows))
@@ -119,7 +112,5 @@ def run(args: argparse.Namespace) -> int:
     for name, res in rows:
         values = [res.accuracy[k] for k in ks] + [res.mean_per_class]
         print(f"{name:<{width}}  " + "  ".join(f"{v:>9.2f}" for v in values))
-    save_results(args, header, results, done=True)
-    if args.json is not None:
-        print(f"wrote {args.json}")
+    finish(args)
     return 0
