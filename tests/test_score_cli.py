@@ -47,6 +47,21 @@ def world(tmp_path_factory):
     return d
 
 
+def _base(world: Path, src: Path, out: Path) -> list[str]:
+    """``specs score`` arguments for the tiny model and the world's images."""
+    return [
+        "score",
+        "--model",
+        str(world / "tiny.pt"),
+        "--input",
+        str(src),
+        "--image-root",
+        str(world),
+        "--output",
+        str(out),
+    ]
+
+
 GOOD = {"id": "g", "image": "img0.png", "caption": "a noisy picture"}
 BAD_ROWS = {
     "missing file": ({"image": "nope.png", "caption": "x"}, "not found"),
@@ -81,15 +96,7 @@ def test_bad_rows_become_row_errors(world, tmp_path, monkeypatch):
     out = tmp_path / "out.jsonl"
     code = main(
         [
-            "score",
-            "--model",
-            str(world / "tiny.pt"),
-            "--input",
-            str(src),
-            "--image-root",
-            str(world),
-            "--output",
-            str(out),
+            *_base(world, src, out),
             "--workers",
             "0",
             "--no-progress",
@@ -116,15 +123,7 @@ def test_bad_rows_become_row_errors(world, tmp_path, monkeypatch):
     # --strict turns row errors into a non-zero exit code, after writing everything
     strict = main(
         [
-            "score",
-            "--model",
-            str(world / "tiny.pt"),
-            "--input",
-            str(src),
-            "--image-root",
-            str(world),
-            "--output",
-            str(out),
+            *_base(world, src, out),
             "--workers",
             "0",
             "--no-progress",
@@ -149,15 +148,7 @@ def test_scores_equal_the_python_api_and_are_order_invariant(world, tmp_path):
     out = tmp_path / "out.jsonl"
     main(
         [
-            "score",
-            "--model",
-            str(world / "tiny.pt"),
-            "--input",
-            str(src),
-            "--image-root",
-            str(world),
-            "--output",
-            str(out),
+            *_base(world, src, out),
             "--workers",
             "1",
             "--batch-size",
@@ -189,15 +180,7 @@ def test_scores_equal_the_python_api_and_are_order_invariant(world, tmp_path):
     out2 = tmp_path / "rev.csv"
     main(
         [
-            "score",
-            "--model",
-            str(world / "tiny.pt"),
-            "--input",
-            str(src2),
-            "--image-root",
-            str(world),
-            "--output",
-            str(out2),
+            *_base(world, src2, out2),
             "--workers",
             "0",
             "--batch-size",
@@ -222,15 +205,7 @@ def test_csv_and_clipscore_json_inputs(world, tmp_path):
         out = tmp_path / f"{name}.out.jsonl"
         main(
             [
-                "score",
-                "--model",
-                str(world / "tiny.pt"),
-                "--input",
-                str(tmp_path / name),
-                "--image-root",
-                str(world),
-                "--output",
-                str(out),
+                *_base(world, tmp_path / name, out),
                 "--workers",
                 "0",
                 "--no-progress",
@@ -247,15 +222,7 @@ def test_long_caption_policies(world, tmp_path):
     _write_jsonl(src, [{"id": 1, "image": "img0.png", "caption": "word " * 300}])
     out = tmp_path / "o.jsonl"
     args = [
-        "score",
-        "--model",
-        str(world / "tiny.pt"),
-        "--input",
-        str(src),
-        "--image-root",
-        str(world),
-        "--output",
-        str(out),
+        *_base(world, src, out),
         "--workers",
         "0",
         "--no-progress",
@@ -331,8 +298,7 @@ def test_resume_refuses_other_settings(world, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     _big_corpus(world, src, 20)
     out = tmp_path / "o.jsonl"
-    args = ["score", "--model", str(world / "tiny.pt"), "--input", str(src), "--image-root",
-            str(world), "--output", str(out), "--workers", "0", "--no-progress"]
+    args = [*_base(world, src, out), "--workers", "0", "--no-progress"]
     assert main(args) == 0
     first = out.read_bytes()
     assert main([*args, "--resume"]) == 0  # complete and unchanged: nothing to redo
