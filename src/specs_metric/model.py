@@ -180,6 +180,24 @@ class ResidualAttentionBlock(nn.Module):
         x = self.attn(self.ln_1(x), causal=causal).add_(x)
         return self.mlp(self.ln_2(x)).add_(x)
 
+    # Pieces of ``forward`` for code that runs attention itself (prefix reuse in
+    # bench.intrinsic); fused.FusedBlock provides the same ones.
+    @property
+    def heads(self) -> int:
+        return self.attn.heads
+
+    def qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries, keys and values (..., 3W) of ``ln_1(x)``."""
+        return F.linear(self.ln_1(x), self.attn.in_proj_weight, self.attn.in_proj_bias)
+
+    def attention_residual(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``x + out_proj(out)`` for the heads' concatenated output ``out``."""
+        return x + self.attn.out_proj(out)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + mlp(ln_2(x))``."""
+        return x + self.mlp(self.ln_2(x))
+
     def forward_at(self, x: torch.Tensor, index: torch.Tensor, causal: bool) -> torch.Tensor:
         """The block's output (N, W) at position ``index[i]`` of each row i.
 

@@ -8,11 +8,13 @@ causal and pooling happens at the EOT token, so padding after it never changes t
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from specs_metric import fused
 from specs_metric.checkpoint import file_sha256
 from specs_metric.factory import build_model, load_state_dict
 from specs_metric.model import LongCLIP, cast_matmul_weights
@@ -23,7 +25,6 @@ from specs_metric.transform import ImageSource, load_and_preprocess
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Default number of tokens (rows x trimmed length) per text batch.
 # Rows x trimmed length per text batch. Small batches stay in the CPU caches: on 2 cores
 # (B/32 shapes) 2048 ran about 2x faster than 16384 in fp32.
 DEFAULT_TOKEN_BUDGET = 2048
@@ -73,7 +74,11 @@ class Scorer:
         device: where the model runs.
         precision: ``fp32`` (exact, default), ``bf16`` (CPU or CUDA) or ``fp16`` (CUDA; the
             reference's GPU numerics): Conv/Linear/projection weights and activations in
-            half precision, LayerNorm in fp32.
+            half precision, LayerNorm in fp32. bf16 on a CPU replaces the model's residual
+            blocks by fused oneDNN kernels (:mod:`specs_metric.fused`): the Scorer owns
+            ``model`` from then on. On a CPU without bf16 matrix units (AMX or
+            AVX-512-BF16) ``bf16`` falls back to ``fp32`` with a warning (``precision``
+            then reads ``fp32``): emulated bf16 is several times slower than fp32.
         long_captions: ``truncate`` (default) or ``error`` for captions over the context.
         reference_rounding: whether the weights were rounded like the reference loader
             (recorded for cache keys and summaries).
@@ -97,7 +102,16 @@ class Scorer:
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' on CPU")
+        if precision == "bf16" and self.device.type == "cpu" and not fused.native_bf16():
+            warnings.warn(
+                "precision='bf16': this CPU has no bf16 matrix units (AMX or AVX-512-BF16), "
+                "where bf16 is slower than fp32; computing in fp32 (exact mode) instead",
+                stacklevel=2,
+            )
+            precision = "fp32"
         self.model = model.to(self.device).eval()
+        if precision == "bf16" and self.device.type == "cpu" and fused.available():
+            fused.fuse_blocks(self.model)
         if precision != "fp32":
             # Fast modes keep half-precision matmul weights (LayerNorm stays fp32); this
             # beats autocast, which re-casts every weight on every call.

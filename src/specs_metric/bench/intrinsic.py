@@ -207,28 +207,26 @@ def _encode_groups(
     c, t_len, width = x_trunk.shape
     blocks = list(model.transformer.resblocks)
     for layer, block in enumerate(blocks):
-        attn = block.attn
-        heads = attn.heads
+        heads = block.heads
         d = width // heads
-        qkv = F.linear(block.ln_1(x_trunk), attn.in_proj_weight, attn.in_proj_bias)
+        qkv = block.qkv(x_trunk)
         q_t, k_t, v_t = qkv.view(c, t_len, 3, heads, d).permute(2, 0, 3, 1, 4)
         if layer < len(blocks) - 1:
             trunk_out = F.scaled_dot_product_attention(q_t, k_t, v_t, is_causal=True)
         new_xs = []
         for g, x in zip(groups, xs, strict=True):
             _, items, s_len = g.tokens.shape
-            qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+            qkv = block.qkv(x)
             # (C, I, S, 3, H, d) -> 3 x (C, H, I, S, d)
             q, k, v = qkv.view(c, items, s_len, 3, heads, d).permute(3, 0, 4, 1, 2, 5)
             out = _suffix_attention(q, k, v, k_t, v_t, g.prefix)
             out = out.permute(0, 2, 3, 1, 4).reshape(c, items, s_len, width)
-            x = x + attn.out_proj(out)
-            new_xs.append(x + block.mlp(block.ln_2(x)))
+            new_xs.append(block.mlp_residual(block.attention_residual(out, x)))
         xs = new_xs
         if layer == len(blocks) - 1:
             break  # the trunk's own output is never pooled: only its keys/values are used
-        x_trunk = x_trunk + attn.out_proj(trunk_out.transpose(1, 2).reshape(c, t_len, width))
-        x_trunk = x_trunk + block.mlp(block.ln_2(x_trunk))
+        trunk_out = trunk_out.transpose(1, 2).reshape(c, t_len, width)
+        x_trunk = block.mlp_residual(block.attention_residual(trunk_out, x_trunk))
     out = torch.empty(n_rows, model.config.embed_dim, dtype=model.dtype, device=trunks.device)
     for g, x in zip(groups, xs, strict=True):
         if not g.targets:

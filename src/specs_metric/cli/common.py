@@ -12,7 +12,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16", "fp16"],
-        help="fp32 = exact reference numerics (default); bf16 / fp16 (CUDA) = fast",
+        help="fp32 = exact reference numerics (default); bf16 / fp16 (CUDA) = fast "
+        "(bf16 on a CPU without AMX or AVX-512-BF16 falls back to fp32)",
     )
     p.add_argument(
         "--full-precision-weights",
