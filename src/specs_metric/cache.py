@@ -22,11 +22,15 @@ PREPROCESSING_VERSION = "clip-bicubic-centercrop-v1"
 
 
 def model_fingerprint(
-    checkpoint_sha256: str | None, precision: str, reference_rounding: bool, resolution: int
+    checkpoint_sha256: str | None, numerics: str, reference_rounding: bool, resolution: int
 ) -> str:
-    """A string that changes whenever image embeddings of the same image could change."""
+    """A string that changes whenever image embeddings of the same image could change.
+
+    ``numerics`` is :attr:`specs_metric.scorer.Scorer.numerics` (precision, and for half
+    precision the device type and kernels).
+    """
     rounding = "ref-fp16-rounding" if reference_rounding else "full-precision"
-    return f"{checkpoint_sha256}|{precision}|{rounding}|{resolution}|{PREPROCESSING_VERSION}"
+    return f"{checkpoint_sha256}|{numerics}|{rounding}|{resolution}|{PREPROCESSING_VERSION}"
 
 
 class EmbeddingCache:

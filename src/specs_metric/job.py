@@ -278,6 +278,7 @@ def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
         "checkpoint_sha256": scorer.checkpoint_sha256,
         "scale": config.scale,
         "precision": scorer.precision,
+        "numerics": scorer.numerics,
         "long_captions": scorer.long_captions,
         "world_size": world_size,
     }
@@ -394,7 +395,7 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
                 config.cache_dir,
                 model_fingerprint(
                     scorer.checkpoint_sha256,
-                    scorer.precision,
+                    scorer.numerics,
                     scorer.reference_rounding,
                     scorer.resolution,
                 ),

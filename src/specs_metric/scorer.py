@@ -129,6 +129,16 @@ class Scorer:
         return self.model.context_length
 
     @property
+    def numerics(self) -> str:
+        """What decides the rounding of embeddings beyond the weights: the precision, and for
+        half precision the device type and kernels (part of the image-embedding cache key)."""
+        if self.precision == "fp32":
+            return "fp32"
+        first_block = self.model.transformer.resblocks[0]
+        kernels = "/fused" if isinstance(first_block, fused.FusedBlock) else ""
+        return f"{self.precision}/{self.device.type}{kernels}"
+
+    @property
     def resolution(self) -> int:
         return self.model.config.image_resolution
 
