@@ -72,6 +72,7 @@ class PackedLinear:
 class FusedBlock(nn.Module):
     """A :class:`~specs_metric.model.ResidualAttentionBlock` for inference with fused
     kernels: same ``forward`` / ``forward_at`` contract, same LayerNorms (fp32 compute).
+    CPU only: the packed weights are plain attributes, which ``.to(device)`` does not move.
 
     Args:
         block: the block to copy (its weights are read once, in their stored precision).
