@@ -1,0 +1,306 @@
+"""Why tiny models do not ground single facts: the experiments of docs/synthetic-replication.md.
+
+Runs K-P and the two tower probes of that page, on a synthetic world generated here (seed 0).
+Each command trains from random weights with the replication's model shape
+(``synthetic_replication.Settings``) and prints its progress:
+
+* ``pretrain``: contrastive pre-training on (image, full description) plus, with
+  ``--grounding W``, a sentence-level loss: for each image ``--pairs`` of its true segments
+  ``s_k`` and the false segments of its negatives ``n_k`` (from ``neg_captions``),
+  ``softplus(s(false) - s(true))`` on logit-scaled cosines; ``--in-batch W`` adds a loss
+  asking each true segment to pick its image among the batch's; ``--vision-parse N`` first
+  trains the image tower for N steps to parse scenes from its embedding (per cell: colour or
+  empty, shape, size, texture; the background colour). Intrinsic rates (guide §6) of the
+  first ``--eval-scenes`` test scenes are printed every ``--eval-every`` steps.
+* ``probe-vision``: the image tower with a linear head predicting which colour-shape pairs
+  are present (binary cross-entropy), evaluated by the per-image AUC on ``--held-back``
+  training-distribution scenes it never trains on.
+* ``probe-text``: the text tower with a linear head naming the colour-shape pair of
+  ``The <colour> <shape> is small.``
+
+Usage:
+    python benchmarks/grounding_experiments.py pretrain --scenes 2000 --grounding 1   # run K
+    python benchmarks/grounding_experiments.py pretrain --scenes 20000 --steps 600 \\
+        --grounding 1 --vision-parse 1500 --save runs/p.safetensors                    # run P
+    python benchmarks/grounding_experiments.py probe-vision --scenes 2000 --steps 1500
+    python benchmarks/grounding_experiments.py probe-vision --scenes 20000 --steps 1500 \
+        --held-back 400
+    python benchmarks/grounding_experiments.py probe-text
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from synthetic_replication import Settings
+
+from specs_metric.bench.intrinsic import image_rates
+from specs_metric.checkpoint import save_state_dict
+from specs_metric.model import LongCLIP
+from specs_metric.synth import generate
+from specs_metric.synth.world import COLOUR_NAMES, SHAPES, SIZES, TEXTURES
+from specs_metric.tokenizer import default_tokenizer
+from specs_metric.transform import open_image, preprocess
+
+BATCH = 64
+TEST_SCENES = 400  # test split size for --scenes >= 2000
+CELLS = 9
+CELL_CLASSES = (len(COLOUR_NAMES) + 1, len(SHAPES), len(SIZES), len(TEXTURES))
+
+
+def world(root: Path, scenes: int, seed: int) -> Path:
+    """The synthetic world with ``scenes`` scenes, 400 of them (at most 20%) test scenes."""
+    data = root / f"world-{scenes}-seed{seed}"
+    if not (data / "test.parquet").exists():
+        generate(data, n=scenes, seed=seed, test_fraction=min(0.2, TEST_SCENES / scenes))
+    return data
+
+
+def load_split(data: Path, split: str) -> tuple[list[dict], torch.Tensor]:
+    rows = pq.read_table(data / f"{split}.parquet").to_pylist()
+    pixels = [preprocess(open_image(str(data / r["image"])).convert("RGB"), 64) for r in rows]
+    return rows, torch.stack(pixels)
+
+
+def token_batch(texts: list[str]) -> torch.Tensor:
+    tok = default_tokenizer()
+    ids = [tok.token_ids(t)[:248] for t in texts]
+    out = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    for i, seq in enumerate(ids):
+        out[i, : len(seq)] = torch.tensor(seq)
+    return out
+
+
+def segments(row: dict) -> tuple[list[str], list[str | None]]:
+    """True segment ``k`` of a scene and the false segment of its negative ``n_k``."""
+    c, negs = row["captions"], row["neg_captions"]
+    true = [c[0]] + [c[k][len(c[k - 1]) + 1 :] for k in range(1, len(c))]
+    false = [None] + [negs[k - 1][len(c[k - 1]) + 1 :] for k in range(1, len(c))]
+    return true, false
+
+
+def cosine_lr(step: int, steps: int, warmup: int = 20) -> float:
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+@torch.no_grad()
+def intrinsic(model: LongCLIP, rows: list[dict], pixels: torch.Tensor) -> tuple[float, float]:
+    """Positive and negative rate (%) of guide §6, each caption encoded on its own."""
+    model.eval()
+    images = F.normalize(model.encode_image(pixels), dim=-1)
+    pos, neg = [], []
+    for i, row in enumerate(rows):
+        c = F.normalize(model.encode_text(token_batch(row["captions"])), dim=-1) @ images[i]
+        n = F.normalize(model.encode_text(token_batch(row["neg_captions"])), dim=-1) @ images[i]
+        rates = image_rates(c.tolist(), n.tolist())
+        if rates.positive is not None:
+            pos.append(rates.positive)
+            neg.append(rates.negative)
+    model.train()
+    return 100 * float(np.mean(pos)), 100 * float(np.mean(neg))
+
+
+def rates_line(label: str, rates: tuple[float, float]) -> str:
+    return f"{label}: positive {rates[0]:.1f} negative {rates[1]:.1f}"
+
+
+def cell_labels(row: dict) -> tuple[torch.Tensor, int]:
+    """Per cell (colour or empty, shape, size, texture; -100 = no object) and background."""
+    scene = json.loads(row["scene"])
+    labels = torch.full((CELLS, 4), -100, dtype=torch.long)
+    labels[:, 0] = len(COLOUR_NAMES)  # empty
+    for o in scene["objects"]:
+        labels[o["cell"]] = torch.tensor(
+            [
+                COLOUR_NAMES.index(o["colour"]),
+                SHAPES.index(o["shape"]),
+                SIZES.index(o["size"]),
+                TEXTURES.index(o["texture"]),
+            ]
+        )
+    return labels, COLOUR_NAMES.index(scene["background"])
+
+
+def vision_parse(model: LongCLIP, rows, pixels, steps: int, rng) -> None:
+    """Train the image tower to parse scenes linearly from its embedding."""
+    labels = [cell_labels(r) for r in rows]
+    cells = torch.stack([lab[0] for lab in labels])
+    background = torch.tensor([lab[1] for lab in labels])
+    width = sum(CELL_CLASSES)
+    head = torch.nn.Linear(model.config.embed_dim, CELLS * width + len(COLOUR_NAMES))
+    params = list(model.visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    start = time.perf_counter()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 1e-3 * cosine_lr(step, steps)
+        idx = torch.from_numpy(rng.choice(len(rows), BATCH, replace=False))
+        out = head(model.encode_image(pixels[idx]))
+        per_cell = out[:, : CELLS * width].view(BATCH, CELLS, width)
+        loss = F.cross_entropy(out[:, CELLS * width :], background[idx])
+        offset = 0
+        for j, n in enumerate(CELL_CLASSES):
+            logits = per_cell[..., offset : offset + n].reshape(-1, n)
+            loss = loss + F.cross_entropy(logits, cells[idx][..., j].reshape(-1))
+            offset += n
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0:
+            print(f"parse {step} {time.perf_counter() - start:.0f}s loss {loss.item():.3f}")
+
+
+def pretrain(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    data = world(args.root, args.scenes, args.seed)
+    train_rows, train_px = load_split(data, "train")
+    test_rows, test_px = load_split(data, "test")
+    test_rows, test_px = test_rows[: args.eval_scenes], test_px[: args.eval_scenes]
+    pairs = [segments(r) for r in train_rows]
+    model = LongCLIP(Settings().model_config()).init_weights(
+        torch.Generator().manual_seed(args.seed)
+    )
+    if args.vision_parse:
+        vision_parse(model, train_rows, train_px, args.vision_parse, rng)
+        print(rates_line("after parsing", intrinsic(model, test_rows, test_px)))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * cosine_lr(step, args.steps)
+        idx = rng.choice(len(train_rows), BATCH, replace=False)
+        images = F.normalize(model.encode_image(train_px[idx]), dim=-1)
+        texts = token_batch([train_rows[i]["captions"][-1] for i in idx])
+        scale = model.logit_scale.exp()
+        logits = scale * images @ F.normalize(model.encode_text(texts), dim=-1).T
+        target = torch.arange(BATCH)
+        loss_clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss, loss_ground = loss_clip, torch.tensor(0.0)
+        if args.grounding or args.in_batch:
+            true, false, owner = [], [], []
+            for j, i in enumerate(idx):
+                good, bad = pairs[i]
+                for k in rng.choice(np.arange(1, len(good)), args.pairs, replace=False):
+                    true.append(good[k])
+                    false.append(bad[k])
+                    owner.append(j)
+            emb = F.normalize(model.encode_text(token_batch(true + false)), dim=-1)
+            owner_t = torch.tensor(owner)
+            s_true = scale * (emb[: len(true)] * images[owner_t]).sum(-1)
+            s_false = scale * (emb[len(true) :] * images[owner_t]).sum(-1)
+            loss_ground = args.grounding * F.softplus(s_false - s_true).mean()
+            if args.in_batch:
+                picks = scale * emb[: len(true)] @ images.T
+                loss_ground = loss_ground + args.in_batch * F.cross_entropy(picks, owner_t)
+            loss = loss + loss_ground
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0:
+            print(
+                f"{step} {time.perf_counter() - start:.0f}s clip {loss_clip.item():.3f} "
+                f"grounding {loss_ground.item():.3f}",
+                flush=True,
+            )
+        if (step + 1) % args.eval_every == 0:
+            print(rates_line(f"step {step + 1}", intrinsic(model, test_rows, test_px)))
+    if args.save:
+        save_state_dict({k: v.detach() for k, v in model.state_dict().items()}, args.save)
+
+
+def probe_vision(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    data = world(args.root, args.scenes, args.seed)
+    rows, pixels = load_split(data, "train")
+    index = {pair: i for i, pair in enumerate((c, s) for c in COLOUR_NAMES for s in SHAPES)}
+    present = torch.zeros(len(rows), len(index))
+    for i, row in enumerate(rows):
+        for o in json.loads(row["scene"])["objects"]:
+            present[i, index[(o["colour"], o["shape"])]] = 1
+    n_train = len(rows) - args.held_back
+    held = slice(n_train, None)  # training-distribution scenes never trained on
+    model = LongCLIP(Settings().model_config()).init_weights(
+        torch.Generator().manual_seed(args.seed)
+    )
+    head = torch.nn.Linear(model.config.embed_dim, len(index))
+    params = list(model.visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    for step in range(args.steps + 1):
+        idx = torch.from_numpy(rng.choice(n_train, BATCH, replace=False))
+        logits = head(model.encode_image(pixels[idx]))
+        loss = F.binary_cross_entropy_with_logits(logits, present[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 250 == 0:
+            with torch.no_grad():
+                scores, truth = head(model.encode_image(pixels[held])), present[held]
+            auc = [
+                (s[t == 1][:, None] > s[t == 0][None, :]).float().mean().item()
+                for s, t in zip(scores, truth, strict=True)
+            ]
+            print(f"{step} loss {loss.item():.4f} held-back per-image AUC {np.mean(auc):.3f}")
+
+
+def probe_text(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    model = LongCLIP(Settings().model_config()).init_weights(
+        torch.Generator().manual_seed(args.seed)
+    )
+    head = torch.nn.Linear(model.config.embed_dim, len(COLOUR_NAMES) * len(SHAPES))
+    opt = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=args.lr)
+    for step in range(args.steps + 1):
+        colour = rng.integers(len(COLOUR_NAMES), size=BATCH)
+        shape = rng.integers(len(SHAPES), size=BATCH)
+        texts = [
+            f"The {COLOUR_NAMES[c]} {SHAPES[s]} is small."
+            for c, s in zip(colour, shape, strict=True)
+        ]
+        target = torch.from_numpy(colour * len(SHAPES) + shape)
+        logits = head(model.encode_text(token_batch(texts)))
+        loss = F.cross_entropy(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            accuracy = (logits.argmax(-1) == target).float().mean().item()
+            print(f"{step} loss {loss.item():.4f} accuracy {accuracy:.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["pretrain", "probe-vision", "probe-text"])
+    p.add_argument("--root", type=Path, default=Path("runs/grounding"), help="world folder")
+    p.add_argument("--scenes", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--grounding", type=float, default=0.0, help="weight of the pair loss")
+    p.add_argument("--in-batch", type=float, default=0.0, help="weight of the in-batch loss")
+    p.add_argument("--pairs", type=int, default=4, help="true/false segment pairs per image")
+    p.add_argument("--vision-parse", type=int, default=0, help="scene-parsing steps first")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-scenes", type=int, default=100)
+    p.add_argument("--save", type=Path, help="pretrain: write the model here (safetensors)")
+    p.add_argument("--held-back", type=int, default=200, help="probe-vision: scenes held back")
+    args = p.parse_args(argv)
+    {"pretrain": pretrain, "probe-vision": probe_vision, "probe-text": probe_text}[args.command](
+        args
+    )
+
+
+if __name__ == "__main__":
+    main()
