@@ -12,6 +12,9 @@ Each command trains from random weights with the replication's model shape
   trains the image tower for N steps to parse scenes from its embedding (per cell: colour or
   empty, shape, size, texture; the background colour). Intrinsic rates (guide §6) of the
   first ``--eval-scenes`` test scenes are printed every ``--eval-every`` steps.
+* ``finetune``: the replication's two fine-tuning arms (contrastive baseline and SPECS, 400
+  steps of batch 32) from ``--init`` on this world's train split, then each arm and the
+  starting model on all test scenes (intrinsic rates and Kendall tau-b, as the replication).
 * ``probe-vision``: the image tower with a linear head predicting which colour-shape pairs
   are present (binary cross-entropy), evaluated by the per-image AUC on ``--held-back``
   training-distribution scenes it never trains on.
@@ -22,6 +25,9 @@ Usage:
     python benchmarks/grounding_experiments.py pretrain --scenes 2000 --grounding 1   # run K
     python benchmarks/grounding_experiments.py pretrain --scenes 20000 --steps 600 \\
         --grounding 1 --vision-parse 1500 --save runs/p.safetensors                    # run P
+    python benchmarks/grounding_experiments.py pretrain --scenes 20000 --steps 3000 \
+        --grounding 1 --vision-parse 4000 --eval-every 1000 --save runs/q.safetensors  # run Q
+    python benchmarks/grounding_experiments.py finetune --scenes 20000 --init runs/q.safetensors
     python benchmarks/grounding_experiments.py probe-vision --scenes 2000 --steps 1500
     python benchmarks/grounding_experiments.py probe-vision --scenes 20000 --steps 1500 \
         --held-back 400
@@ -40,7 +46,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from synthetic_replication import Settings
+from synthetic_replication import Settings, _train, evaluate, training_table
 
 from specs_metric.bench.intrinsic import image_rates
 from specs_metric.checkpoint import save_state_dict
@@ -219,6 +225,33 @@ def pretrain(args: argparse.Namespace) -> None:
         save_state_dict({k: v.detach() for k, v in model.state_dict().items()}, args.save)
 
 
+def finetune(args: argparse.Namespace) -> None:
+    if args.init is None:
+        raise SystemExit("finetune needs --init MODEL")
+    data = world(args.root, args.scenes, args.seed)
+    out = args.root / f"finetune-{args.init.stem}"
+    out.mkdir(parents=True, exist_ok=True)
+    table = training_table(data, out / "train_table.parquet")
+    settings = Settings(seed=args.seed)
+    for arm, detail, negative in (("baseline", 0.0, 0.0), ("specs", 8.0, 0.8)):
+        model, seconds = _train(
+            settings,
+            args.init,
+            table,
+            data,
+            out / arm,
+            objective="specs",
+            steps=settings.finetune_steps,
+            batch=settings.finetune_batch_size,
+            lr=settings.finetune_lr,
+            warmup=settings.finetune_warmup,
+            lambda_detail=detail,
+            lambda_neg=negative,
+        )
+        print(f"{arm} ({seconds:.0f} s): {evaluate(model, data)}", flush=True)
+    print(f"starting model: {evaluate(args.init, data)}")
+
+
 def probe_vision(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
@@ -282,7 +315,7 @@ def probe_text(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["pretrain", "probe-vision", "probe-text"])
+    p.add_argument("command", choices=["pretrain", "finetune", "probe-vision", "probe-text"])
     p.add_argument("--root", type=Path, default=Path("runs/grounding"), help="world folder")
     p.add_argument("--scenes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
@@ -296,10 +329,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-scenes", type=int, default=100)
     p.add_argument("--save", type=Path, help="pretrain: write the model here (safetensors)")
     p.add_argument("--held-back", type=int, default=200, help="probe-vision: scenes held back")
+    p.add_argument("--init", type=Path, help="finetune: the pre-trained model")
     args = p.parse_args(argv)
-    {"pretrain": pretrain, "probe-vision": probe_vision, "probe-text": probe_text}[args.command](
-        args
-    )
+    commands = {
+        "pretrain": pretrain,
+        "finetune": finetune,
+        "probe-vision": probe_vision,
+        "probe-text": probe_text,
+    }
+    commands[args.command](args)
 
 
 if __name__ == "__main__":
