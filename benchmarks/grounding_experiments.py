@@ -46,7 +46,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from synthetic_replication import Settings, _train, evaluate, training_table
+from synthetic_replication import Settings, evaluate, finetune_arms, training_table
 
 from specs_metric.bench.intrinsic import image_rates
 from specs_metric.checkpoint import save_state_dict
@@ -164,17 +164,21 @@ def vision_parse(model: LongCLIP, rows, pixels, steps: int, rng) -> None:
             print(f"parse {step} {time.perf_counter() - start:.0f}s loss {loss.item():.3f}")
 
 
-def pretrain(args: argparse.Namespace) -> None:
+def setup(args: argparse.Namespace) -> tuple[np.random.Generator, Path, LongCLIP]:
+    """Seeds, the world, and a freshly initialised model of the replication's shape."""
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    data = world(args.root, args.scenes, args.seed)
+    model = LongCLIP(Settings().model_config()).init_weights(
+        torch.Generator().manual_seed(args.seed)
+    )
+    return np.random.default_rng(args.seed), world(args.root, args.scenes, args.seed), model
+
+
+def pretrain(args: argparse.Namespace) -> None:
+    rng, data, model = setup(args)
     train_rows, train_px = load_split(data, "train")
     test_rows, test_px = load_split(data, "test")
     test_rows, test_px = test_rows[: args.eval_scenes], test_px[: args.eval_scenes]
     pairs = [segments(r) for r in train_rows]
-    model = LongCLIP(Settings().model_config()).init_weights(
-        torch.Generator().manual_seed(args.seed)
-    )
     if args.vision_parse:
         vision_parse(model, train_rows, train_px, args.vision_parse, rng)
         print(rates_line("after parsing", intrinsic(model, test_rows, test_px)))
@@ -232,30 +236,14 @@ def finetune(args: argparse.Namespace) -> None:
     out = args.root / f"finetune-{args.init.stem}"
     out.mkdir(parents=True, exist_ok=True)
     table = training_table(data, out / "train_table.parquet")
-    settings = Settings(seed=args.seed)
-    for arm, detail, negative in (("baseline", 0.0, 0.0), ("specs", 8.0, 0.8)):
-        model, seconds = _train(
-            settings,
-            args.init,
-            table,
-            data,
-            out / arm,
-            objective="specs",
-            steps=settings.finetune_steps,
-            batch=settings.finetune_batch_size,
-            lr=settings.finetune_lr,
-            warmup=settings.finetune_warmup,
-            lambda_detail=detail,
-            lambda_neg=negative,
-        )
-        print(f"{arm} ({seconds:.0f} s): {evaluate(model, data)}", flush=True)
+    arms = finetune_arms(Settings(seed=args.seed), args.init, table, data, out)
+    for arm, (model, _) in arms.items():
+        print(f"{arm}: {evaluate(model, data)}", flush=True)
     print(f"starting model: {evaluate(args.init, data)}")
 
 
 def probe_vision(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    data = world(args.root, args.scenes, args.seed)
+    rng, data, model = setup(args)
     rows, pixels = load_split(data, "train")
     index = {pair: i for i, pair in enumerate((c, s) for c in COLOUR_NAMES for s in SHAPES)}
     present = torch.zeros(len(rows), len(index))
@@ -264,9 +252,6 @@ def probe_vision(args: argparse.Namespace) -> None:
             present[i, index[(o["colour"], o["shape"])]] = 1
     n_train = len(rows) - args.held_back
     held = slice(n_train, None)  # training-distribution scenes never trained on
-    model = LongCLIP(Settings().model_config()).init_weights(
-        torch.Generator().manual_seed(args.seed)
-    )
     head = torch.nn.Linear(model.config.embed_dim, len(index))
     params = list(model.visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)

@@ -184,6 +184,37 @@ def _train(
     return output / "model.safetensors", time.perf_counter() - start
 
 
+def finetune_arms(
+    settings: Settings, init: Path, table: Path, data: Path, runs: Path
+) -> dict[str, tuple[Path, float]]:
+    """Fine-tune ``init`` twice with the same data and seed: contrastive only (``baseline``)
+    and the specificity objective (``specs``). Returns each arm's model and seconds."""
+    out = {}
+    for arm, ld, ln in (
+        ("baseline", 0.0, 0.0),
+        ("specs", settings.lambda_detail, settings.lambda_neg),
+    ):
+        out[arm] = _train(
+            settings,
+            init,
+            table,
+            data,
+            runs / arm,
+            objective="specs",
+            steps=settings.finetune_steps,
+            batch=settings.finetune_batch_size,
+            lr=settings.finetune_lr,
+            warmup=settings.finetune_warmup,
+            lambda_detail=ld,
+            lambda_neg=ln,
+        )
+        print(
+            f"fine-tuning {arm}: {settings.finetune_steps} steps in {out[arm][1]:.0f} s",
+            flush=True,
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -384,28 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"pre-training: {settings.pretrain_steps} steps in {timings['pretrain']:.0f} s", flush=True
     )
-    for arm, ld, ln in (
-        ("baseline", 0.0, 0.0),
-        ("specs", settings.lambda_detail, settings.lambda_neg),
-    ):
-        models[arm], timings[arm] = _train(
-            settings,
-            models["pretrained"],
-            table,
-            data,
-            runs / arm,
-            objective="specs",
-            steps=settings.finetune_steps,
-            batch=settings.finetune_batch_size,
-            lr=settings.finetune_lr,
-            warmup=settings.finetune_warmup,
-            lambda_detail=ld,
-            lambda_neg=ln,
-        )
-        print(
-            f"fine-tuning {arm}: {settings.finetune_steps} steps in {timings[arm]:.0f} s",
-            flush=True,
-        )
+    for arm, (model, seconds) in finetune_arms(
+        settings, models["pretrained"], table, data, runs
+    ).items():
+        models[arm], timings[arm] = model, seconds
 
     t0 = time.perf_counter()
     results: dict = {}
