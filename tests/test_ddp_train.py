@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +15,8 @@ from factories import make_state_dict
 from specs_metric.checkpoint import read_state_dict, save_state_dict
 from specs_metric.training.prepare import prepare_dataset
 from specs_metric.training.trainer import TrainConfig, train
+from subprocesses import child_env, torchrun
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
 COMPONENTS = ("loss", "contrastive", "detail", "negative", "margin", "logit_scale", "lr")
 
@@ -59,14 +56,10 @@ def test_two_process_gloo_matches_single_process(data):
     single = train(TrainConfig(output=str(data / "single"), batch_size=4, **common))
 
     cfg = TrainConfig(output=str(data / "ddp"), batch_size=2, **common)
-    env = dict(os.environ, PYTHONPATH=SRC, OMP_NUM_THREADS="1")
     script = data / "worker.py"
     script.write_text(WORKER)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), json.dumps(cfg.__dict__)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = torchrun([str(script), json.dumps(cfg.__dict__)],
+                    env=child_env(OMP_NUM_THREADS="1"), timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one, two = read_log(single.log_file), read_log(data / "ddp" / "train_log.csv")

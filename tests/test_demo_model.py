@@ -8,7 +8,6 @@ training run used, and score ``examples/`` offline through the ``specs score`` c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -22,6 +21,7 @@ from specs_metric.bench.sdci import load_image_source, read_sdci
 from specs_metric.pretrained import REGISTRY, resolve
 from specs_metric.scorer import load
 from specs_metric.synth import generate
+from subprocesses import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -32,11 +32,7 @@ DEMOS = ("specs-synth-demo", "clip-synth-demo")
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    env["HF_HUB_OFFLINE"] = "1"
-    env["SPECS_OFFLINE"] = "1"
-    return env
+    return child_env(HF_HUB_OFFLINE="1", SPECS_OFFLINE="1")
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +24,7 @@ from specs_metric.bench.retrieval import (
 from specs_metric.cli import main
 from specs_metric.scorer import load
 from specs_metric.transform import ImageError
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from subprocesses import torchrun
 
 # --------------------------------------------------------------------------------------
 # Plain reference computation, written independently of the library: sort every query's
@@ -306,13 +301,7 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     single = tmp_path / "single.json"
     assert main([*common, "--json", str(single)]) == 0
     multi = tmp_path / "multi.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "specs_metric", *common, "--json", str(multi)],
-        check=True, env=env, capture_output=True, timeout=300,
-    )
+    torchrun(["-m", "specs_metric", *common, "--json", str(multi)])
     a = json.loads(single.read_text())
     b = json.loads(multi.read_text())
     assert b["world_size"] == 2 and a["world_size"] == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,14 +18,7 @@ from PIL import Image
 from factories import make_state_dict
 from specs_metric.cli import main
 from specs_metric.job import read_output
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    return env
+from subprocesses import child_env, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -264,13 +256,15 @@ def test_resume_after_sigkill_gives_identical_output(world, tmp_path):
         "--no-progress",
     ]
     reference = tmp_path / "ref.jsonl"
-    subprocess.run([*base, "--output", str(reference)], check=True, env=_env(), capture_output=True)
+    subprocess.run(
+        [*base, "--output", str(reference)], check=True, env=child_env(), capture_output=True
+    )
 
     out = tmp_path / "out.jsonl"
     part = out.with_name("out.jsonl.part-0-of-1.jsonl")
     proc = subprocess.Popen(
         [*base, "--output", str(out)],
-        env=_env(),
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -288,7 +282,7 @@ def test_resume_after_sigkill_gives_identical_output(world, tmp_path):
     with open(part, "a") as fh:
         fh.write('{"id": 99999, "image": "img')
     subprocess.run(
-        [*base, "--output", str(out), "--resume"], check=True, env=_env(), capture_output=True
+        [*base, "--output", str(out), "--resume"], check=True, env=child_env(), capture_output=True
     )
     assert out.read_bytes() == reference.read_bytes()
     assert not part.exists()
@@ -333,25 +327,7 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     single = tmp_path / "single.jsonl"
     main([*common, "--output", str(single)])
     multi = tmp_path / "multi.jsonl"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "specs_metric",
-            *common,
-            "--output",
-            str(multi),
-        ],
-        check=True,
-        env=_env(),
-        capture_output=True,
-        timeout=300,
-    )
+    torchrun(["-m", "specs_metric", *common, "--output", str(multi)])
     a, b = list(read_output(single)), list(read_output(multi))
     assert [(r["id"], r["error"]) for r in a] == [(r["id"], r["error"]) for r in b]
     for x, y in zip(a, b, strict=True):

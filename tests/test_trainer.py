@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -25,9 +24,9 @@ from specs_metric.factory import build_model
 from specs_metric.tokenizer import default_tokenizer
 from specs_metric.training.prepare import prepare_dataset
 from specs_metric.training.trainer import TrainConfig, Trainer, lr_factor, train
+from subprocesses import child_env
 
 COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"]
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 def caption_for(color: str) -> str:
@@ -135,8 +134,8 @@ def _killed_run(cfg: TrainConfig, kill_at: int) -> int:
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "train(cfg, on_checkpoint=hook)\n"
     )
-    env = dict(os.environ, PYTHONPATH=SRC)
-    proc = subprocess.run([sys.executable, "-c", script, json.dumps(cfg.__dict__)], env=env,
+    command = [sys.executable, "-c", script, json.dumps(cfg.__dict__)]
+    proc = subprocess.run(command, env=child_env(),
                           capture_output=True, text=True, timeout=300)
     return proc.returncode
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +23,8 @@ from specs_metric.bench.zeroshot import (
 )
 from specs_metric.cli import main
 from specs_metric.scorer import load
+from subprocesses import torchrun
 
-ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (210, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 210), "gray": (128,) * 3}
 
 
@@ -239,13 +236,7 @@ def test_cli_table_json_and_torchrun(world, tmp_path, capsys):
     a = json.loads(single.read_text())
     assert a["classes"] == sorted(COLOURS) and len(a["templates"]) == 4
     multi = tmp_path / "multi.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "specs_metric", *common, "--json", str(multi)],
-        check=True, env=env, capture_output=True, timeout=300,
-    )
+    torchrun(["-m", "specs_metric", *common, "--json", str(multi)])
     b = json.loads(multi.read_text())
     assert b["world_size"] == 2
     for key in ("accuracy", "per_class_top1", "n_images", "n_classes"):
