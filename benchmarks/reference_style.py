@@ -21,7 +21,7 @@ class _Block(nn.Module):
         self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
         self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
         self.ln_2 = nn.LayerNorm(width)
-        self.mask = mask
+        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
@@ -31,9 +31,12 @@ class _Block(nn.Module):
 
 
 class ReferenceStyleCLIP(nn.Module):
-    """Loads a project state dict; ``encode_image`` / ``encode_text`` as the reference."""
+    """Loads a project state dict; ``encode_image`` / ``encode_text`` as the reference.
 
-    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+    Every tensor is a parameter or buffer, so ``device`` (or ``.to``) places all of it.
+    """
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu"):
         super().__init__()
         sd = state_dict
         vw = sd["visual.conv1.weight"].shape[0]
@@ -67,18 +70,22 @@ class ReferenceStyleCLIP(nn.Module):
             elif key.startswith(("ln_final.", "token_embedding.")):
                 params[key] = value
         self.load_state_dict(params)
-        self.class_embedding = sd["visual.class_embedding"]
-        self.visual_positions = sd["visual.positional_embedding"]
-        self.visual_proj = sd["visual.proj"]
-        self.pos, self.pos_res = sd["positional_embedding"], sd["positional_embedding_res"]
-        self.text_projection = sd["text_projection"]
-        self.mask1 = torch.zeros(ctx, 1)
-        self.mask1[:20] = 1
-        self.eval()
+        plain = {
+            "class_embedding": sd["visual.class_embedding"],
+            "visual_positions": sd["visual.positional_embedding"],
+            "visual_proj": sd["visual.proj"],
+            "pos": sd["positional_embedding"],
+            "pos_res": sd["positional_embedding_res"],
+            "text_projection": sd["text_projection"],
+            "mask1": torch.zeros(ctx, 1).index_fill_(0, torch.arange(20), 1.0),
+        }
+        for name, value in plain.items():
+            self.register_buffer(name, value.clone(), persistent=False)
+        self.to(device).eval()
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.conv1(pixels).flatten(2).permute(0, 2, 1)
-        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1], device=x.device)
         x = self.ln_pre(torch.cat([cls, x], dim=1) + self.visual_positions)
         x = self.visual_blocks(x.permute(1, 0, 2)).permute(1, 0, 2)
         return self.ln_post(x[:, 0]) @ self.visual_proj

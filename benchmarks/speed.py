@@ -21,14 +21,23 @@ N-row ``specs score`` job with a tiny model in a subprocess and samples its memo
 and decoding workers) over time; ``--stream-full-rows M`` does the same with the full-size
 model in bf16, to show the footprint with the model included.
 
+``--device cuda`` runs all three modes on the GPU (the reference-style model with its weights,
+pixels and tokens on the device; ``torch.cuda.synchronize()`` before every timer read), fast
+mode in ``--fast-precision`` (default fp16 on CUDA, bf16 on a CPU), measures the matmul peak
+on the device (fp32 with TF32 disabled, and the fast dtype), reports the peak GPU memory of
+each mode and names the GPU in the machine string. The stream jobs are off by default on
+CUDA (``--stream-rows N`` turns them on; they then also run on the device).
+
 Usage:
     python benchmarks/speed.py                       # ~10 minutes on 2 cores
     python benchmarks/speed.py --images 4 --stream-rows 0   # quick check
+    PYTHONPATH=src python benchmarks/speed.py --device cuda --images 32 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,8 +56,11 @@ from reference_style import ReferenceStyleCLIP
 from specs_metric.factory import build_model
 from specs_metric.job import JobConfig, read_output, run_job
 from specs_metric.model import LongCLIP, ModelConfig
+from specs_metric.numerics import strict_fp32, tf32_flags
 from specs_metric.scorer import Scorer
 from specs_metric.tokenizer import default_tokenizer
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 B32 = ModelConfig(
     embed_dim=512,
@@ -84,25 +96,36 @@ def make_corpus(root: Path, n_images: int, per_image: int, seed: int) -> Path:
     return path
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA) before a timer is read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def reference_loop(scorer: Scorer, corpus: Path) -> tuple[np.ndarray, float]:
     """One image at a time, its captions padded to the full context, fp32, computed by
-    the reference architecture (:mod:`reference_style`) with the scorer's weights."""
-    model = ReferenceStyleCLIP(scorer.model.state_dict())
+    the reference architecture (:mod:`reference_style`) with the scorer's weights, on the
+    scorer's device."""
+    device = scorer.device
+    model = ReferenceStyleCLIP(scorer.model.state_dict(), device)
     rows = [json.loads(line) for line in corpus.read_text().splitlines()]
     by_image: dict[str, list[int]] = {}
     for k, r in enumerate(rows):
         by_image.setdefault(r["image"], []).append(k)
     scores = np.zeros(len(rows))
+    synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode():
         for image, idx in by_image.items():
             pixels = scorer.preprocess(Image.open(corpus.parent / image))[None]
-            img = model.encode_image(pixels)
-            txt = model.encode_text(scorer.tokenize([rows[k]["caption"] for k in idx]))
+            img = model.encode_image(pixels.to(device))
+            tokens = scorer.tokenize([rows[k]["caption"] for k in idx])
+            txt = model.encode_text(tokens.to(device))
             img = img / img.norm(dim=-1, keepdim=True)
             txt = txt / txt.norm(dim=-1, keepdim=True)
-            cos = (txt @ img.T)[:, 0].double().numpy()
+            cos = (txt @ img.T)[:, 0].double().cpu().numpy()
             scores[idx] = np.maximum((cos + 1) / 2, 0)
+    synchronize(device)
     return scores, time.perf_counter() - start
 
 
@@ -110,6 +133,7 @@ def job_scores(scorer: Scorer, corpus: Path, out: Path, workers: int) -> tuple[n
     config = JobConfig(input=corpus, output=out, num_workers=workers, show_progress=False)
     start = time.perf_counter()
     run_job(config, scorer)
+    synchronize(scorer.device)
     elapsed = time.perf_counter() - start
     return np.array([r["score"] for r in read_output(out)]), elapsed
 
@@ -127,18 +151,29 @@ def order_kept(reference: np.ndarray, other: np.ndarray, per_image: int) -> tupl
     return kept / max(total, 1), total
 
 
-def matmul_peak(dtype: torch.dtype, repeats: int = 10, trials: int = 5) -> float:
-    """Measured GFLOP/s of a model-shaped GEMM (tokens x 512 @ 512 x 2048), best of trials."""
-    a = torch.randn(4096, 512).to(dtype)
-    b = torch.randn(512, 2048).to(dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(trials):
-        start = time.perf_counter()
-        for _ in range(repeats):
+def matmul_peak(
+    dtype: torch.dtype, repeats: int = 10, trials: int = 5, device: str | torch.device = "cpu"
+) -> float:
+    """Measured GFLOP/s of a model-shaped GEMM (tokens x 512 @ 512 x 2048), best of trials.
+
+    On CUDA, fp32 is measured with TF32 disabled (:func:`strict_fp32`), and the device is
+    synchronised before each timer read.
+    """
+    device = torch.device(device)
+    a = torch.randn(4096, 512).to(dtype).to(device)
+    b = torch.randn(512, 2048).to(dtype).to(device)
+    with strict_fp32() if device.type == "cuda" else contextlib.nullcontext():
+        for _ in range(3):
             a @ b
-        best = max(best, repeats * 2 * 4096 * 512 * 2048 / (time.perf_counter() - start) / 1e9)
+        best = 0.0
+        for _ in range(trials):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                a @ b
+            synchronize(device)
+            seconds = time.perf_counter() - start
+            best = max(best, repeats * 2 * 4096 * 512 * 2048 / seconds / 1e9)
     return best
 
 
@@ -172,8 +207,10 @@ TINY = ModelConfig(
 )
 
 
-def stream_job(root: Path, rows: int, config: ModelConfig, precision: str = "fp32") -> dict:
-    """Run an N-row `specs score` in a subprocess; sample its memory over time."""
+def stream_job(
+    root: Path, rows: int, config: ModelConfig, precision: str = "fp32", device: str = "cpu"
+) -> dict:
+    """Run an N-row `specs score` in a subprocess on ``device``; sample its memory over time."""
     checkpoint = root / f"stream-{config.text_width}.pt"
     model = LongCLIP(config).init_weights(torch.Generator().manual_seed(0))
     torch.save(model.state_dict(), checkpoint)
@@ -199,9 +236,16 @@ def stream_job(root: Path, rows: int, config: ModelConfig, precision: str = "fp3
         str(src),
         "--output",
         str(root / "stream_out.jsonl"),
+        "--device",
+        device,
         "--no-progress",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # This checkout's package first on the path (also where it is not installed).
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     samples = []
     start = time.perf_counter()
     while proc.poll() is None:
@@ -242,13 +286,26 @@ def main() -> None:
     parser.add_argument("--per-image", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
-        "--stream-rows", type=int, default=100_000, help="rows of the tiny-model stream job"
+        "--device", default="cpu", help="cpu (default), cuda, cuda:1 ...: where all modes run"
+    )
+    parser.add_argument(
+        "--fast-precision",
+        choices=("bf16", "fp16"),
+        default=None,
+        help="precision of fast mode (default: bf16 on a CPU, fp16 on CUDA)",
+    )
+    parser.add_argument(
+        "--stream-rows",
+        type=int,
+        default=None,
+        help="rows of the tiny-model stream job (default 100000; 0 on CUDA)",
     )
     parser.add_argument(
         "--stream-full-rows",
         type=int,
-        default=1000,
-        help="rows of a stream job with the full-size model in bf16 (memory over time)",
+        default=None,
+        help="rows of a stream job with the full-size model in fast precision (memory over "
+        "time; default 1000; 0 on CUDA)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -256,13 +313,33 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    fast_precision = args.fast_precision or ("fp16" if cuda else "bf16")
+    if fast_precision == "fp16" and not cuda:
+        parser.error("--fast-precision fp16 needs --device cuda")
+    fast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[fast_precision]
+    fast_key = f"fast_{fast_precision}"
+    stream_rows = args.stream_rows if args.stream_rows is not None else (0 if cuda else 100_000)
+    stream_full_rows = (
+        args.stream_full_rows if args.stream_full_rows is not None else (0 if cuda else 1000)
+    )
 
     torch.manual_seed(args.seed)
     weights = LongCLIP(B32).init_weights(torch.Generator().manual_seed(args.seed)).state_dict()
-    results: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-    }
+    host = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    results: dict = {"machine": host}
+    if cuda:
+        results["machine"] = (
+            f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host {host}"
+        )
+        results["device"] = str(device)
+        results["tf32"] = tf32_flags()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         corpus = make_corpus(root, args.images, args.per_image, args.seed)
@@ -270,8 +347,8 @@ def main() -> None:
         warm_dir.mkdir()
         warm_corpus = make_corpus(warm_dir, 2, args.per_image, args.seed + 1)
         n = args.images * args.per_image
-        exact = Scorer(build_model(weights), device="cpu")
-        fast = Scorer(build_model(weights), device="cpu", precision="bf16")
+        exact = Scorer(build_model(weights), device=device)
+        fast = Scorer(build_model(weights), device=device, precision=fast_precision)
         modes = {
             "reference": lambda c, out, s=exact: reference_loop(s, c),
             "exact": lambda c, out, s=exact: job_scores(s, c, out, args.workers),
@@ -284,10 +361,18 @@ def main() -> None:
             run(warm_corpus, warm_dir / f"{name}.jsonl")
         seconds: dict[str, list[float]] = {name: [] for name in modes}
         scores: dict[str, np.ndarray] = {}
+        peak_gpu: dict[str, float] = {name: 0.0 for name in modes}
+        # Both scorers' weights stay on the device through every mode's peak.
+        resident_mb = torch.cuda.memory_allocated(device) / 2**20 if cuda else 0.0
         for r in range(args.rounds):
             for name, run in modes.items():
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats(device)
                 scores[name], elapsed = run(corpus, root / f"{name}-{r}.jsonl")
                 seconds[name].append(elapsed)
+                if cuda:
+                    peak = torch.cuda.max_memory_allocated(device) / 2**20
+                    peak_gpu[name] = max(peak_gpu[name], peak)
         # Best round per mode (as timeit reports: slower rounds are other load on the
         # machine, not the code) and, next to it, the median of the per-round ratios.
         t_ref, t_ex, t_fa = (min(seconds[m]) for m in modes)
@@ -303,7 +388,10 @@ def main() -> None:
 
         kept, pairs = order_kept(ref_scores, fa_scores, args.per_image)
         gflop = model_gflop(corpus, args.images)
-        peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
+        # On CUDA one GEMM takes microseconds: more repeats per timer read.
+        repeats = 100 if cuda else 10
+        peak32 = matmul_peak(torch.float32, repeats=repeats, device=device)
+        peak16 = matmul_peak(fast_dtype, repeats=repeats, device=device)
         results.update(
             {
                 "captions": n,
@@ -319,7 +407,7 @@ def main() -> None:
                     "max_abs_delta_score": float(np.abs(ex_scores - ref_scores).max()),
                     "matmul_peak_fraction": round(gflop / t_ex / peak32, 3),
                 },
-                "fast_bf16": {
+                fast_key: {
                     "captions_per_s": round(n / t_fa, 2),
                     "seconds_per_round": [round(x, 2) for x in seconds["fast"]],
                     "speedup": ratios("reference", "fast"),
@@ -330,16 +418,26 @@ def main() -> None:
                     "matmul_peak_fraction": round(gflop / t_fa / peak16, 3),
                 },
                 "reference_matmul_peak_fraction": round(gflop / t_ref / peak32, 3),
-                "matmul_peak_gflops": {"fp32": round(peak32, 1), "bf16": round(peak16, 1)},
+                "matmul_peak_gflops": {"fp32": round(peak32, 1), fast_precision: round(peak16, 1)},
                 "model_gflop_for_corpus": round(gflop, 1),
                 "peak_rss_mb_in_process": round(peak_rss_mb(), 1),
             }
         )
+        if cuda:
+            results["fast_precision_in_use"] = fast.precision
+            results["peak_gpu_memory_mb"] = {
+                "reference_loop": round(peak_gpu["reference"], 1),
+                "exact": round(peak_gpu["exact"], 1),
+                fast_key: round(peak_gpu["fast"], 1),
+                "resident_before_rounds": round(resident_mb, 1),
+            }
         del exact, fast, modes
-        if args.stream_rows:
-            results["stream_tiny_model"] = stream_job(root, args.stream_rows, TINY)
-        if args.stream_full_rows:
-            results["stream_b32_bf16"] = stream_job(root, args.stream_full_rows, B32, "bf16")
+        if stream_rows:
+            results["stream_tiny_model"] = stream_job(root, stream_rows, TINY, device=args.device)
+        if stream_full_rows:
+            results[f"stream_b32_{fast_precision}"] = stream_job(
+                root, stream_full_rows, B32, fast_precision, device=args.device
+            )
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

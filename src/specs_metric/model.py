@@ -98,13 +98,14 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype (as CLIP does).
 
-    bf16 input (the project's fast mode; the reference has none) goes to PyTorch's
-    mixed-precision kernel, which also accumulates in fp32 with the fp32 weights but skips
-    two full-tensor casts (about 10x faster on CPU); at most 1 bf16 ulp differs.
+    bf16 input on the CPU (the project's fast mode; the reference has none) goes to
+    PyTorch's mixed-precision kernel, which also accumulates in fp32 with the fp32 weights
+    but skips two full-tensor casts (about 10x faster); at most 1 bf16 ulp differs. CUDA has
+    no such kernel for LayerNorm (bf16 input with fp32 weights raises there).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu":
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         out = F.layer_norm(
             x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps

@@ -7,6 +7,7 @@ causal and pooling happens at the EOT token, so padding after it never changes t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,7 @@ from specs_metric import fused
 from specs_metric.checkpoint import file_sha256
 from specs_metric.factory import build_model, load_state_dict
 from specs_metric.model import LongCLIP, cast_matmul_weights
+from specs_metric.numerics import strict_fp32
 from specs_metric.pretrained import REGISTRY, resolve
 from specs_metric.scores import apply_scale, check_scale, cosine_matrix, cosine_similarity
 from specs_metric.tokenizer import Tokenizer, default_tokenizer
@@ -156,10 +158,18 @@ class Scorer:
         return load_and_preprocess(image, self.resolution)
 
     # --- encoders ---------------------------------------------------------------------
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        """The context of every forward pass: exact mode on CUDA computes in full fp32
+        (PyTorch runs fp32 convolutions in TF32 by default)."""
+        if self.precision == "fp32" and self.device.type == "cuda":
+            return strict_fp32()
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """Image embeddings (fp32, on CPU) of a preprocessed batch (N, 3, R, R)."""
-        out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        with self.forward_context():
+            out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
         return out.float().cpu()
 
     @torch.inference_mode()
@@ -168,7 +178,8 @@ class Scorer:
         # The EOT (largest id) ends each row; id 0 is a real token ("!"), so count to it.
         longest = int(tokens.argmax(dim=1).max()) + 1 if len(tokens) else 1
         tokens = tokens[:, :longest]
-        out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
+        with self.forward_context():
+            out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
         return out.float().cpu()
 
     def embed_images(self, images: Sequence[ImageSource], batch_size: int = 64) -> torch.Tensor:

@@ -344,7 +344,7 @@ def embed_chain_texts(
     caption goes through ``model.encode_text`` on its own.
     """
     chains = [_token_lists(scorer, r.captions + r.neg_captions) for r in rows]
-    with torch.inference_mode():
+    with torch.inference_mode(), scorer.forward_context():
         if prefix_reuse:
             out = encode_chains(scorer.model, chains, max_suffix)
         else:
