@@ -40,13 +40,25 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from synthetic_replication import Settings, evaluate, finetune_arms, training_table
+from synthetic_replication import (
+    ASSETS,
+    DEMO_FILES,
+    EXAMPLES,
+    REPO,
+    Settings,
+    evaluate,
+    export_model,
+    finetune_arms,
+    training_table,
+    write_examples,
+)
 
 from specs_metric.bench.intrinsic import image_rates
 from specs_metric.checkpoint import save_state_dict
@@ -135,13 +147,30 @@ def cell_labels(row: dict) -> tuple[torch.Tensor, int]:
     return labels, COLOUR_NAMES.index(scene["background"])
 
 
+def parse_head(model: LongCLIP) -> torch.nn.Linear:
+    """Linear scene parser on the image embedding (per-cell classes, then the background)."""
+    return torch.nn.Linear(model.config.embed_dim, CELLS * sum(CELL_CLASSES) + len(COLOUR_NAMES))
+
+
+def parse_loss(out: torch.Tensor, cells: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the parse head's output ``out`` against the scene labels."""
+    width = sum(CELL_CLASSES)
+    per_cell = out[:, : CELLS * width].reshape(len(out), CELLS, width)
+    loss = F.cross_entropy(out[:, CELLS * width :], background)
+    offset = 0
+    for j, n in enumerate(CELL_CLASSES):
+        logits = per_cell[..., offset : offset + n].reshape(-1, n)
+        loss = loss + F.cross_entropy(logits, cells[..., j].reshape(-1))
+        offset += n
+    return loss
+
+
 def vision_parse(model: LongCLIP, rows, pixels, steps: int, rng) -> None:
     """Train the image tower to parse scenes linearly from its embedding."""
     labels = [cell_labels(r) for r in rows]
     cells = torch.stack([lab[0] for lab in labels])
     background = torch.tensor([lab[1] for lab in labels])
-    width = sum(CELL_CLASSES)
-    head = torch.nn.Linear(model.config.embed_dim, CELLS * width + len(COLOUR_NAMES))
+    head = parse_head(model)
     params = list(model.visual.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     start = time.perf_counter()
@@ -150,13 +179,7 @@ def vision_parse(model: LongCLIP, rows, pixels, steps: int, rng) -> None:
             group["lr"] = 1e-3 * cosine_lr(step, steps)
         idx = torch.from_numpy(rng.choice(len(rows), BATCH, replace=False))
         out = head(model.encode_image(pixels[idx]))
-        per_cell = out[:, : CELLS * width].view(BATCH, CELLS, width)
-        loss = F.cross_entropy(out[:, CELLS * width :], background[idx])
-        offset = 0
-        for j, n in enumerate(CELL_CLASSES):
-            logits = per_cell[..., offset : offset + n].reshape(-1, n)
-            loss = loss + F.cross_entropy(logits, cells[idx][..., j].reshape(-1))
-            offset += n
+        loss = parse_loss(out, cells[idx], background[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -233,13 +256,25 @@ def finetune(args: argparse.Namespace) -> None:
     if args.init is None:
         raise SystemExit("finetune needs --init MODEL")
     data = world(args.root, args.scenes, args.seed)
-    out = args.root / f"finetune-{args.init.stem}"
+    lr = "" if args.finetune_lr is None else f"-lr{args.finetune_lr:g}"
+    steps = "" if args.finetune_steps is None else f"-steps{args.finetune_steps}"
+    out = args.root / f"finetune-{args.init.stem}{lr}{steps}"
     out.mkdir(parents=True, exist_ok=True)
     table = training_table(data, out / "train_table.parquet")
-    arms = finetune_arms(Settings(seed=args.seed), args.init, table, data, out)
+    settings = Settings(seed=args.seed)
+    if args.finetune_lr is not None:
+        settings = replace(settings, finetune_lr=args.finetune_lr)
+    if args.finetune_steps is not None:
+        settings = replace(settings, finetune_steps=args.finetune_steps)
+    arms = finetune_arms(settings, args.init, table, data, out)
     for arm, (model, _) in arms.items():
         print(f"{arm}: {evaluate(model, data)}", flush=True)
     print(f"starting model: {evaluate(args.init, data)}")
+    if args.export_demo:
+        for arm, name in DEMO_FILES.items():
+            export_model(arms[arm][0], ASSETS / name)
+        write_examples(Settings(seed=args.seed), out, EXAMPLES)
+        print(f"exported {', '.join(DEMO_FILES.values())} to {ASSETS} and examples to {EXAMPLES}")
 
 
 def probe_vision(args: argparse.Namespace) -> None:
@@ -301,7 +336,7 @@ def probe_text(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("command", choices=["pretrain", "finetune", "probe-vision", "probe-text"])
-    p.add_argument("--root", type=Path, default=Path("runs/grounding"), help="world folder")
+    p.add_argument("--root", type=Path, default=REPO / "runs" / "grounding", help="world folder")
     p.add_argument("--scenes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600)
@@ -314,6 +349,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-scenes", type=int, default=100)
     p.add_argument("--save", type=Path, help="pretrain: write the model here (safetensors)")
     p.add_argument("--held-back", type=int, default=200, help="probe-vision: scenes held back")
+    p.add_argument(
+        "--finetune-lr", type=float, help="finetune: learning rate (default: the replication's)"
+    )
+    p.add_argument(
+        "--finetune-steps", type=int, help="finetune: steps (default: the replication's)"
+    )
+    p.add_argument(
+        "--export-demo",
+        action="store_true",
+        help="finetune: bundle both arms as the demo models and refresh examples/",
+    )
     p.add_argument("--init", type=Path, help="finetune: the pre-trained model")
     args = p.parse_args(argv)
     commands = {

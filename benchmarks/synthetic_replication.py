@@ -17,11 +17,13 @@ It writes ``OUT/results.md`` (markdown table), ``OUT/results.json``, ``OUT/repli
 and the training runs (``OUT/runs/*``, with their CSV logs), and prints the table.
 ``--export-demo`` also stores the two fine-tuned models in the package (fp16 safetensors,
 ``specs-synth-demo`` and ``clip-synth-demo``) and regenerates ``examples/`` from scenes of a
-seed the models never saw.
+seed the models never saw. (The bundled demo models come from a longer, GPU pre-trained run
+that grounds facts: ``grounding_experiments.py finetune --export-demo``, see
+docs/synthetic-replication.md; this run's models would replace them with weaker ones.)
 
 Usage:
     python benchmarks/synthetic_replication.py --out runs/synthetic-replication
-    python benchmarks/synthetic_replication.py --export-demo        # also refresh the demo
+    python benchmarks/synthetic_replication.py --export-demo        # bundle this run's models
     python benchmarks/synthetic_replication.py --smoke --out /tmp/x  # wiring check, ~1 min
 
 Every random choice is seeded from ``--seed``; the defaults take about 10 minutes on 2 CPU
