@@ -28,11 +28,17 @@ def torchrun(
 ) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 ARGS`` (gloo on CPU), output captured."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    return subprocess.run(
+    done = subprocess.run(
         [*command, "--nproc_per_node", "2", *args],
         env=env or child_env(),
         capture_output=True,
         text=True,
-        check=check,
         timeout=timeout,
     )
+    if check and done.returncode != 0:
+        # The workers' own output says why; CalledProcessError alone would hide it.
+        raise AssertionError(
+            f"torchrun exited with {done.returncode}\n--- stdout ---\n{done.stdout[-4000:]}"
+            f"\n--- stderr ---\n{done.stderr[-8000:]}"
+        )
+    return done

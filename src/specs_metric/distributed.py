@@ -59,6 +59,26 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def is_initialized() -> bool:
+    """Whether this process is in a default process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def shutdown(*, wait: bool = True) -> None:
+    """Leave the default process group, if one was started.
+
+    A rank that exits while a peer still holds its gloo connection can make that peer abort
+    (gloo's I/O thread raises on the closed socket), so every rank first waits for the
+    others (``wait=True``, after success) and then destroys the group. After an error the
+    ranks may stand in different collectives, so the group is destroyed without waiting.
+    """
+    if not is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def shard_range(n: int, rank: int, world_size: int) -> range:
     """Contiguous block of ``range(n)`` for ``rank``; blocks differ in size by at most one.
 

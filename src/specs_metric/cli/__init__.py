@@ -46,17 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     ``SPECS_DEBUG=1`` for the traceback.
     """
     from specs_metric.checkpoint import CheckpointError
+    from specs_metric.distributed import is_initialized, shutdown
     from specs_metric.pretrained import ModelNotAvailableError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    group_was_open = is_initialized()  # a caller's group is the caller's to close
+    succeeded = False
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        succeeded = True
+        return code
     except (CheckpointError, ModelNotAvailableError, FileNotFoundError, ValueError) as exc:
         if os.environ.get("SPECS_DEBUG") == "1":
             raise
         print(f"specs {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        # Under torchrun, ranks leave together so that none aborts on a closed connection.
+        if not group_was_open:
+            shutdown(wait=succeeded)
 
 
 if __name__ == "__main__":  # pragma: no cover
