@@ -15,6 +15,10 @@ Each command trains from random weights with the replication's model shape
 * ``finetune``: the replication's two fine-tuning arms (contrastive baseline and SPECS, 400
   steps of batch 32) from ``--init`` on this world's train split, then each arm and the
   starting model on all test scenes (intrinsic rates and Kendall tau-b, as the replication).
+* ``negatives``: the negative rate of ``--model`` on the test split, broken down by what its
+  false detail gets wrong (fact kind; whether the objects it names are in the scene; for
+  relations between present objects, the stated relation), parsing each false segment with
+  :func:`specs_metric.synth.parse_segment`.
 * ``probe-vision``: the image tower with a linear head predicting which colour-shape pairs
   are present (binary cross-entropy), evaluated by the per-image AUC on ``--held-back``
   training-distribution scenes it never trains on.
@@ -28,6 +32,7 @@ Usage:
     python benchmarks/grounding_experiments.py pretrain --scenes 20000 --steps 3000 \
         --grounding 1 --vision-parse 4000 --eval-every 1000 --save runs/q.safetensors  # run Q
     python benchmarks/grounding_experiments.py finetune --scenes 20000 --init runs/q.safetensors
+    python benchmarks/grounding_experiments.py negatives --scenes 20000 --model specs-synth-demo
     python benchmarks/grounding_experiments.py probe-vision --scenes 2000 --steps 1500
     python benchmarks/grounding_experiments.py probe-vision --scenes 20000 --steps 1500 \
         --held-back 400
@@ -63,7 +68,8 @@ from synthetic_replication import (
 from specs_metric.bench.intrinsic import image_rates
 from specs_metric.checkpoint import save_state_dict
 from specs_metric.model import LongCLIP
-from specs_metric.synth import generate
+from specs_metric.scorer import load
+from specs_metric.synth import Scene, generate, parse_segment
 from specs_metric.synth.world import COLOUR_NAMES, SHAPES, SIZES, TEXTURES
 from specs_metric.tokenizer import default_tokenizer
 from specs_metric.transform import open_image, preprocess
@@ -277,6 +283,45 @@ def finetune(args: argparse.Namespace) -> None:
         print(f"exported {', '.join(DEMO_FILES.values())} to {ASSETS} and examples to {EXAMPLES}")
 
 
+def false_detail_kind(segment: str, scene: Scene) -> str:
+    """What a false segment gets wrong: its fact kind, whether the objects it names are in
+    the scene, and for relations between present objects the stated relation."""
+    fact = parse_segment(segment)
+    if fact.kind in ("background", "exists"):
+        return fact.kind
+    named = [fact.subject] + ([fact.other] if fact.other else [])
+    if not all(scene.find(*key) for key in named):
+        return f"{fact.kind}, an object absent"
+    if fact.kind == "relation":
+        return f"relation '{fact.value}', both present"
+    return f"{fact.kind}, object present"
+
+
+def negatives(args: argparse.Namespace) -> None:
+    """The negative rate (``s(c_k) > s(n_k)``, guide §6) by kind of false detail."""
+    data = world(args.root, args.scenes, args.seed)
+    rows = pq.read_table(data / "test.parquet").to_pylist()
+    scorer = load(args.model, device="cpu")
+    images, texts, kinds = [], [], []
+    for row in rows:
+        scene = Scene.from_dict(json.loads(row["scene"]))
+        for k, wrong in enumerate(segments(row)[1], start=0):
+            if wrong is None:
+                continue
+            images += [str(data / row["image"])] * 2
+            texts += [row["captions"][k], row["neg_captions"][k - 1]]
+            kinds.append(false_detail_kind(wrong, scene))
+    scores = scorer.score(images, texts)
+    wins: dict[str, list[bool]] = {}
+    for i, kind in enumerate(kinds):
+        wins.setdefault(kind, []).append(scores[2 * i] > scores[2 * i + 1])
+    print(f"{args.model} on {data} (test split, {len(rows)} scenes)")
+    print("| false detail | pairs | negative rate % |\n|---|---:|---:|")
+    for kind in sorted(wins):
+        print(f"| {kind} | {len(wins[kind])} | {100 * np.mean(wins[kind]):.1f} |")
+    print(f"| all | {len(kinds)} | {100 * np.mean(sum(wins.values(), [])):.1f} |")
+
+
 def probe_vision(args: argparse.Namespace) -> None:
     rng, data, model = setup(args)
     rows, pixels = load_split(data, "train")
@@ -335,7 +380,9 @@ def probe_text(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["pretrain", "finetune", "probe-vision", "probe-text"])
+    p.add_argument(
+        "command", choices=["pretrain", "finetune", "negatives", "probe-vision", "probe-text"]
+    )
     p.add_argument("--root", type=Path, default=REPO / "runs" / "grounding", help="world folder")
     p.add_argument("--scenes", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
@@ -361,10 +408,12 @@ def main(argv: list[str] | None = None) -> None:
         help="finetune: bundle both arms as the demo models and refresh examples/",
     )
     p.add_argument("--init", type=Path, help="finetune: the pre-trained model")
+    p.add_argument("--model", default="specs-synth-demo", help="negatives: the model to break down")
     args = p.parse_args(argv)
     commands = {
         "pretrain": pretrain,
         "finetune": finetune,
+        "negatives": negatives,
         "probe-vision": probe_vision,
         "probe-text": probe_text,
     }

@@ -6,7 +6,7 @@ Scenes (:mod:`~specs_metric.synth.world`) are rendered with PIL
 candidates (:mod:`~specs_metric.synth.writer`).
 """
 
-from specs_metric.synth.captions import fact_f1, segment_text
+from specs_metric.synth.captions import fact_f1, parse_segment, segment_text
 from specs_metric.synth.render import render_scene
 from specs_metric.synth.world import Fact, Scene, SceneObject, sample_scene, truth
 from specs_metric.synth.writer import generate
@@ -17,6 +17,7 @@ __all__ = [
     "SceneObject",
     "fact_f1",
     "generate",
+    "parse_segment",
     "render_scene",
     "sample_scene",
     "segment_text",

@@ -29,6 +29,7 @@ ground-truth quality is the fact-level F1 with hallucinations counted as errors:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ from specs_metric.synth.world import (
     GRID,
     MAX_RELATIONS,
     POSITIONS,
+    RELATIONS,
     SHAPES,
     SIZES,
     TEXTURES,
@@ -102,6 +104,47 @@ def segment_text(fact: Fact) -> str:
         assert fact.other is not None
         return f"The {name} is {fact.value} the {fact.other[0]} {fact.other[1]}."
     raise ValueError(f"unknown fact kind {fact.kind!r}")
+
+
+_OBJECT = rf"({'|'.join(COLOUR_NAMES)}) ({'|'.join(SHAPES)})"
+_SEGMENT_GRAMMAR: tuple[tuple[str, re.Pattern], ...] = (
+    ("background", re.compile(rf"The background is ({'|'.join(COLOUR_NAMES)})\.")),
+    ("exists", re.compile(rf"There is an? {_OBJECT}\.")),
+    ("size", re.compile(rf"The {_OBJECT} is ({'|'.join(SIZES)})\.")),
+    ("texture", re.compile(rf"The {_OBJECT} is ({'|'.join(TEXTURES)})\.")),
+    ("position", re.compile(rf"The {_OBJECT} is in the ({'|'.join(POSITIONS)})\.")),
+    ("relation", re.compile(rf"The {_OBJECT} is ({'|'.join(RELATIONS)}) the {_OBJECT}\.")),
+)
+
+
+def parse_segment(segment: str) -> Fact:
+    """The fact a segment states: the inverse of :func:`segment_text`.
+
+    Lets analyses of any world in this layout (e.g. which kinds of false detail a metric
+    misses) recover facts from the captions alone.
+
+    Raises:
+        ValueError: ``segment`` is not a sentence of the grammar.
+
+    Example:
+        >>> parse_segment("The red star is left of the blue ring.")
+        Fact(kind='relation', subject=('red', 'star'), value='left of', other=('blue', 'ring'))
+    """
+    for kind, pattern in _SEGMENT_GRAMMAR:
+        m = pattern.fullmatch(segment.strip())
+        if m is None:
+            continue
+        g = m.groups()
+        if kind == "background":
+            return Fact("background", value=g[0])
+        if kind == "exists":
+            return Fact("exists", subject=(g[0], g[1]))
+        if kind == "position":
+            return Fact("position", subject=(g[0], g[1]), value=str(POSITIONS.index(g[2])))
+        if kind == "relation":
+            return Fact("relation", subject=(g[0], g[1]), value=g[2], other=(g[3], g[4]))
+        return Fact(kind, subject=(g[0], g[1]), value=g[2])
+    raise ValueError(f"not a segment of the synthetic world's grammar: {segment!r}")
 
 
 def mentions_held_out(fact: Fact) -> bool:
