@@ -264,7 +264,8 @@ def finetune(args: argparse.Namespace) -> None:
     data = world(args.root, args.scenes, args.seed)
     lr = "" if args.finetune_lr is None else f"-lr{args.finetune_lr:g}"
     steps = "" if args.finetune_steps is None else f"-steps{args.finetune_steps}"
-    out = args.root / f"finetune-{args.init.stem}{lr}{steps}"
+    neg = "" if args.finetune_lambda_neg is None else f"-neg{args.finetune_lambda_neg:g}"
+    out = args.root / f"finetune-{args.init.stem}{lr}{steps}{neg}"
     out.mkdir(parents=True, exist_ok=True)
     table = training_table(data, out / "train_table.parquet")
     settings = Settings(seed=args.seed)
@@ -272,6 +273,8 @@ def finetune(args: argparse.Namespace) -> None:
         settings = replace(settings, finetune_lr=args.finetune_lr)
     if args.finetune_steps is not None:
         settings = replace(settings, finetune_steps=args.finetune_steps)
+    if args.finetune_lambda_neg is not None:
+        settings = replace(settings, lambda_neg=args.finetune_lambda_neg)
     arms = finetune_arms(settings, args.init, table, data, out)
     for arm, (model, _) in arms.items():
         print(f"{arm}: {evaluate(model, data)}", flush=True)
@@ -401,6 +404,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--finetune-steps", type=int, help="finetune: steps (default: the replication's)"
+    )
+    p.add_argument(
+        "--finetune-lambda-neg",
+        type=float,
+        help="finetune: weight of the SPECS arm's negative hinge (default: the recipe's 0.8)",
     )
     p.add_argument(
         "--export-demo",
