@@ -264,8 +264,9 @@ def finetune(args: argparse.Namespace) -> None:
     data = world(args.root, args.scenes, args.seed)
     lr = "" if args.finetune_lr is None else f"-lr{args.finetune_lr:g}"
     steps = "" if args.finetune_steps is None else f"-steps{args.finetune_steps}"
+    batch = "" if args.finetune_batch is None else f"-batch{args.finetune_batch}"
     neg = "" if args.finetune_lambda_neg is None else f"-neg{args.finetune_lambda_neg:g}"
-    out = args.root / f"finetune-{args.init.stem}{lr}{steps}{neg}"
+    out = args.root / f"finetune-{args.init.stem}{lr}{steps}{batch}{neg}"
     out.mkdir(parents=True, exist_ok=True)
     table = training_table(data, out / "train_table.parquet")
     settings = Settings(seed=args.seed)
@@ -273,6 +274,8 @@ def finetune(args: argparse.Namespace) -> None:
         settings = replace(settings, finetune_lr=args.finetune_lr)
     if args.finetune_steps is not None:
         settings = replace(settings, finetune_steps=args.finetune_steps)
+    if args.finetune_batch is not None:
+        settings = replace(settings, finetune_batch_size=args.finetune_batch)
     if args.finetune_lambda_neg is not None:
         settings = replace(settings, lambda_neg=args.finetune_lambda_neg)
     arms = finetune_arms(settings, args.init, table, data, out)
@@ -404,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--finetune-steps", type=int, help="finetune: steps (default: the replication's)"
+    )
+    p.add_argument(
+        "--finetune-batch", type=int, help="finetune: batch size (default: the replication's 32)"
     )
     p.add_argument(
         "--finetune-lambda-neg",
