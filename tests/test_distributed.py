@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -15,12 +14,7 @@ from PIL import Image
 from factories import make_state_dict
 from specs_metric.cli import main
 from specs_metric.distributed import shard_range
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from subprocesses import free_port
 
 
 @pytest.fixture()
@@ -50,7 +44,7 @@ def test_commands_close_the_group_they_open(retrieval_args):
     # A rank that exits with its gloo group still open can abort at interpreter exit.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_cli_worker, args=(2, _free_port(), retrieval_args, queue), nprocs=2,
+    mp.start_processes(_cli_worker, args=(2, free_port(), retrieval_args, queue), nprocs=2,
                        start_method="spawn")
     results = sorted(queue.get(timeout=120) for _ in range(2))
     assert results == [(0, 0, False), (1, 0, False)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from factories import make_state_dict
 from specs_metric.factory import build_model
 from specs_metric.metric import SPECSScore, specs_score
 from specs_metric.scorer import Scorer
+from subprocesses import free_port
 
 CAPTIONS = ["a cat", "a dog on a sofa", "three birds", "a long caption " * 10, "red", "blue"]
 
@@ -72,12 +72,6 @@ def test_reset_and_empty():
     assert metric.count == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -93,7 +87,7 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 def test_state_syncs_across_ddp_processes():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), queue), nprocs=2,
+    mp.start_processes(_ddp_worker, args=(2, free_port(), queue), nprocs=2,
                        start_method="spawn")
     results = dict(queue.get(timeout=60) for _ in range(2))
     single = SPECSScore(_scorer())

@@ -67,10 +67,11 @@ def is_initialized() -> bool:
 def shutdown(*, wait: bool = True) -> None:
     """Leave the default process group, if one was started.
 
-    A rank that exits while a peer still holds its gloo connection can make that peer abort
-    (gloo's I/O thread raises on the closed socket), so every rank first waits for the
-    others (``wait=True``, after success) and then destroys the group. After an error the
-    ranks may stand in different collectives, so the group is destroyed without waiting.
+    A rank that reaches interpreter exit with its gloo group still open can abort while the
+    group's threads are torn down (``terminate called without an active exception``), so
+    every rank first waits for the others (``wait=True``, after success) and then destroys
+    the group. After an error the ranks may stand in different collectives, so the group is
+    destroyed without waiting.
     """
     if not is_initialized():
         return
