@@ -311,21 +311,21 @@ def negatives(args: argparse.Namespace) -> None:
     images, texts, kinds = [], [], []
     for row in rows:
         scene = Scene.from_dict(json.loads(row["scene"]))
-        for k, wrong in enumerate(segments(row)[1], start=0):
-            if wrong is None:
-                continue
+        false = segments(row)[1]
+        for k in range(1, len(false)):  # n_k pairs with c_k; n_1 does not exist
             images += [str(data / row["image"])] * 2
             texts += [row["captions"][k], row["neg_captions"][k - 1]]
-            kinds.append(false_detail_kind(wrong, scene))
+            kinds.append(false_detail_kind(false[k], scene))
     scores = scorer.score(images, texts)
+    won = [scores[2 * i] > scores[2 * i + 1] for i in range(len(kinds))]
     wins: dict[str, list[bool]] = {}
-    for i, kind in enumerate(kinds):
-        wins.setdefault(kind, []).append(scores[2 * i] > scores[2 * i + 1])
+    for kind, w in zip(kinds, won, strict=True):
+        wins.setdefault(kind, []).append(w)
     print(f"{args.model} on {data} (test split, {len(rows)} scenes)")
     print("| false detail | pairs | negative rate % |\n|---|---:|---:|")
     for kind in sorted(wins):
         print(f"| {kind} | {len(wins[kind])} | {100 * np.mean(wins[kind]):.1f} |")
-    print(f"| all | {len(kinds)} | {100 * np.mean(sum(wins.values(), [])):.1f} |")
+    print(f"| all | {len(kinds)} | {100 * np.mean(won):.1f} |")
 
 
 def probe_vision(args: argparse.Namespace) -> None:
