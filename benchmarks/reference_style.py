@@ -96,3 +96,42 @@ class ReferenceStyleCLIP(nn.Module):
         x = self.text_blocks(x.permute(1, 0, 2)).permute(1, 0, 2)
         x = self.ln_final(x)
         return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ self.text_projection
+
+
+class ReferenceStyleTokenizer:
+    """The reference tokenizer's per-caption work, as the host-cost baseline.
+
+    Every caption goes through ftfy, double HTML unescaping, whitespace collapsing and
+    lower-casing, then the pre-tokenisation pattern; each word is BPE-merged once and cached
+    as a space-joined string, which is split and looked up on every use, as the reference's
+    ``SimpleTokenizer.encode`` does. Ids equal :class:`specs_metric.tokenizer.Tokenizer`'s.
+    """
+
+    def __init__(self) -> None:
+        import html
+        import re
+
+        import ftfy
+
+        from specs_metric.tokenizer import _WORD_PATTERN, EOT_ID, SOT_ID, Tokenizer
+
+        ours = Tokenizer()  # only for its vocabulary tables and merge function
+        self._ours, self._pattern = ours, _WORD_PATTERN
+        self._fix, self._unescape, self._space = ftfy.fix_text, html.unescape, re.compile(r"\s+")
+        self._sot, self._eot = SOT_ID, EOT_ID
+        self._cache: dict[str, str] = {}
+
+    def _bpe(self, token: str) -> str:
+        if token not in self._cache:
+            self._cache[token] = self._ours._bpe(token)
+        return self._cache[token]
+
+    def token_ids(self, text: str) -> list[int]:
+        text = self._unescape(self._unescape(self._fix(text)))
+        text = self._space.sub(" ", text.strip()).strip().lower()
+        ids = [self._sot]
+        for piece in self._pattern.findall(text):
+            mapped = "".join(self._ours._byte_encoder[b] for b in piece.encode("utf-8"))
+            ids.extend(self._ours.encoder[t] for t in self._bpe(mapped).split(" "))
+        ids.append(self._eot)
+        return ids
