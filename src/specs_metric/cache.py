@@ -5,7 +5,8 @@ preprocessing) and the sha256 of the image file's bytes, so a new checkpoint nev
 another one's embeddings, while re-scoring new captions of the same images with the same
 checkpoint skips the image tower. Entries are written to a temporary file and renamed,
 which makes concurrent runs and interrupted writes safe: a reader sees a whole entry or
-none, and a damaged entry is treated as missing.
+none. A damaged entry (unreadable, truncated, another shape or dtype, non-finite values) is
+treated as missing, so the job recomputes it and writes it again.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ def model_fingerprint(
 class EmbeddingCache:
     """Image-embedding files under ``root/<fingerprint hash>/<ab>/<content hash>.npy``."""
 
-    def __init__(self, root: str | os.PathLike[str], fingerprint: str) -> None:
+    def __init__(
+        self, root: str | os.PathLike[str], fingerprint: str, dim: int | None = None
+    ) -> None:
         self.fingerprint = fingerprint
+        self.dim = dim  # the embedding width entries must have (None: any 1-D width)
         tag = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         self.root = Path(root) / tag
         self.root.mkdir(parents=True, exist_ok=True)
@@ -49,15 +53,24 @@ class EmbeddingCache:
         return self.root / content_hash[:2] / f"{content_hash}.npy"
 
     def get(self, content_hash: str) -> np.ndarray | None:
-        """The cached embedding, or ``None`` if absent or unreadable."""
+        """The cached embedding, or ``None`` if absent or damaged: unreadable, not a 1-D
+        float32 array (of width ``dim`` when given), or not finite."""
         path = self._path(content_hash)
         try:
-            return np.load(path, allow_pickle=False)
+            value = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError):
             return None
+        if value.dtype != np.float32 or value.ndim != 1 or value.size == 0:
+            return None
+        if self.dim is not None and value.shape[0] != self.dim:
+            return None
+        if not np.isfinite(value).all():
+            return None
+        return value
 
     def __contains__(self, content_hash: str) -> bool:
-        return self._path(content_hash).is_file()
+        """Whether a usable (undamaged) entry exists."""
+        return self.get(content_hash) is not None
 
     def put(self, content_hash: str, embedding: np.ndarray) -> None:
         """Store an embedding atomically (last writer wins; all writers write the same)."""

@@ -80,13 +80,32 @@ def shutdown(*, wait: bool = True) -> None:
     dist.destroy_process_group()
 
 
-def shard_range(n: int, rank: int, world_size: int) -> range:
-    """Contiguous block of ``range(n)`` for ``rank``; blocks differ in size by at most one.
+def shard_range(n: int, rank: int, world_size: int, align: int = 1) -> range:
+    """Contiguous block of ``range(n)`` for ``rank``.
+
+    Blocks start at multiples of ``align`` (the last one ends at ``n``) and hold numbers of
+    ``align``-sized units that differ by at most one; ``align=1`` splits rows evenly.
 
     Example:
         >>> [list(shard_range(5, r, 2)) for r in range(2)]
         [[0, 1, 2], [3, 4]]
+        >>> [list(shard_range(10, r, 2, align=4)) for r in range(2)]
+        [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]]
     """
-    base, extra = divmod(n, world_size)
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    units = -(-n // align)
+    base, extra = divmod(units, world_size)
     start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+    stop = start + base + (1 if rank < extra else 0)
+    return range(min(start * align, n), min(stop * align, n))
+
+
+def all_ranks_agree(info: DistInfo, ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a collective: every rank must call it)."""
+    if not info.enabled:
+        return ok
+    device = torch.device("cuda", info.local_rank) if info.backend == "nccl" else None
+    flag = torch.tensor([0 if ok else 1], device=device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0

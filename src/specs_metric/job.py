@@ -7,6 +7,17 @@ checkpoint across runs. Results are appended to a part file and flushed after ev
 so a crash loses at most one chunk and ``resume=True`` continues where it stopped. Under
 torchrun every rank scores a contiguous block of rows into its own part file and rank 0
 concatenates them in input order.
+
+The output is a function of the input and the settings alone, so that a resumed or
+torchrun job writes the same bytes as one uninterrupted process (with the same number of
+threads, which changes the rounding of matrix products):
+
+- chunks start at absolute multiples of ``chunk_rows`` (ranks get whole chunks, and a
+  resumed part file is cut back to its last whole chunk), so text batches, formed per chunk,
+  never depend on where a run started;
+- with ``batch_size=1`` (the default) each image is encoded alone: on CPU an embedding
+  changes in its last bits with its batch mates and its place in the batch, and the images
+  that meet in a batch depend on what an earlier run or the cache already encoded.
 """
 
 from __future__ import annotations
@@ -30,14 +41,20 @@ from tqdm import tqdm
 
 from specs_metric import __version__
 from specs_metric.cache import EmbeddingCache, model_fingerprint
-from specs_metric.distributed import DistInfo, barrier, shard_range
+from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_range
+from specs_metric.locking import OutputLock
 from specs_metric.rows import Row, count_rows, read_rows
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer, length_batches
 from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
 from specs_metric.tokenizer import EOT_ID, default_tokenizer
 from specs_metric.transform import ImageError, open_image, preprocess
+from specs_metric.workers import die_with_parent
 
 OUTPUT_FIELDS = ("id", "image", "caption", "score", "cosine", "tokens", "truncated", "error")
+
+
+class JobError(ValueError):
+    """A job that cannot start or finish correctly (its message is one line for the CLI)."""
 
 
 @dataclass
@@ -48,7 +65,7 @@ class JobConfig:
     output: Path
     image_root: Path | None = None
     scale: str = "specs"
-    batch_size: int = 64  # images per image batch
+    batch_size: int = 1  # images per forward pass; 1 keeps embeddings batch-independent
     token_budget: int = DEFAULT_TOKEN_BUDGET  # rows x trimmed length per text batch
     max_text_rows: int = 512  # most captions per text batch
     chunk_rows: int = 512  # rows prepared and written together
@@ -68,6 +85,7 @@ class _Chunk:
     valid: list[int] = field(default_factory=list)  # positions in rows with a caption+image
     image_hash: list[str] = field(default_factory=list)  # per valid row
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # hash -> pixels to encode
+    cached: dict[str, np.ndarray] = field(default_factory=dict)  # hash -> embedding from disk
 
 
 class _ChunkStream(IterableDataset):
@@ -119,6 +137,7 @@ class _ChunkStream(IterableDataset):
         for row in rows:
             rec = {
                 "index": row.index,
+                "line": row.line,
                 "id": row.id,
                 "image": row.image,
                 "caption": row.caption,
@@ -158,7 +177,7 @@ class _ChunkStream(IterableDataset):
         if not data:
             return None, f"{path}: image file is empty (0 bytes)"
         content_hash = hashlib.sha256(data).hexdigest()
-        if content_hash in chunk.pixels or (self.cache is not None and content_hash in self.cache):
+        if self._known(content_hash, chunk):
             return content_hash, None
         try:
             image = open_image(data, name=str(path))
@@ -166,6 +185,16 @@ class _ChunkStream(IterableDataset):
             return None, str(exc)
         chunk.pixels[content_hash] = preprocess(image, self.resolution)
         return content_hash, None
+
+
+    def _known(self, content_hash: str, chunk: _Chunk) -> bool:
+        """Whether this chunk already has the image's pixels or a sound cached embedding."""
+        if content_hash in chunk.pixels or content_hash in chunk.cached:
+            return True
+        value = self.cache.get(content_hash) if self.cache is not None else None
+        if value is not None:
+            chunk.cached[content_hash] = value
+        return value is not None
 
 
 def _collate(chunk: _Chunk) -> _Chunk:
@@ -188,27 +217,34 @@ class _ImageEmbeddings:
         while len(self.memory) > self.capacity:
             self.memory.popitem(last=False)
 
-    def lookup(self, hashes: list[str], pixels: dict[str, torch.Tensor]) -> np.ndarray:
-        todo = [h for h in dict.fromkeys(hashes) if h not in self.memory and h in pixels]
+    def lookup(
+        self, hashes: list[str], pixels: dict[str, torch.Tensor], cached: dict[str, np.ndarray]
+    ) -> np.ndarray:
+        """Embeddings of ``hashes`` (rows), from memory, the chunk's cache reads, or encoded
+        from the chunk's pixels (then remembered and written to the disk cache)."""
+        found: dict[str, np.ndarray] = {}  # this chunk's embeddings, whatever the LRU drops
+        todo = []
+        for key in dict.fromkeys(hashes):
+            if key in self.memory:
+                self.memory.move_to_end(key)
+                found[key] = self.memory[key]
+            elif key in cached:
+                found[key] = cached[key]
+                self._remember(key, cached[key])
+            elif key in pixels:
+                todo.append(key)
+            else:  # the worker sends pixels for every image it found no embedding of
+                raise RuntimeError(f"image {key}: neither pixels nor an embedding arrived")
         for start in range(0, len(todo), self.batch_size):
             keys = todo[start : start + self.batch_size]
             emb = self.scorer.encode_pixels(torch.stack([pixels[k] for k in keys])).numpy()
             self.encoded += len(keys)
             for key, value in zip(keys, emb, strict=True):
+                found[key] = value
                 self._remember(key, value)
-                if self.disk is not None:
+                if self.disk is not None and np.isfinite(value).all():
                     self.disk.put(key, value)
-        out = []
-        for key in hashes:
-            value = self.memory.get(key)
-            if value is None:
-                value = self.disk.get(key) if self.disk is not None else None
-                if value is None:
-                    raise RuntimeError(f"image embedding {key} vanished from the cache")
-                self._remember(key, value)
-            else:
-                self.memory.move_to_end(key)
-            out.append(value)
+        out = [found[k] for k in hashes]
         return np.stack(out) if out else np.zeros((0, self.scorer.embed_dim), np.float32)
 
 
@@ -231,9 +267,25 @@ def _cosines(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1)
 
 
+def _finite_or_none(value: object) -> object:
+    """``value`` with every non-finite float (at any depth) replaced by ``None``: JSON has no
+    NaN or Infinity, and a NaN in an input row's id or caption must not leak into ours."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def _json_line(rec: dict) -> str:
-    out = {k: rec.get(k) for k in OUTPUT_FIELDS}
-    return json.dumps(out, ensure_ascii=False) + "\n"
+    out = {k: _finite_or_none(rec.get(k)) for k in OUTPUT_FIELDS}
+    return json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _warn(message: str) -> None:
+    print(f"specs score: warning: {message}", file=sys.stderr)
 
 
 # --- part files and resume --------------------------------------------------------------------
@@ -247,25 +299,32 @@ def _job_path(output: Path) -> Path:
     return output.with_name(f"{output.name}.job.json")
 
 
-def _complete_lines(path: Path) -> int:
-    """Count complete JSON lines and cut off a partial last line (from a crash)."""
+def _resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
+    """Rows of ``path`` to keep on resume: its whole chunks of sound JSON lines.
+
+    A crash can leave a torn last line, or a chunk written only in part (a chunk's text
+    may reach the file in several writes). Both are cut off, so that the resumed run starts
+    at a chunk boundary and forms the same batches as an uninterrupted run.
+    """
     if not path.exists():
         return 0
-    good_end, count = 0, 0
+    count, chunk_end, ends = 0, 0, {0: 0}
     with open(path, "rb") as fh:
         offset = 0
         for line in fh:
             offset += len(line)
-            if not line.endswith(b"\n"):
+            if not line.endswith(b"\n") or count >= shard_rows:
                 break
             try:
                 json.loads(line)
             except ValueError:
                 break
-            good_end, count = offset, count + 1
+            count += 1
+            if count % chunk_rows == 0 or count == shard_rows:
+                chunk_end, ends = count, {count: offset}
     with open(path, "r+b") as fh:
-        fh.truncate(good_end)
-    return count
+        fh.truncate(ends[chunk_end])
+    return chunk_end
 
 
 def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
@@ -281,29 +340,49 @@ def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
         "numerics": scorer.numerics,
         "long_captions": scorer.long_captions,
         "world_size": world_size,
+        # these decide how rows meet in batches, and so the last bits of the scores
+        "chunk_rows": config.chunk_rows,
+        "batch_size": config.batch_size,
+        "token_budget": config.token_budget,
+        "max_text_rows": config.max_text_rows,
+        "threads": torch.get_num_threads(),
     }
 
 
 # --- output -----------------------------------------------------------------------------------
 
 
-def _write_final(config: JobConfig, world_size: int) -> None:
-    """Concatenate the part files (input order) into the output, in its format."""
+def _write_final(config: JobConfig, world_size: int, total: int) -> None:
+    """Concatenate the part files (input order) into the output, in its format.
+
+    The output appears (by rename) only if it holds exactly ``total`` rows; otherwise the
+    part files stay for ``--resume`` and nothing else is left behind.
+    """
     parts = [part_path(config.output, r, world_size) for r in range(world_size)]
     tmp = config.output.with_name(config.output.name + ".tmp")
     as_csv = config.output.suffix.lower() == ".csv"
-    with open(tmp, "w", encoding="utf-8", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=OUTPUT_FIELDS) if as_csv else None
-        if writer:
-            writer.writeheader()
-        for part in parts:
-            with open(part, encoding="utf-8") as fh:
-                for line in fh:
-                    if writer:
-                        writer.writerow(json.loads(line))
-                    else:
-                        out.write(line)
-    os.replace(tmp, config.output)
+    rows = 0
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=OUTPUT_FIELDS) if as_csv else None
+            if writer:
+                writer.writeheader()
+            for part in parts:
+                with open(part, encoding="utf-8") as fh:
+                    for line in fh:
+                        rows += 1
+                        if writer:
+                            writer.writerow(json.loads(line))
+                        else:
+                            out.write(line)
+        if rows != total:
+            raise JobError(
+                f"{config.output}: the part files hold {rows} rows but the input has {total}; "
+                "kept them, run again with --resume"
+            )
+        os.replace(tmp, config.output)
+    finally:
+        tmp.unlink(missing_ok=True)
     for part in parts:
         part.unlink()
 
@@ -327,11 +406,29 @@ def read_output(path: str | os.PathLike[str]) -> Iterator[dict]:
             yield rec
 
 
+def _id_key(value: object) -> int:
+    """A 64-bit hash of an id (type-aware: the JSON ids ``1`` and ``"1"`` differ)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 def summarize(path: Path) -> dict:
-    """Counts, mean and std of the scores of an output file (one streaming pass)."""
-    n = n_err = n_trunc = 0
+    """Counts, mean and std of the scores of an output file (one streaming pass).
+
+    ``mean`` and ``std`` are ``None`` when no row was scored. ``n_duplicate_ids`` counts rows
+    whose id an earlier row already had (ids are compared by 64-bit hashes).
+    """
+    n = n_err = n_trunc = n_dup = 0
     total = total_sq = 0.0
+    seen: set[int] = set()
+    first_duplicate = None
     for rec in read_output(path):
+        key = _id_key(rec["id"])
+        if key in seen:
+            n_dup += 1
+            first_duplicate = rec["id"] if first_duplicate is None else first_duplicate
+        seen.add(key)
         if rec["error"]:
             n_err += 1
             continue
@@ -339,28 +436,145 @@ def summarize(path: Path) -> dict:
         total += rec["score"]
         total_sq += rec["score"] ** 2
         n_trunc += bool(rec["truncated"])
-    mean = total / n if n else math.nan
-    var = max(total_sq / n - mean * mean, 0.0) if n else math.nan
+    mean = total / n if n else None
+    std = math.sqrt(max(total_sq / n - mean * mean, 0.0)) if n else None
     return {
         "n_rows": n + n_err,
         "n_scored": n,
         "n_errors": n_err,
         "n_truncated": n_trunc,
+        "n_duplicate_ids": n_dup,
+        "first_duplicate_id": first_duplicate,
         "mean": mean,
-        "std": math.sqrt(var) if n else math.nan,
+        "std": std,
     }
+
+
+def _mark_non_finite(chunk: _Chunk, cos: np.ndarray) -> int:
+    """Turn rows whose cosine is NaN or infinite into row errors; returns how many."""
+    bad = 0
+    for pos, c in zip(chunk.valid, cos.tolist(), strict=True):
+        if not math.isfinite(c):
+            rec = chunk.rows[pos]
+            rec["score"] = rec["cosine"] = None
+            rec["error"] = (
+                f"line {rec['line']}: the score is not finite ({c}); the model's weights "
+                "or this row's embeddings hold NaN or infinite values"
+            )
+            bad += 1
+    return bad
+
+
+def _disk_cache(config: JobConfig, scorer: Scorer) -> EmbeddingCache | None:
+    if config.cache_dir is None:
+        return None
+    fingerprint = model_fingerprint(
+        scorer.checkpoint_sha256, scorer.numerics, scorer.reference_rounding, scorer.resolution
+    )
+    return EmbeddingCache(config.cache_dir, fingerprint, dim=scorer.embed_dim)
+
+
+def _score_shard(
+    config: JobConfig, scorer: Scorer, info: DistInfo, total: int, done: int, part: Path
+) -> tuple[int, int]:
+    """Score this rank's rows from ``done`` on, appending to ``part``.
+
+    Returns:
+        (images encoded, rows whose score was not finite)
+    """
+    shard = shard_range(total, info.rank, info.world_size, align=config.chunk_rows)
+    disk = _disk_cache(config, scorer)
+    stream = _ChunkStream(
+        config,
+        shard.start + done,
+        shard.stop,
+        scorer.context_length,
+        scorer.resolution,
+        scorer.long_captions,
+        disk,
+    )
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        collate_fn=_collate,
+        num_workers=config.num_workers,
+        persistent_workers=False,
+        prefetch_factor=2 if config.num_workers else None,
+        worker_init_fn=die_with_parent if config.num_workers else None,
+    )
+    images = _ImageEmbeddings(scorer, config.batch_size, config.memory_cache_size, disk)
+    bar = tqdm(
+        total=len(shard),
+        initial=done,
+        unit="row",
+        file=sys.stderr,
+        disable=not (config.show_progress and info.is_main),
+        desc="scoring",
+    )
+    non_finite = 0
+    with open(part, "a", encoding="utf-8") as out:
+        for chunk in loader:
+            if chunk.valid:
+                img = images.lookup(chunk.image_hash, chunk.pixels, chunk.cached)
+                txt = _text_embeddings(scorer, chunk.tokens, config)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    cos = _cosines(img, txt)
+                scores = apply_scale(cos, config.scale)
+                for pos, c, sc in zip(chunk.valid, cos.tolist(), scores.tolist(), strict=True):
+                    chunk.rows[pos]["cosine"] = c
+                    chunk.rows[pos]["score"] = sc
+                non_finite += _mark_non_finite(chunk, cos)
+            out.write("".join(_json_line(rec) for rec in chunk.rows))
+            out.flush()
+            bar.update(len(chunk.rows))
+    bar.close()
+    return images.encoded, non_finite
+
+
+def _lock_output(config: JobConfig, info: DistInfo) -> OutputLock | None:
+    """Rank 0 locks the output for the whole job; every rank learns whether it could."""
+    lock = OutputLock(config.output) if info.is_main else None
+    error: ValueError | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except ValueError as exc:
+            error = exc
+    if not all_ranks_agree(info, error is None):
+        if lock is not None:
+            lock.release()
+        raise error or JobError(f"another job is writing {config.output} (rank 0 was refused)")
+    return lock
 
 
 def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None) -> dict:
     """Score every row of ``config.input`` into ``config.output``.
 
+    Raises:
+        JobError: another job holds the output's lock, or the output would not hold one
+            row per input row.
+
     Returns:
         The summary (also written to ``<output>.summary.json`` by rank 0).
     """
     check_scale(config.scale)
+    if config.chunk_rows < 1 or config.batch_size < 1:
+        raise JobError(
+            f"chunk_rows and batch_size must be >= 1, got {config.chunk_rows} and "
+            f"{config.batch_size}"
+        )
     info = dist_info or DistInfo()
     started = time.perf_counter()
     config.output.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_output(config, info)
+    try:
+        return _run_locked(config, scorer, info, started)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: float) -> dict:
     identity = _job_identity(config, scorer, info.world_size)
     job_file = _job_path(config.output)
     my_part = part_path(config.output, info.rank, info.world_size)
@@ -379,78 +593,42 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
         and previous.get("complete", False)
         and config.output.exists()
     )
-    encoded = 0
+    encoded = non_finite = 0
     if not finished:
         barrier(info)
         if info.is_main:
             job_file.write_text(json.dumps({**identity, "complete": False}, indent=1))
-        done = _complete_lines(my_part) if config.resume else 0
-        if not config.resume:
-            my_part.unlink(missing_ok=True)
         total = count_rows(config.input, config.image_root)
-        shard = shard_range(total, info.rank, info.world_size)
-        disk = None
-        if config.cache_dir is not None:
-            disk = EmbeddingCache(
-                config.cache_dir,
-                model_fingerprint(
-                    scorer.checkpoint_sha256,
-                    scorer.numerics,
-                    scorer.reference_rounding,
-                    scorer.resolution,
-                ),
-            )
-        stream = _ChunkStream(
-            config,
-            shard.start + done,
-            shard.stop,
-            scorer.context_length,
-            scorer.resolution,
-            scorer.long_captions,
-            disk,
-        )
-        loader = DataLoader(
-            stream,
-            batch_size=None,
-            collate_fn=_collate,
-            num_workers=config.num_workers,
-            persistent_workers=False,
-            prefetch_factor=2 if config.num_workers else None,
-        )
-        images = _ImageEmbeddings(scorer, config.batch_size, config.memory_cache_size, disk)
-        bar = tqdm(
-            total=len(shard),
-            initial=done,
-            unit="row",
-            file=sys.stderr,
-            disable=not (config.show_progress and info.is_main),
-            desc="scoring",
-        )
-        with open(my_part, "a", encoding="utf-8") as out:
-            for chunk in loader:
-                if chunk.valid:
-                    img = images.lookup(chunk.image_hash, chunk.pixels)
-                    txt = _text_embeddings(scorer, chunk.tokens, config)
-                    cos = _cosines(img, txt)
-                    scores = apply_scale(cos, config.scale)
-                    for pos, c, s in zip(chunk.valid, cos.tolist(), scores.tolist(), strict=True):
-                        chunk.rows[pos]["cosine"] = c
-                        chunk.rows[pos]["score"] = s
-                out.write("".join(_json_line(rec) for rec in chunk.rows))
-                out.flush()
-                bar.update(len(chunk.rows))
-        bar.close()
-        encoded = images.encoded
+        shard = shard_range(total, info.rank, info.world_size, align=config.chunk_rows)
+        if config.resume:
+            done = _resume_point(my_part, config.chunk_rows, len(shard))
+        else:
+            done = 0
+            my_part.unlink(missing_ok=True)
+        encoded, non_finite = _score_shard(config, scorer, info, total, done, my_part)
         barrier(info)
         if info.is_main:
-            _write_final(config, info.world_size)
+            _write_final(config, info.world_size, total)
             job_file.write_text(json.dumps({**identity, "complete": True}, indent=1))
     summary = {}
     if info.is_main:
         summary = summarize(config.output)
+        first_duplicate = summary.pop("first_duplicate_id")
+        if summary["n_duplicate_ids"]:
+            _warn(
+                f"{summary['n_duplicate_ids']} row(s) repeat the id of an earlier row (first: "
+                f"{json.dumps(first_duplicate, ensure_ascii=False)}); `specs compare` needs "
+                "unique ids"
+            )
+        if non_finite:
+            _warn(
+                f"{non_finite} row(s) got a non-finite score (NaN or infinite weights or "
+                "embeddings); they are row errors with a null score"
+            )
+        mean = summary["mean"]
         summary.update(
             {
-                "corpus_score": corpus_from_mean(summary["mean"], config.scale),
+                "corpus_score": None if mean is None else corpus_from_mean(mean, config.scale),
                 "scale": config.scale,
                 "model": scorer.name,
                 "checkpoint_sha256": scorer.checkpoint_sha256,
@@ -464,6 +642,6 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
             }
         )
         summary_path = config.output.with_name(config.output.name + ".summary.json")
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+        summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
     barrier(info)
     return summary

@@ -26,7 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="folder for relative image paths (default: the input file's folder)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="images per forward pass (default 1: each embedding independent of the others, "
+        "which byte-identical resume needs; larger is faster on GPUs)",
+    )
     p.add_argument(
         "--token-budget",
         type=int,
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     summary = run_job(config, scorer, info)
     if not info.is_main:
         return 0
-    print(json.dumps(summary, indent=2), file=sys.stderr)
+    print(json.dumps(summary, indent=2, allow_nan=False), file=sys.stderr)
     if args.strict and summary["n_errors"]:
         print(f"specs score: {summary['n_errors']} row(s) had errors (--strict)", file=sys.stderr)
         return 1
