@@ -47,7 +47,7 @@ from specs_metric.rows import Row, count_rows, read_rows
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer, length_batches
 from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
 from specs_metric.tokenizer import EOT_ID, default_tokenizer
-from specs_metric.transform import ImageError, open_image, preprocess
+from specs_metric.transform import ImageError, open_image, preprocess, read_image_bytes
 from specs_metric.workers import die_with_parent
 
 OUTPUT_FIELDS = ("id", "image", "caption", "score", "cosine", "tokens", "truncated", "error")
@@ -171,16 +171,14 @@ class _ChunkStream(IterableDataset):
 
     def _load_image(self, path: Path, chunk: _Chunk) -> tuple[str | None, str | None]:
         try:
-            data = path.read_bytes()
-        except OSError:
-            return None, f"{path}: image file not found or unreadable"
-        if not data:
-            return None, f"{path}: image file is empty (0 bytes)"
+            data = read_image_bytes(path)
+        except ImageError as exc:
+            return None, str(exc)
         content_hash = hashlib.sha256(data).hexdigest()
         if self._known(content_hash, chunk):
             return content_hash, None
         try:
-            image = open_image(data, name=str(path))
+            image = open_image(data, name=str(path), resolution=self.resolution)
         except ImageError as exc:
             return None, str(exc)
         chunk.pixels[content_hash] = preprocess(image, self.resolution)

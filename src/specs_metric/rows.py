@@ -6,24 +6,46 @@ Every input row becomes exactly one :class:`Row`; a row that cannot be used carr
 Formats:
 
 - ``.jsonl``: one JSON object per line with ``image``, ``caption`` and optionally ``id``;
+  blank lines are skipped;
 - ``.csv``: a header with ``image``, ``caption`` and optionally ``id``;
 - ``.json``: ``{"image_id": "caption", ...}`` (clipscore's format); the image is the file
   ``<image_id>.<ext>`` in the image root (ext one of :data:`IMAGE_EXTENSIONS`).
 
+Files are UTF-8, with or without a byte-order mark. A line that is not valid UTF-8, longer
+than :data:`MAX_LINE_CHARS`, or not well-formed JSON/CSV is that row's error. A CSV quote
+that is never closed, or that runs over what looks like a row of its own, makes the row it
+opens on an error; the rows after it are read as usual.
+
 Relative image paths are resolved against ``image_root`` (default: the input file's folder).
-A row without ``id`` gets its 0-based row number as id.
+
+Ids: a JSONL row without an ``id`` key, or every row of a CSV without an ``id`` column, gets
+its 0-based row number as id. An id that is present must be a non-empty string or a finite
+number: an empty cell, ``null``, ``""``, a list, an object or a boolean is that row's error,
+and its output id is ``null`` (so a row number never stands in for an id the file meant to
+give).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
-from collections.abc import Iterator
+import re
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+# Longest input line read (characters); a longer line is a row error, skipped unread.
+MAX_LINE_CHARS = 1 << 20
+
+# Decoding with surrogateescape turns each byte that is not UTF-8 into U+DC80..U+DCFF; JSON
+# escapes can also produce lone surrogates (U+D800..U+DFFF), which cannot be written as UTF-8.
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -39,89 +61,273 @@ class Row:
     error: str | None = None
 
 
-def _check(row: Row) -> Row:
-    if row.error:
-        return row
-    if not isinstance(row.image, str) or not row.image.strip():
-        row.error = f"line {row.line}: row has no image"
-    elif not isinstance(row.caption, str):
-        row.error = f"line {row.line}: caption is not a string (got {type(row.caption).__name__})"
-    elif not row.caption.strip():
-        row.error = f"line {row.line}: caption is empty"
-    return row
+class _LineTooLong(Exception):
+    def __init__(self, line: int) -> None:
+        self.line = line
 
 
-def _resolve(image: object, root: Path) -> Path | None:
-    if not isinstance(image, str) or not image.strip():
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _utf8_problem(text: str) -> str | None:
+    match = _NOT_UTF8.search(text)
+    if match is None:
         return None
+    byte = ord(match.group()) - 0xDC00
+    return f"not valid UTF-8 (byte 0x{byte:02x} at character {match.start() + 1})"
+
+
+def _surrogate(text: str) -> str | None:
+    match = _SURROGATE.search(text)
+    if match is None:
+        return None
+    return f"lone surrogate U+{ord(match.group()):04X} at character {match.start() + 1}"
+
+
+def _printable(value: object) -> object:
+    """A field as the output can show it: JSON-safe, bytes that were not UTF-8 escaped."""
+    if isinstance(value, (list, dict)):
+        return None  # never a valid field; the error names its type
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str) and _SURROGATE.search(value):
+        try:  # bytes that were not UTF-8 -> \xe9
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate from a JSON escape -> \ud800
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
+
+
+def _id_problem(value: object) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return "empty id"
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return f"id must be a string or a number (got {_type_name(value)})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"id is not a finite number ({value})"
+    if isinstance(value, str) and (where := _surrogate(value)):
+        return f"id is not valid Unicode ({where})"
+    return None
+
+
+def _field_problem(image: object, caption: object) -> str | None:
+    if image is None or (isinstance(image, str) and not image.strip()):
+        return "row has no image"
+    if not isinstance(image, str):
+        return f"image is not a string (got {_type_name(image)})"
+    if where := _surrogate(image):
+        return f"image path is not valid Unicode ({where})"
+    if not isinstance(caption, str):
+        return f"caption is not a string (got {_type_name(caption)})"
+    if where := _surrogate(caption):
+        return f"caption is not valid Unicode ({where})"
+    if not caption.strip():
+        return "caption is empty"
+    return None
+
+
+def _resolve(image: str, root: Path) -> Path:
     path = Path(image).expanduser()
     return path if path.is_absolute() else root / path
 
 
+def _make_row(
+    index: int,
+    line: int,
+    fields: Mapping[str, object],
+    root: Path,
+    error: str | None = None,
+    missing_id: object = None,
+    path: Path | None = None,
+) -> Row:
+    """A row from its fields; ``error`` (a line-level problem) wins over field problems.
+
+    ``missing_id`` is the id of a row whose fields hold no ``id`` at all.
+    """
+    if "id" in fields:
+        id_error = _id_problem(fields["id"])
+        row_id = None if id_error else fields["id"]
+    else:
+        id_error, row_id = None, missing_id
+    image, caption = fields.get("image"), fields.get("caption")
+    error = error or id_error or _field_problem(image, caption)
+    if error is None and path is None:
+        path = _resolve(image, root)  # type: ignore[arg-type]  # checked: a string
+    return Row(
+        index,
+        line,
+        row_id,
+        _printable(image),  # type: ignore[arg-type]
+        _printable(caption),
+        None if error else path,
+        f"line {line}: {error}" if error else None,
+    )
+
+
 def _jsonl_rows(path: Path, root: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        index = 0
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-            except ValueError as exc:
-                yield Row(
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
+        index = line_no = 0
+        while text := fh.readline(MAX_LINE_CHARS + 1):
+            line_no += 1
+            if len(text) > MAX_LINE_CHARS and not text.endswith("\n"):
+                while text and not text.endswith("\n"):  # skip the rest, unread
+                    text = fh.readline(1 << 16)
+                yield _make_row(
                     index,
                     line_no,
+                    {},
+                    root,
+                    f"line longer than {MAX_LINE_CHARS} characters",
                     index,
-                    None,
-                    None,
-                    None,
-                    f"line {line_no}: malformed JSON line ({exc})",
                 )
-            else:
-                image = obj.get("image")
-                yield _check(
-                    Row(
-                        index,
-                        line_no,
-                        obj.get("id", index),
-                        image,
-                        obj.get("caption"),
-                        _resolve(image, root),
-                    )
+                index += 1
+                continue
+            if not text.strip():
+                continue
+            error = _utf8_problem(text)
+            try:
+                obj = json.loads(text)
+            except (ValueError, RecursionError) as exc:
+                obj, error = {}, error or f"malformed JSON line ({exc})"
+            if not isinstance(obj, dict):
+                obj, error = (
+                    {},
+                    error or (f"malformed JSON line (not a JSON object: got {_type_name(obj)})"),
                 )
+            yield _make_row(index, line_no, obj, root, error, index)
             index += 1
 
 
+class _CsvLines:
+    """The physical lines fed to ``csv.reader``, numbered.
+
+    Remembers the lines of the record being read, so that a malformed record (a quote that
+    swallowed the rows after it) can be read again from its second line.
+    """
+
+    def __init__(self, fh) -> None:
+        self.fh = fh
+        self.number = 0
+        self.pending: deque[tuple[int, str]] = deque()
+        self.record: list[tuple[int, str]] = []
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        if self.pending:
+            item = self.pending.popleft()
+        else:
+            text = self.fh.readline(MAX_LINE_CHARS + 1)
+            if not text:
+                raise StopIteration
+            self.number += 1
+            if len(text) > MAX_LINE_CHARS and not text.endswith(("\n", "\r")):
+                while text and not text.endswith(("\n", "\r")):
+                    text = self.fh.readline(1 << 16)
+                raise _LineTooLong(self.number)
+            item = (self.number, text)
+        self.record.append(item)
+        return item[1]
+
+    def start_record(self) -> None:
+        self.record = []
+
+    def reread_after_first(self) -> None:
+        self.pending.extendleft(reversed(self.record[1:]))
+        self.record = []
+
+
+def _looks_like_a_row(text: str, n_fields: int, image_col: int) -> bool:
+    """Whether a physical line inside a quoted field would be a whole row on its own."""
+    try:
+        fields = next(csv.reader([text]), [])
+    except csv.Error:
+        return False
+    return len(fields) == n_fields and fields[image_col].strip().lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _csv_header(reader, path: Path) -> list[str]:
+    try:
+        header: list[str] = []
+        while not header:
+            header = next(reader)
+    except StopIteration:
+        raise ValueError(f"{path}: empty CSV file (no header)") from None
+    except (csv.Error, _LineTooLong) as exc:
+        raise ValueError(f"{path}: cannot read the CSV header ({exc})") from None
+    names = [name.strip() for name in header]
+    if any(_NOT_UTF8.search(name) for name in names):
+        raise ValueError(f"{path}: the CSV header is not valid UTF-8")
+    missing = {"image", "caption"} - set(names)
+    if missing:
+        raise ValueError(f"{path}: CSV header lacks column(s) {sorted(missing)}")
+    repeated = sorted({n for n in names if n in ("id", "image", "caption") and names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{path}: CSV header repeats column(s) {repeated}")
+    return names
+
+
+def _csv_error(exc: Exception, lines: _CsvLines) -> tuple[int, str]:
+    """(line, message) of a record the reader refused."""
+    line = lines.record[0][0] if lines.record else lines.number
+    if isinstance(exc, _LineTooLong):
+        return line, f"line {exc.line} is longer than {MAX_LINE_CHARS} characters"
+    if "unexpected end of data" in str(exc):
+        return line, "malformed CSV row (a quoted field opened here is never closed)"
+    return line, f"malformed CSV row ({exc}; an unbalanced quote?)"
+
+
+def _record_problem(values: list[str], record: list[tuple[int, str]], names: list[str]):
+    """What is wrong with a parsed record, and whether its lines after the first must be
+    read again as rows (a quote that swallowed them)."""
+    image_col = names.index("image")
+    for number, text in record[1:]:
+        if _looks_like_a_row(text, len(names), image_col):
+            return (
+                f"malformed CSV row (a quoted field opened here runs over line {number}, "
+                "which looks like a row of its own; an unbalanced quote?)"
+            ), True
+    if len(values) != len(names):
+        return f"malformed CSV row ({len(values)} fields, the header has {len(names)})", False
+    for number, text in record:
+        if problem := _utf8_problem(text):
+            return (problem if number == record[0][0] else f"{problem} on line {number}"), False
+    return None, False
+
+
 def _csv_rows(path: Path, root: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"image", "caption"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{path}: CSV header lacks column(s) {sorted(missing)}")
-        for index, rec in enumerate(reader):
-            line_no = reader.line_num
-            if None in rec:  # more fields than the header
-                yield Row(
-                    index,
-                    line_no,
-                    rec.get("id") or index,
-                    None,
-                    None,
-                    None,
-                    f"line {line_no}: malformed CSV row (too many fields)",
-                )
-                continue
-            image = rec.get("image")
-            row = Row(
-                index,
-                line_no,
-                rec.get("id") or index,
-                image,
-                rec.get("caption"),
-                _resolve(image, root),
-            )
-            yield _check(row)
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
+        lines = _CsvLines(fh)
+        reader = csv.reader(lines, strict=True)
+        names = _csv_header(reader, path)
+        has_ids = "id" in names
+        index = 0
+        while True:
+            lines.start_record()
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except (csv.Error, _LineTooLong) as exc:
+                line, error = _csv_error(exc, lines)
+                try:  # what the first line alone says of the row (its id)
+                    values = next(csv.reader([lines.record[0][1]])) if lines.record else []
+                except csv.Error:
+                    values = []
+                reread = True
+            else:
+                if not values:  # a blank line
+                    continue
+                line = lines.record[0][0]
+                error, reread = _record_problem(values, lines.record, names)
+            if reread:  # the rows a bad quote swallowed are read as rows
+                lines.reread_after_first()
+                reader = csv.reader(lines, strict=True)
+            fields = dict(zip(names, values, strict=False))
+            yield _make_row(index, line, fields, root, error, None if has_ids else index)
+            index += 1
 
 
 def _find_image(root: Path, image_id: str) -> Path:
@@ -134,16 +340,23 @@ def _find_image(root: Path, image_id: str) -> Path:
 
 
 def _mapping_rows(path: Path, root: Path) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as fh:
-        try:
+    try:
+        with open(path, encoding="utf-8-sig") as fh:
             mapping = json.load(fh)
-        except ValueError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not valid UTF-8 (byte {exc.start + 1})") from None
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(mapping, dict):
         raise ValueError(f"{path}: expected a JSON object {{image_id: caption}}")
     for index, (image_id, caption) in enumerate(mapping.items()):
+        fields = {"id": image_id, "image": image_id, "caption": caption}
+        if _id_problem(image_id) is not None:
+            yield _make_row(index, index + 1, fields, root)
+            continue
         found = _find_image(root, image_id)
-        yield _check(Row(index, index + 1, image_id, found.name, caption, found))
+        fields["image"] = found.name
+        yield _make_row(index, index + 1, fields, root, path=found)
 
 
 def read_rows(
@@ -152,12 +365,15 @@ def read_rows(
     """Stream the rows of a scoring input file.
 
     Raises:
-        ValueError: unsupported extension or an unreadable header/document (not per-row).
+        ValueError: unsupported extension, not a regular file, or an unreadable
+            header/document (not per-row).
         FileNotFoundError: the input does not exist.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"input file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path}: the input is not a regular file")
     root = Path(image_root) if image_root is not None else path.parent
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):

@@ -1,18 +1,25 @@
-"""Image decoding and the reference CLIP preprocessing, with PIL only.
+"""Image reading and decoding, and the reference CLIP preprocessing, with PIL only.
 
-Preprocessing (guide §3): resize so the shorter side equals the model resolution with PIL's
-bicubic filter, centre crop, convert to RGB, scale to [0, 1] and normalise with CLIP's
-mean and std. This is what the reference's torchvision pipeline does on PIL images; the
-float operations are performed in the same order, so pixels match exactly. EXIF
-orientation is not applied, as in the reference.
+Preprocessing: resize so the shorter side equals the model resolution with PIL's bicubic
+filter, centre crop, convert to RGB, scale to [0, 1] and normalise with CLIP's mean and std.
+This is what the reference's torchvision pipeline does on PIL images; the float operations
+are performed in the same order, so pixels match exactly. EXIF orientation is not applied,
+as in the reference.
+
+Untrusted files are read and decoded in bounded memory: only regular files of at most
+:data:`MAX_IMAGE_BYTES` are read, and an image is refused before its pixels are decoded when
+it has more pixels than PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) or
+when resizing its shorter side to the model resolution would make more than
+:data:`MAX_RESIZED_PIXELS` pixels (an extreme aspect ratio such as 1 x 1,000,000).
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import stat
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,6 +27,12 @@ from PIL import Image, UnidentifiedImageError
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Largest image file read (bytes); larger files are refused unread.
+MAX_IMAGE_BYTES = 64 * 2**20
+# Most pixels of the shorter-side resize (before the centre crop). 2**25 allows aspect ratios
+# up to about 1:668 at resolution 224 (the resized image then takes ~100 MB as RGB).
+MAX_RESIZED_PIXELS = 2**25
 
 ImageSource = str | os.PathLike | bytes | Image.Image
 
@@ -34,16 +47,141 @@ def _describe(source: ImageSource) -> str:
     return str(source)
 
 
-def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def _os_error(name: str, exc: OSError) -> ImageError:
+    reasons = {
+        errno.ENOENT: "image file not found",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EISDIR: "is a directory, not an image file",
+        errno.ELOOP: "too many levels of symbolic links (a symlink loop?)",
+        errno.ENOTDIR: "a part of the path is not a folder",
+        errno.ENAMETOOLONG: "path too long",
+        errno.ENXIO: "not a regular file",
+    }
+    reason = reasons.get(exc.errno) or f"cannot read image file ({exc.strerror or exc})"
+    return ImageError(f"{name}: {reason}")
+
+
+def _check_regular(name: str, st: os.stat_result, max_bytes: int) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{name}: is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError(f"{name}: not a regular file ({_file_kind(st.st_mode)})")
+    if st.st_size > max_bytes:
+        raise ImageError(
+            f"{name}: image file too large ({st.st_size} bytes; the limit is {max_bytes})"
+        )
+
+
+def read_image_bytes(
+    path: str | os.PathLike[str], max_bytes: int | None = None, name: str | None = None
+) -> bytes:
+    """The bytes of an image file, read in bounded memory.
+
+    Only a regular file is opened (never a FIFO, a device or a directory, which could block
+    or never end), and at most ``max_bytes`` (default :data:`MAX_IMAGE_BYTES`) are read.
+
+    Raises:
+        ImageError: not found, permission denied, a directory, not a regular file, a path
+            that cannot name a file (a NUL byte), empty, or larger than ``max_bytes``.
+    """
+    limit = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
+    name = name or str(path)
+    try:
+        # stat first: a FIFO or a device is refused without being opened at all
+        _check_regular(name, os.stat(path), limit)
+        # O_NONBLOCK: should the path have become a FIFO since, opening it does not block
+        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+        fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0))
+    except ImageError:
+        raise
+    except OSError as exc:
+        raise _os_error(name, exc) from None
+    except ValueError as exc:  # a NUL byte, or text that is not a valid file name
+        raise ImageError(f"{name!r}: not a valid file path ({exc})") from None
+    try:
+        _check_regular(name, os.fstat(fd), limit)  # the file that was actually opened
+        parts, size = [], 0
+        while size <= limit:
+            part = os.read(fd, min(limit + 1 - size, 1 << 20))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+    except OSError as exc:
+        raise _os_error(name, exc) from None
+    finally:
+        os.close(fd)
+    if size > limit:  # the file grew while being read
+        raise ImageError(f"{name}: image file too large (over {limit} bytes)")
+    if size == 0:
+        raise ImageError(f"{name}: image file is empty (0 bytes)")
+    return b"".join(parts)
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side of ``size`` to ``resolution``."""
+    width, height = size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(resolution * long / short)
+    return (resolution, new_long) if width <= height else (new_long, resolution)
+
+
+def check_image_size(
+    size: tuple[int, int], resolution: int | None, name: str, decoding: bool = True
+) -> None:
+    """Refuse a size that cannot be decoded and preprocessed in bounded memory.
+
+    Raises:
+        ImageError: an empty size; when ``decoding``, more pixels than
+            ``PIL.Image.MAX_IMAGE_PIXELS``; with ``resolution``, a shorter-side resize of
+            more than :data:`MAX_RESIZED_PIXELS` pixels.
+    """
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"{name}: image has no pixels ({width}x{height})")
+    limit = Image.MAX_IMAGE_PIXELS
+    if decoding and limit is not None and width * height > limit:
+        raise ImageError(
+            f"{name}: image too large (decompression-bomb limit): {width}x{height} = "
+            f"{width * height} pixels, more than {limit}"
+        )
+    if resolution is not None:
+        new_w, new_h = resized_size(size, resolution)
+        if new_w * new_h > MAX_RESIZED_PIXELS:
+            raise ImageError(
+                f"{name}: aspect ratio too extreme ({width}x{height}): resizing its shorter "
+                f"side to {resolution} gives {new_w}x{new_h} pixels, more than "
+                f"{MAX_RESIZED_PIXELS}"
+            )
+
+
+def open_image(
+    source: ImageSource, name: str | None = None, resolution: int | None = None
+) -> Image.Image:
     """Decode an image fully (so truncation errors surface here, not later).
 
     Args:
         source: a path, encoded bytes, or a PIL image (returned as is).
         name: how error messages call the image (default: the path).
+        resolution: the model resolution it will be preprocessed for; an image whose
+            shorter-side resize would be too large is then refused before decoding.
 
     Raises:
-        ImageError: missing, empty, truncated or non-image file, or one over PIL's
-            decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``).
+        ImageError: a file :func:`read_image_bytes` refuses; empty, truncated or non-image
+            data; an image over PIL's decompression-bomb limit or too large to preprocess.
     """
     if isinstance(source, Image.Image):
         return source
@@ -51,36 +189,36 @@ def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
     if isinstance(source, bytes):
         if not source:
             raise ImageError(f"{name}: empty image data")
-        stream: io.BytesIO | Path = io.BytesIO(source)
+        data = source
     else:
-        stream = Path(source)
-        if not stream.is_file():
-            raise ImageError(f"{name}: image file not found")
-        if stream.stat().st_size == 0:
-            raise ImageError(f"{name}: image file is empty (0 bytes)")
+        data = read_image_bytes(source, name=name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(stream) as img:
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                check_image_size(img.size, resolution, name)
                 img.load()
                 return img.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: image too large (decompression-bomb limit): {exc}") from exc
+    except ImageError:
+        raise
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a recognised image file") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
+    except (OSError, SyntaxError, ValueError, MemoryError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
 
 
 def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize so that the shorter side is ``size`` (longer side rounded down)."""
-    width, height = image.size
-    short, long = (width, height) if width <= height else (height, width)
-    if short == size:
+    """Bicubic resize so that the shorter side is ``size`` (longer side rounded down).
+
+    Raises:
+        ImageError: the result would have more than :data:`MAX_RESIZED_PIXELS` pixels.
+    """
+    check_image_size(image.size, size, "image", decoding=False)
+    if min(image.size) == size:
         return image
-    new_long = int(size * long / short)
-    new_size = (size, new_long) if width <= height else (new_long, size)
-    return image.resize(new_size, Image.BICUBIC)
+    return image.resize(resized_size(image.size, size), Image.BICUBIC)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -114,4 +252,4 @@ def preprocess(image: Image.Image, resolution: int = 224) -> torch.Tensor:
 
 def load_and_preprocess(source: ImageSource, resolution: int = 224) -> torch.Tensor:
     """Decode then preprocess; raises :class:`ImageError` on bad input."""
-    return preprocess(open_image(source), resolution)
+    return preprocess(open_image(source, resolution=resolution), resolution)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,10 +51,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_output_is_not_input(source: Path, output: Path) -> None:
+    """Refuse an output that is the input file (by any path: a link, a relative path)."""
+    if source.exists() and output.exists() and os.path.samefile(source, output):
+        raise ValueError(f"--output {output} is the input file {source}; choose another output")
+
+
 def run(args: argparse.Namespace) -> int:
     from specs_metric.distributed import init_from_env, local_device
     from specs_metric.job import JobConfig, run_job
 
+    check_output_is_not_input(args.input, args.output)
     info = init_from_env(args.device)
     scorer = load_scorer(args, args.model, local_device(info, args.device))
     config = JobConfig(
