@@ -7,7 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from specs_metric.cli.common import add_model_options, load_scorer
+from specs_metric.cli.common import (
+    add_model_options,
+    load_scorer,
+    nonnegative_int,
+    positive_int,
+)
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
 from specs_metric.scores import SCALES
 
@@ -26,17 +31,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         help="folder for relative image paths (default: the input file's folder)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=64, help="images per batch (default 64)"
+    )
     p.add_argument(
         "--token-budget",
-        type=int,
+        type=positive_int,
         default=DEFAULT_TOKEN_BUDGET,
         help=f"rows x tokens per text batch (default {DEFAULT_TOKEN_BUDGET})",
     )
     add_model_options(p)
     p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
-    p.add_argument("--chunk-rows", type=int, default=512, help="rows prepared and written together")
-    p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
+    p.add_argument(
+        "--chunk-rows", type=positive_int, default=512, help="rows prepared and written together"
+    )
+    p.add_argument(
+        "--workers", type=nonnegative_int, default=1, help="image-decoding worker processes"
+    )
     p.add_argument("--cache-dir", type=Path, help="on-disk image-embedding cache")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any row has an error")
