@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
 from specs_metric.bench.human import DEFAULT_MODEL, FORMATS
 from specs_metric.cli.common import add_device_option, positive_int, probability
+from specs_metric.jsonio import dumps
 
 
 def _candidates(text: str | None) -> dict[str, str] | None:
@@ -101,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
         name = res.spec.label.replace("/", "_")
         with open(args.out / f"scores_{name}.jsonl", "a", encoding="utf-8") as fh:
             for rec, value in zip(jset.rows, res.scores.tolist(), strict=True):
-                value = value if math.isfinite(value) else None
-                fh.write(json.dumps({"set": jset.name, "id": rec.id, "score": value}) + "\n")
+                fh.write(dumps({"set": jset.name, "id": rec.id, "score": value}) + "\n")
         rate = res.seconds_per_1000
         print(f"{jset.name}: {res.spec.label} done ({rate:.2f} s / 1000 captions)", file=sys.stderr)
 
@@ -123,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     with open(scores_path, "w", encoding="utf-8") as fh:
         for s in sets:
             for rec in iter_score_rows(s, results[s.name]):
-                fh.write(json.dumps(rec) + "\n")
+                fh.write(dumps(rec) + "\n")
     meta = {
         "data": str(args.data),
         "format": args.format,

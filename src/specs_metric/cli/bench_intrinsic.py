@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from specs_metric.cli.common import (
     nonnegative_int,
     positive_int,
 )
+from specs_metric.jsonio import dumps
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _write_json(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.write_text(dumps(payload, indent=1) + "\n")
     os.replace(tmp, path)
 
 

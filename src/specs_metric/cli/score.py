@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from specs_metric.distributed import init_from_env, local_device
     from specs_metric.job import JobConfig, run_job
 
+    if args.output.exists() and not args.output.is_file():
+        # The result is renamed into place: that would replace a device or fail on a folder.
+        raise ValueError(f"--output {args.output} exists and is not a regular file")
     info = init_from_env(args.device)
     scorer = load_scorer(args, args.model, local_device(info, args.device))
     config = JobConfig(

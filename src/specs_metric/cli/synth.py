@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=6,
         help="graded candidate captions per scene (default 6)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a data set already in --output (removes only its own files)",
+    )
     p.set_defaults(func=run)
 
 
@@ -51,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         test_fraction=args.test_fraction,
         graded_per_scene=args.graded_per_scene,
+        overwrite=args.overwrite,
     )
     for s in summaries:
         print(
