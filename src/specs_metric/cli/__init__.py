@@ -84,6 +84,25 @@ def describe_os_error(exc: OSError, args: argparse.Namespace | None = None) -> s
     return f"{what} (while writing {', '.join(outputs)})" if outputs else what
 
 
+def check_output_locations(args: argparse.Namespace) -> None:
+    """Before any work: every output option must lie under a folder that can be written.
+
+    A long job would otherwise compute everything and then fail on its first write. Only
+    existing ancestors are checked; missing folders are created by the command later.
+    """
+    for name in _OUTPUT_OPTIONS:
+        value = getattr(args, name, None)
+        if not isinstance(value, (str, Path)) or not str(value):
+            continue
+        folder = Path(value).absolute().parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``specs`` console script.
 
@@ -101,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     group_was_open = is_initialized()  # a caller's group is the caller's to close
     succeeded = False
     try:
+        check_output_locations(args)
         code = int(args.func(args) or 0)
         succeeded = True
         return code
