@@ -10,13 +10,22 @@ Supported inputs (all yield the flat reference key layout of guide §2):
 
 Plain pickles go through ``torch.load(..., weights_only=True)``, which refuses any object
 that is not a tensor or a plain container.
+
+A small file must not make us allocate much: before anything is decompressed or allocated,
+the sizes a file declares (zip members, compression ratio, tensor extents against their
+storage, safetensors headers) are checked against its size on disk and against
+``MAX_CHECKPOINT_BYTES`` (64 GiB; the environment variable ``SPECS_MAX_CHECKPOINT_BYTES``
+overrides it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from collections import OrderedDict
@@ -32,8 +41,220 @@ CLIP_CONTEXT = 77
 KEPT_ROWS = 20
 
 
+# Bounds on what a checkpoint may make us allocate. Weights do not compress (a real zip
+# checkpoint is stored, not deflated), so a file whose members expand far beyond its own
+# size is a zip bomb, not a model.
+MAX_CHECKPOINT_BYTES = 64 << 30
+MAX_EXPANSION = 20  # declared uncompressed bytes per byte on disk ...
+EXPANSION_SLACK = 16 << 20  # ... plus this much, for small files with compressible members
+MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a state dict is tiny
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
+
+
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be read as a supported model (message names the file)."""
+
+
+def max_checkpoint_bytes() -> int:
+    """The absolute cap on the bytes one checkpoint may hold (``SPECS_MAX_CHECKPOINT_BYTES``)."""
+    value = os.environ.get("SPECS_MAX_CHECKPOINT_BYTES")
+    return int(value) if value else MAX_CHECKPOINT_BYTES
+
+
+def _byte_budget(path: Path) -> int:
+    """How many bytes ``path`` may declare in all: bounded by its size and the absolute cap."""
+    return min(max_checkpoint_bytes(), MAX_EXPANSION * path.stat().st_size + EXPANSION_SLACK)
+
+
+def _check_zip_directory(path: Path, archive: zipfile.ZipFile) -> None:
+    """Refuse an archive whose members declare more bytes than the file can honestly hold.
+
+    Reads only the central directory; nothing is decompressed.
+    """
+    budget = _byte_budget(path)
+    total = 0
+    for info in archive.infolist():
+        total += info.file_size
+        if info.file_size > budget or total > budget:
+            raise CheckpointError(
+                f"{path}: archive member {info.filename} declares {info.file_size} bytes "
+                f"({total} in all) from a {path.stat().st_size}-byte file; refusing to "
+                f"expand it (limit {budget} bytes; a zip bomb?)"
+            )
+        if info.filename.endswith(".pkl") and info.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(
+                f"{path}: {info.filename} declares {info.file_size} bytes of pickled "
+                f"structure (limit {MAX_PICKLE_BYTES}); refusing to read it"
+            )
+
+
+def _storage_elements(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+
+
+def _check_extent(
+    source: Path, what: str, storage_numel: int, offset: Any, size: Any, stride: Any
+) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """Validate a tensor view before building it: integers, in bounds, no larger than its
+    storage (a stride-0 view of one element could otherwise expand to any size)."""
+    ok = (
+        isinstance(offset, int)
+        and isinstance(size, (tuple, list))
+        and isinstance(stride, (tuple, list))
+        and len(size) == len(stride)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in stride)
+        and not isinstance(offset, bool)
+        and offset >= 0
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{source}: {what} has an invalid layout (offset {offset!r}, size {size!r}, "
+            f"stride {stride!r})"
+        )
+    numel = math.prod(size)
+    if numel:
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+        if last >= storage_numel:
+            raise CheckpointError(
+                f"{source}: {what} (size {tuple(size)}, stride {tuple(stride)}, offset "
+                f"{offset}) reaches element {last} of a {storage_numel}-element storage"
+            )
+        if numel > storage_numel:
+            raise CheckpointError(
+                f"{source}: {what} has {numel} elements but its storage only {storage_numel} "
+                "(overlapping strides); refusing to expand it"
+            )
+    return offset, tuple(size), tuple(stride)
+
+
+def _check_loaded_tensors(path: Path, obj: Any) -> None:
+    """Bound the tensors ``torch.load`` built: each within its storage, all within budget."""
+    budget = _byte_budget(path)
+    total = 0
+    stack = [("", obj)]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            _check_extent(
+                path,
+                f"tensor {name or '<root>'}",
+                _storage_elements(value),
+                value.storage_offset(),
+                tuple(value.shape),
+                tuple(value.stride()),
+            )
+            total += value.numel() * value.element_size()
+            if total > budget:
+                raise CheckpointError(
+                    f"{path}: tensors hold more than {budget} bytes (at {name}); refusing them"
+                )
+        elif isinstance(value, dict):
+            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Read the header of a safetensors file and check every declared extent against the file,
+    before the library maps or copies anything."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its header)")
+        length = int.from_bytes(head, "little")
+        if length > min(size - 8, MAX_SAFETENSORS_HEADER):
+            raise CheckpointError(
+                f"{path}: safetensors header declares {length} bytes in a {size}-byte file"
+            )
+        try:
+            header = json.loads(fh.read(length))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: safetensors header is not JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(v, int) and v >= 0 for v in offsets)
+            or not isinstance(shape, list)
+            or not all(isinstance(v, int) and v >= 0 for v in shape)
+        ):
+            raise CheckpointError(f"{path}: safetensors entry {name!r} is malformed")
+        if offsets[0] > offsets[1] or offsets[1] > data_bytes:
+            raise CheckpointError(
+                f"{path}: tensor {name} declares bytes {offsets[0]}..{offsets[1]} of a "
+                f"{data_bytes}-byte data section"
+            )
+
+
+_TORCH_HINT = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand (\d+)")
+
+
+def refused_pickle_message(path: Path, exc: BaseException, what: str = "checkpoint") -> str:
+    """Our message for a pickle that ``torch.load(weights_only=True)`` refused.
+
+    torch's own text advises rerunning with ``weights_only=False``, which would run the
+    file's code; we never do that, so its advice is replaced by what to do instead.
+    """
+    match = _TORCH_HINT.search(str(exc))
+    found = ""
+    if match and match.group(1):
+        found = f" (it refers to {match.group(1)})"
+    elif match:
+        found = f" (unsupported pickle opcode {match.group(2)})"
+    return (
+        f"{path}: refused to load this {what}: it holds pickled objects other than "
+        f"tensors and plain containers{found}, which could run code when unpickled, and "
+        "pickled code is never executed here. If you trust the file, convert it to a plain "
+        "state dict or a .safetensors file with the tool that wrote it"
+    )
+
+
+def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with its sizes checked first.
+
+    For zip pickles the directory is checked before torch reads a record; afterwards every
+    tensor must lie within its storage and all of them within the file's byte budget.
+
+    Raises:
+        CheckpointError: a refused pickle (our message, naming the file), a damaged or
+            oversized file.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                _check_zip_directory(path, archive)
+        except zipfile.BadZipFile as exc:
+            raise CheckpointError(f"{path}: damaged {what} archive ({exc})") from exc
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(refused_pickle_message(path, exc, what)) from exc
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: not a readable PyTorch {what} ({detail})") from exc
+    _check_loaded_tensors(path, obj)
+    return obj
+
+
+def write_torch(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` whose write failures (disk full, quota) surface as ``OSError``.
+
+    torch reports them as a ``RuntimeError`` from its zip writer with no file name.
+    """
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        raise OSError(f"could not write {path} (disk full?): {exc}") from exc
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -77,12 +298,6 @@ class _StorageType:
         self.dtype = dtype
 
 
-def _rebuild_tensor(
-    storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any
-) -> torch.Tensor:
-    return torch.as_strided(storage, size, stride, offset).clone()
-
-
 def _identity(*args: Any) -> Any:
     return args[0] if args else None
 
@@ -98,11 +313,21 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
         self._prefix = prefix
         self._source = source
 
+    def _rebuild_tensor(
+        self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any
+    ) -> torch.Tensor:
+        if not isinstance(storage, torch.Tensor):
+            raise CheckpointError(f"{self._source}: a tensor is built from {type(storage)}")
+        offset, size, stride = _check_extent(
+            self._source, "a tensor", storage.numel(), offset, size, stride
+        )
+        return torch.as_strided(storage, size, stride, offset).clone()
+
     def find_class(self, module: str, name: str) -> Any:
         if module == "__torch__" or module.startswith("__torch__."):
             return _ScriptObject
         if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
+            return self._rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         if module == "collections" and name == "OrderedDict":
@@ -115,10 +340,27 @@ class _TensorOnlyUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
-        kind, storage_type, key, _location, _numel = pid
-        if kind != "storage" or not isinstance(storage_type, _StorageType):
-            raise CheckpointError(f"{self._source}: unexpected persistent id {pid!r}")
-        raw = bytearray(self._archive.read(f"{self._prefix}data/{key}"))
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise CheckpointError(f"{self._source}: unexpected persistent id {pid!r:.200}")
+        kind, storage_type, key, _location, numel = pid
+        if (
+            kind != "storage"
+            or not isinstance(storage_type, _StorageType)
+            or not isinstance(key, str)
+            or not isinstance(numel, int)
+        ):
+            raise CheckpointError(f"{self._source}: unexpected persistent id {pid!r:.200}")
+        member = f"{self._prefix}data/{key}"
+        itemsize = torch.empty(0, dtype=storage_type.dtype).element_size()
+        # The directory was checked, so reading a member is bounded; its size must still be
+        # what the pickle declares for this dtype.
+        declared = self._archive.getinfo(member).file_size
+        if declared != numel * itemsize:
+            raise CheckpointError(
+                f"{self._source}: storage {member} holds {declared} bytes, but the archive "
+                f"declares {numel} x {itemsize}-byte elements"
+            )
+        raw = bytearray(self._archive.read(member))
         if not raw:
             return torch.empty(0, dtype=storage_type.dtype)
         return torch.frombuffer(raw, dtype=storage_type.dtype)
@@ -139,7 +381,15 @@ def _is_torchscript(archive: zipfile.ZipFile) -> bool:
 def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.Tensor]:
     data_pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
     prefix = data_pkl[: -len("data.pkl")]
-    root = _TensorOnlyUnpickler(archive.read(data_pkl), archive, prefix, path).load()
+    try:
+        root = _TensorOnlyUnpickler(archive.read(data_pkl), archive, prefix, path).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # any failure to parse an untrusted structure is a bad file
+        detail = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"{path}: malformed TorchScript archive ({type(exc).__name__}: {detail})"
+        ) from exc
     if not isinstance(root, _ScriptObject):
         raise CheckpointError(f"{path}: TorchScript archive does not hold a module")
     out: dict[str, torch.Tensor] = {}
@@ -199,6 +449,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        _check_safetensors_header(path)
         try:
             return _unwrap(load_file(str(path)), path)
         except (SafetensorError, OSError) as exc:
@@ -206,20 +457,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
+                _check_zip_directory(path, archive)
                 if _is_torchscript(archive):
                     return _read_torchscript(path, archive)
         except (zipfile.BadZipFile, KeyError, StopIteration, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"{path}: damaged checkpoint archive ({exc})") from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path}: refused to load: the file contains pickled objects other than tensors "
-            f"(possibly code). Only plain state dicts are loaded. Details: {str(exc)[:300]}"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from exc
-    return _unwrap(obj, path)
+    return _unwrap(load_weights_only(path), path)
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
@@ -236,11 +479,15 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     os.close(fd)
     try:
         if path.suffix == ".safetensors":
+            from safetensors import SafetensorError
             from safetensors.torch import save_file
 
-            save_file(tensors, tmp)
+            try:
+                save_file(tensors, tmp)
+            except SafetensorError as exc:
+                raise OSError(f"could not write {path}: {exc}") from exc
         else:
-            torch.save(tensors, tmp)
+            write_torch(tensors, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -82,7 +82,7 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
     grid = round(math.sqrt(state_dict["visual.positional_embedding"].shape[0] - 1))
     if grid * grid + 1 != state_dict["visual.positional_embedding"].shape[0]:
         raise ValueError("visual.positional_embedding does not hold a square grid plus a class row")
-    return ModelConfig(
+    config = ModelConfig(
         embed_dim=state_dict["text_projection"].shape[1],
         image_resolution=patch * grid,
         vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
@@ -93,6 +93,69 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
         text_width=state_dict["ln_final.weight"].shape[0],
         text_layers=_count_layers(state_dict, "transformer.resblocks."),
     )
+    _check_consistency(config, state_dict)
+    return config
+
+
+def _check_consistency(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse sizes the model cannot run with, naming the tensor they come from.
+
+    Shapes that merely disagree with the inferred config are caught when the weights are
+    loaded; these are the ones that would load and then fail (or index out of range) later.
+    """
+    from specs_metric.tokenizer import VOCAB_SIZE
+
+    if config.vocab_size != VOCAB_SIZE:
+        raise ValueError(
+            f"token_embedding.weight has {config.vocab_size} rows, but the CLIP BPE "
+            f"tokenizer has {VOCAB_SIZE} ids: this checkpoint uses another vocabulary"
+        )
+    sizes = {
+        "text_projection (embedding size)": config.embed_dim,
+        "visual.conv1.weight (vision width)": config.vision_width,
+        "visual.conv1.weight (patch size)": config.vision_patch_size,
+        "visual.positional_embedding (patch grid)": config.image_resolution,
+        "ln_final.weight (text width)": config.text_width,
+        "visual.transformer.resblocks (layers)": config.vision_layers,
+        "transformer.resblocks (layers)": config.text_layers,
+    }
+    for what, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{what} is {size}; it must be at least 1")
+    conv = state_dict["visual.conv1.weight"]
+    if conv.dim() != 4 or conv.shape[2] != conv.shape[3]:
+        raise ValueError(
+            f"visual.conv1.weight has shape {tuple(conv.shape)}; expected (width, 3, p, p)"
+        )
+    for tower, width, heads in (
+        ("visual.transformer", config.vision_width, config.vision_heads),
+        ("transformer", config.text_width, config.text_heads),
+    ):
+        if width % max(heads, 1):
+            raise ValueError(
+                f"{tower} width {width} does not split into {heads} attention heads "
+                f"of {HEAD_WIDTH} (width // {HEAD_WIDTH}); widths must be multiples of the heads"
+            )
+    positions = state_dict["positional_embedding"]
+    if positions.dim() != 2 or positions.shape[1] != config.text_width:
+        raise ValueError(
+            f"positional_embedding has shape {tuple(positions.shape)}; expected "
+            f"(context, {config.text_width})"
+        )
+    if config.context_length < 2:
+        raise ValueError(
+            f"positional_embedding has {config.context_length} rows; a caption needs at "
+            "least 2 (start and end tokens)"
+        )
+    res = state_dict.get("positional_embedding_res")
+    if res is not None and tuple(res.shape) != tuple(positions.shape):
+        raise ValueError(
+            f"positional_embedding_res has shape {tuple(res.shape)} but positional_embedding "
+            f"has {tuple(positions.shape)}; the two tables must match"
+        )
+    for key, value in state_dict.items():
+        if not (value.is_floating_point() and not value.is_complex()):
+            raise ValueError(f"{key} holds {value.dtype} values; model weights must be floats")
 
 
 class LayerNorm(nn.LayerNorm):

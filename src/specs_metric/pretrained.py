@@ -1,15 +1,23 @@
 """Named checkpoints: where they live, how they are fetched and verified.
 
 Hub files are downloaded with ``huggingface_hub`` into its cache (``HF_HOME``) and work
-offline once cached. Files that are not on the Hub (OpenAI CLIP) come from a pinned URL
-and are verified against the sha256 in that URL; they are cached under
-``$SPECS_CACHE`` (default ``~/.cache/specs_metric``). Demo models ship inside the package.
+offline once cached (a cached file is used without asking the Hub). Files that are not on
+the Hub (OpenAI CLIP) come from a pinned URL and are verified against the sha256 in that
+URL; they are cached under ``$SPECS_CACHE`` (default ``~/.cache/specs_metric``). Demo
+models ship inside the package.
+
+Before a download the server is asked once, with a short timeout
+(``SPECS_NETWORK_TIMEOUT``, default 5 s), whether it answers at all; without a network
+the command fails at once with one line instead of retrying.
 """
 
 from __future__ import annotations
 
+import http.client
+import logging
 import os
 import tempfile
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from importlib import resources
@@ -118,13 +126,47 @@ def _unavailable(entry: PretrainedModel, reason: str) -> ModelNotAvailableError:
     )
 
 
+def network_timeout() -> float:
+    """Seconds to wait for a server's first answer (``SPECS_NETWORK_TIMEOUT``, default 5)."""
+    return float(os.environ.get("SPECS_NETWORK_TIMEOUT", "5"))
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _offline() -> bool:
+    return _truthy("HF_HUB_OFFLINE") or _truthy("SPECS_OFFLINE")
+
+
+def probe(url: str, timeout: float | None = None) -> str | None:
+    """Ask ``url``'s server for a HEAD answer within ``timeout``; None if it answered (with
+    any HTTP status), else why not (refused, unresolvable, no answer in time)."""
+    timeout = network_timeout() if timeout is None else timeout
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None  # the server answered
+    except urllib.error.URLError as exc:
+        return f"{url} is unreachable: {exc.reason}"
+    except TimeoutError:
+        return f"{url} did not answer within {timeout:g} s"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{url} is unreachable: {type(exc).__name__}: {exc}"
+
+
 def _download_url(entry: PretrainedModel) -> Path:
     assert entry.url and entry.sha256
     target = cache_dir() / entry.sha256 / Path(entry.url).name
     if target.is_file() and file_sha256(target) == entry.sha256:
         return target
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("SPECS_OFFLINE") == "1":
+    if _offline():
         raise _unavailable(entry, "offline mode is set")
+    reason = probe(entry.url)
+    if reason is not None:
+        raise _unavailable(entry, reason)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
     try:
@@ -145,16 +187,39 @@ def _download_url(entry: PretrainedModel) -> Path:
     return target
 
 
+def _hub_endpoint() -> str:
+    try:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT).rstrip("/")
+    except (ImportError, AttributeError):
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
 def _download_hub(entry: PretrainedModel) -> Path:
     assert entry.hf_repo and entry.filename
     from huggingface_hub import hf_hub_download
 
+    try:  # a cached file needs no network at all
+        return Path(hf_hub_download(entry.hf_repo, entry.filename, local_files_only=True))
+    except Exception:  # not cached (the client's error types vary between versions)
+        pass
+    if _offline():
+        raise _unavailable(entry, "offline mode is set")
+    reason = probe(f"{_hub_endpoint()}/{entry.hf_repo}/resolve/main/{entry.filename}")
+    if reason is not None:
+        raise _unavailable(entry, reason)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retry lines would bury our one-line error
     try:
         return Path(hf_hub_download(entry.hf_repo, entry.filename))
     except Exception as exc:  # the Hub client raises many types for "offline / unreachable"
         raise _unavailable(
             entry, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         ) from exc
+    finally:
+        hub_logger.setLevel(level)
 
 
 def resolve(name_or_path: str | os.PathLike[str]) -> Path:

@@ -6,7 +6,6 @@ matplotlib is imported only when a plot is made.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from specs_metric.bench.stats import STATISTICS, Estimate
+from specs_metric.jsonio import dumps
 
 if TYPE_CHECKING:  # pragma: no cover
     from specs_metric.bench.human import SetReport
@@ -28,25 +28,10 @@ STAT_TITLES = {
 }
 
 
-def jsonable(obj):
-    """Nested data with NaN/inf as ``None`` and numpy scalars as Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def write_json(data: dict, path: Path) -> Path:
     """Write ``data`` as strict JSON (no NaN)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n", "utf-8")
+    path.write_text(dumps(data, indent=2) + "\n", "utf-8")
     return path
 
 
@@ -217,8 +202,14 @@ def plot_correlation_bars(rep: SetReport, path: Path) -> Path:
         lows = np.array([m.correlations[s].low for m in shown])
         highs = np.array([m.correlations[s].high for m in shown])
         err = np.nan_to_num(np.vstack([vals - lows, highs - vals]), nan=0.0)
-        ax.bar(xs + (j - (len(stats_used) - 1) / 2) * width, vals, width, yerr=err, capsize=3,
-               label=STAT_TITLES[s])
+        ax.bar(
+            xs + (j - (len(stats_used) - 1) / 2) * width,
+            vals,
+            width,
+            yerr=err,
+            capsize=3,
+            label=STAT_TITLES[s],
+        )
     ax.set_xticks(xs)
     ax.set_xticklabels([m.label for m in shown], rotation=20, ha="right", fontsize=8)
     ax.axhline(0, color="black", lw=0.6)

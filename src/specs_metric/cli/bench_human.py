@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
 from specs_metric.bench.human import DEFAULT_MODEL, FORMATS
+from specs_metric.cli.common import add_device_option, positive_int, probability
+from specs_metric.jsonio import dumps
 
 
 def _candidates(text: str | None) -> dict[str, str] | None:
@@ -53,12 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=["each", "mean"],
         help="Flickr8k-Expert: one row per expert judgment (each) or their mean",
     )
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level (0.95)")
+    p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (1000)")
+    p.add_argument("--level", type=probability, default=0.95, help="confidence level (0.95)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    add_device_option(p)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (64)")
     p.add_argument("--out", type=Path, default=Path("bench_human"), help="report folder")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     p.set_defaults(func=run)
@@ -100,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
         name = res.spec.label.replace("/", "_")
         with open(args.out / f"scores_{name}.jsonl", "a", encoding="utf-8") as fh:
             for rec, value in zip(jset.rows, res.scores.tolist(), strict=True):
-                value = value if math.isfinite(value) else None
-                fh.write(json.dumps({"set": jset.name, "id": rec.id, "score": value}) + "\n")
+                fh.write(dumps({"set": jset.name, "id": rec.id, "score": value}) + "\n")
         rate = res.seconds_per_1000
         print(f"{jset.name}: {res.spec.label} done ({rate:.2f} s / 1000 captions)", file=sys.stderr)
 
@@ -122,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     with open(scores_path, "w", encoding="utf-8") as fh:
         for s in sets:
             for rec in iter_score_rows(s, results[s.name]):
-                fh.write(json.dumps(rec) + "\n")
+                fh.write(dumps(rec) + "\n")
     meta = {
         "data": str(args.data),
         "format": args.format,

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from specs_metric.cli.common import add_model_options, load_scorer
+from specs_metric.cli.common import (
+    add_model_options,
+    load_scorer,
+    nonnegative_int,
+    positive_int,
+)
+from specs_metric.jsonio import dumps
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,9 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split of a multi-split source (default test)")
     p.add_argument("--image-root", type=Path, help="folder for relative image paths")
     p.add_argument("--json", type=Path, help="write rates and per-image results here")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--limit", type=positive_int, help="only the first N images")
     add_model_options(p)
-    p.add_argument("--chains-per-batch", type=int, default=16, help="images per text batch")
+    p.add_argument(
+        "--chains-per-batch", type=positive_int, default=16, help="images per text batch"
+    )
     p.add_argument(
         "--no-prefix-reuse",
         action="store_true",
@@ -37,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--timing-chains",
-        type=int,
+        type=nonnegative_int,
         default=16,
         help="time prefix reuse against plain encoding on this many images (0: skip)",
     )
@@ -45,8 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.write_text(dumps(payload, indent=1) + "\n")
     os.replace(tmp, path)
 
 

@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from specs_metric import __version__
-from specs_metric.cli.common import add_model_options, load_scorer, model_meta
+from specs_metric.cli.common import (
+    add_model_options,
+    load_scorer,
+    model_meta,
+    nonnegative_int,
+    positive_int,
+)
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,10 +29,12 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", type=Path, help="folder for relative image paths")
     p.add_argument("--image-column", default="image", help="image column of a table (image)")
     p.add_argument("--json", type=Path, help="write the results here (JSON)")
-    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--limit", type=positive_int, help="only the first N images")
     add_model_options(p)
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=2, help="image decoding processes (0: none)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    p.add_argument(
+        "--workers", type=nonnegative_int, default=2, help="image decoding processes (0: none)"
+    )
     p.add_argument(
         "--skip-bad-images",
         action="store_true",
@@ -73,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--max-captions-per-image",
-        type=int,
+        type=positive_int,
         help="keep only the first N captions of each image (the reference COCO script: 5)",
     )
     p.add_argument("--caption-column", help="caption column (default caption, else captions)")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from specs_metric.cli.common import nonnegative_int, positive_int, probability
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,11 +21,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("a", type=Path, help="first `specs score` output (.jsonl or .csv)")
     p.add_argument("b", type=Path, help="second `specs score` output, same rows")
-    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (10000)")
-    p.add_argument("--n-perm", type=int, default=10000, help="sign-flip permutations (10000)")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level (0.95)")
+    p.add_argument("--n-boot", type=positive_int, default=10000, help="bootstrap resamples (10000)")
+    p.add_argument(
+        "--n-perm", type=positive_int, default=10000, help="sign-flip permutations (10000)"
+    )
+    p.add_argument("--level", type=probability, default=0.95, help="confidence level (0.95)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--top", type=int, default=10, help="rows that changed most to list (10)")
+    p.add_argument(
+        "--top", type=nonnegative_int, default=10, help="rows that changed most to list (10)"
+    )
     p.add_argument("--tie-tolerance", type=float, default=0.0, help="|B - A| counted as a tie (0)")
     p.add_argument("--out", type=Path, help="folder for report.md, report.json and plots")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots in --out")

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from specs_metric.cli.common import positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from specs_metric.training.prepare import DEFAULT_SHUFFLE_FRACTION
@@ -42,8 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_SHUFFLE_FRACTION,
         help="leading fraction of rows whose negative segments are word-shuffled",
     )
-    parser.add_argument("--context-length", type=int, default=248, help="token limit")
-    parser.add_argument("--workers", type=int, default=1, help="segmentation processes")
+    parser.add_argument("--context-length", type=positive_int, default=248, help="token limit")
+    parser.add_argument("--workers", type=positive_int, default=1, help="segmentation processes")
     parser.add_argument(
         "--no-image-check",
         action="store_true",

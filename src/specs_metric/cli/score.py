@@ -8,7 +8,12 @@ import os
 import sys
 from pathlib import Path
 
-from specs_metric.cli.common import add_model_options, load_scorer
+from specs_metric.cli.common import (
+    add_model_options,
+    load_scorer,
+    nonnegative_int,
+    positive_int,
+)
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
 from specs_metric.scores import SCALES
 
@@ -29,21 +34,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=1,
         help="images per forward pass (default 1: each embedding independent of the others, "
         "which byte-identical resume needs; larger is faster on GPUs)",
     )
     p.add_argument(
         "--token-budget",
-        type=int,
+        type=positive_int,
         default=DEFAULT_TOKEN_BUDGET,
         help=f"rows x tokens per text batch (default {DEFAULT_TOKEN_BUDGET})",
     )
     add_model_options(p)
     p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
-    p.add_argument("--chunk-rows", type=int, default=512, help="rows prepared and written together")
-    p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
+    p.add_argument(
+        "--chunk-rows", type=positive_int, default=512, help="rows prepared and written together"
+    )
+    p.add_argument(
+        "--workers", type=nonnegative_int, default=1, help="image-decoding worker processes"
+    )
     p.add_argument("--cache-dir", type=Path, help="on-disk image-embedding cache")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any row has an error")
@@ -62,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
     from specs_metric.job import JobConfig, run_job
 
     check_output_is_not_input(args.input, args.output)
+    if args.output.exists() and not args.output.is_file():
+        # The result is renamed into place: that would replace a device or fail on a folder.
+        raise ValueError(f"--output {args.output} exists and is not a regular file")
     info = init_from_env(args.device)
     scorer = load_scorer(args, args.model, local_device(info, args.device))
     config = JobConfig(

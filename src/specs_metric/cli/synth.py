@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from specs_metric.cli.common import nonnegative_int, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -17,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "and DIR/world.json. The same arguments give byte-identical files."
         ),
     )
-    p.add_argument("--n", type=int, required=True, help="number of scenes (train + test)")
+    p.add_argument("--n", type=positive_int, required=True, help="number of scenes (train + test)")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     p.add_argument("--output", type=Path, required=True, help="output directory")
     p.add_argument(
@@ -26,12 +28,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=0.2,
         help="share of test scenes, rounded (default 0.2)",
     )
-    p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument(
+        "--image-size", type=positive_int, default=64, help="image side in pixels (default 64)"
+    )
     p.add_argument(
         "--graded-per-scene",
-        type=int,
+        type=nonnegative_int,
         default=6,
         help="graded candidate captions per scene (default 6)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a data set already in --output (removes only its own files)",
     )
     p.set_defaults(func=run)
 
@@ -47,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         test_fraction=args.test_fraction,
         graded_per_scene=args.graded_per_scene,
+        overwrite=args.overwrite,
     )
     for s in summaries:
         print(

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from specs_metric.cli.common import add_device_option, nonnegative_int, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from specs_metric.training.trainer import OBJECTIVES, PRECISIONS, TrainConfig
@@ -34,25 +36,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=d.objective,
         help="specs (default) or clip: symmetric contrastive pre-training",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=positive_int, default=d.epochs)
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=positive_int,
         default=None,
         help="optimizer updates (overrides --epochs; sets the schedule length)",
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per process")
+    p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--warmup-steps", type=nonnegative_int, default=d.warmup_steps)
     p.add_argument("--lambda-contrast", type=float, default=d.lambda_contrast)
     p.add_argument("--lambda-detail", type=float, default=d.lambda_detail)
     p.add_argument("--lambda-neg", type=float, default=d.lambda_neg)
     p.add_argument("--margin", type=float, default=d.margin, help="hinge margin; 0 = adaptive")
     p.add_argument(
         "--save-every",
-        type=int,
+        type=nonnegative_int,
         default=d.save_every,
         help="checkpoint every N updates (0: only at the end)",
     )
@@ -69,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="checkpoint directory (OUTPUT/checkpoints/step-N) or 'latest'",
     )
     p.add_argument("--image-root", default=None, help="folder for relative image paths")
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
+    p.add_argument("--workers", type=nonnegative_int, default=d.workers, help="DataLoader workers")
+    add_device_option(p, "default: CUDA if available")
     p.add_argument(
         "--local-loss",
         action="store_true",

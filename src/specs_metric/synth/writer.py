@@ -21,6 +21,7 @@ writer's version string.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,36 @@ def _write_split(
     )
 
 
+_OWNED_IMAGE = re.compile(r"(?:train|test)_\d{6}\.png")
+
+
+def owned_files(output: Path) -> list[Path]:
+    """The files of this layout already in ``output`` (what an overwrite replaces)."""
+    top = ["world.json", *(f"{s}.parquet" for s in SPLITS), *(f"graded_{s}.jsonl" for s in SPLITS)]
+    found = [output / name for name in top if (output / name).is_file()]
+    images = output / "images"
+    if images.is_dir():
+        found += sorted(
+            p for p in images.iterdir() if _OWNED_IMAGE.fullmatch(p.name) and p.is_file()
+        )
+    return found
+
+
+def _clear(output: Path, overwrite: bool) -> None:
+    """Make ``output`` ready for a new data set: refuse a used folder unless ``overwrite``,
+    and then remove only the files of this layout, so no image of an earlier, larger run
+    survives and no other file is touched."""
+    if not output.is_dir():
+        return
+    if not overwrite and any(output.iterdir()):
+        raise ValueError(
+            f"{output} is not empty; pass --overwrite to replace a data set written there "
+            "(only its own files are removed), or choose an empty folder"
+        )
+    for path in owned_files(output):
+        path.unlink()
+
+
 def world_parameters() -> dict:
     """The fixed parameters of the world (written to ``world.json``)."""
     return {
@@ -160,16 +191,20 @@ def generate(
     image_size: int = 64,
     test_fraction: float = 0.2,
     graded_per_scene: int = GRADED_PER_SCENE,
+    *,
+    overwrite: bool = True,
 ) -> list[SplitSummary]:
     """Generate ``n`` scenes (``round(n * test_fraction)`` of them test scenes) into ``output``.
 
     Args:
-        output: directory to create or fill (existing files of the layout are overwritten).
+        output: directory to create or fill. Files of the layout already there (an
+            earlier data set) are removed first; other files are left alone.
         n: total number of scenes.
         seed: the world's seed; the same arguments give byte-identical files.
         image_size: side of the square images in pixels (at least 16).
         test_fraction: share of test scenes.
         graded_per_scene: graded candidates per scene.
+        overwrite: with ``False``, refuse (``ValueError``) a folder that is not empty.
 
     Returns:
         One summary per split.
@@ -180,6 +215,7 @@ def generate(
         raise ValueError(f"--graded-per-scene must be >= 0, got {graded_per_scene}")
     sizes = _split_sizes(n, test_fraction)
     output = Path(output)
+    _clear(output, overwrite)
     (output / "images").mkdir(parents=True, exist_ok=True)
     summaries = [
         _write_split(output, split, sizes[split], seed, image_size, graded_per_scene)

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from specs_metric.checkpoint import clip_to_longclip, save_state_dict
+from specs_metric.checkpoint import clip_to_longclip, save_state_dict, write_torch
 from specs_metric.distributed import DistInfo, init_from_env
 from specs_metric.factory import build_model, load_state_dict
 from specs_metric.training.data import ResumableSampler, SpecificityDataset, collate_examples
@@ -421,16 +421,19 @@ class Trainer:
                    for k, v in self.model.state_dict().items()}
         for name in MODEL_FILES:
             save_state_dict(weights, tmp / name)
-        torch.save(self.state_dict(), tmp / STATE_FILE)
+        write_torch(self.state_dict(), tmp / STATE_FILE)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        from specs_metric.checkpoint import read_state_dict
+        from specs_metric.checkpoint import load_weights_only, read_state_dict
 
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+        state = load_weights_only(path / STATE_FILE, "trainer state")
+        needed = ("world_size", "batch_size", "optimizer", "scheduler", "step", "rng")
+        if not isinstance(state, dict) or any(k not in state for k in needed):
+            raise TrainError(f"--resume {path}: {STATE_FILE} is not a trainer state")
         if (state["world_size"] * state["batch_size"]
                 != self.dist.world_size * self.config.batch_size):
             raise TrainError(
