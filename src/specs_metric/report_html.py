@@ -21,6 +21,10 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from specs_metric.compare import Comparison
 
 THUMB_SIDE = 96  # pixels, longest side of an inlined thumbnail
 MAX_THUMBS = 500  # distinct images inlined per page; later rows show the path only
@@ -47,6 +51,7 @@ span.seg.beyond{color:#888;text-decoration:line-through;background:repeating-lin
 dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin:.4em 0}
 dl.facts dt{color:#555}dl.facts dd{margin:0}
 img.plot{max-width:100%;border:1px solid #ddd}
+div.cand{margin-bottom:4px}
 """
 
 _JS = """
@@ -335,3 +340,95 @@ def explain_page(records: list[dict], image_root: Path | None, title: str) -> st
         "rows", ["id", "image", "score", "segments", "lowest delta", "caption"], rows
     )
     return page(title, [facts, legend_html(scale), table])
+
+
+def _side_html(rows: Sequence[dict], scale: float) -> str:
+    """One side's captions of a unit: each coloured when it has segments, with its score."""
+    if len(rows) == 1:
+        return caption_html(rows[0], scale)
+    return "".join(
+        f'<div class="cand"><span class="muted">[{fmt(r.get("score"))}]</span> '
+        f"{caption_html(r, scale)}</div>"
+        for r in rows
+    )
+
+
+def compare_page(
+    comparison: Comparison,
+    *,
+    image_roots: Sequence[Path | None] = (),
+    plot_png: bytes | None = None,
+    title: str = "specs compare",
+) -> str:
+    """The report of ``specs compare``: the test, the plot, the units that changed most.
+
+    The changed-most table shows both sides' captions next to each other; captions from
+    ``specs explain`` outputs are coloured by segment delta.
+    """
+    c = comparison
+    level = int(round(100 * c.level))
+    verdict = "significant" if c.significant else "not significant"
+    thumbs = Thumbnails(image_roots)
+    tops = c.top_changes
+    scale = delta_scale([r for t in tops for r in t.get("rows_a", []) + t.get("rows_b", [])])
+    has_segments = any(
+        r.get("segments") for t in tops for r in t.get("rows_a", []) + t.get("rows_b", [])
+    )
+    unit_text = (
+        "rows (the same captions on both sides)"
+        if c.unit == "row"
+        else f"images (paired by {c.pair_by})"
+    )
+    facts = [
+        ("A", f"{c.file_a} (model {c.model_a})"),
+        ("B", f"{c.file_b} (model {c.model_b})"),
+        ("scale", c.scale),
+        ("units", f"{c.n_used} {unit_text}; {c.n_skipped} skipped for errors"),
+        ("captions used", f"A: {c.captions_a}, B: {c.captions_b} over {c.n_images} images"),
+        ("mean A / mean B", f"{fmt(c.mean_a)} / {fmt(c.mean_b)}"),
+        ("mean B − A", f"{fmt(c.mean_diff)}  [{fmt(c.ci_low)}, {fmt(c.ci_high)}] {level}% CI"),
+        (f"p ({c.test})", fmt(c.p_value)),
+        ("B wins / ties / loses", f"{c.wins} / {c.ties} / {c.losses}"),
+    ]
+    body = [facts_html(facts)]
+    note = (
+        f"The difference is <b>{verdict}</b> at the {100 - level}% level "
+        f"({c.n_boot} bootstrap resamples, {c.n_perm} sign flips, seed {c.seed})."
+    )
+    if c.averaged:
+        note += (
+            " Several captions per image: each side's scores were averaged per image before "
+            "the test."
+        )
+    body.append(f"<p>{note}</p>")
+    if plot_png:
+        body.append(f'<img class="plot" alt="score distributions" src="{png_data_uri(plot_png)}">')
+    if tops:
+        body.append(
+            f"<h2>The {len(tops)} {'rows' if c.unit == 'row' else 'images'} that changed most</h2>"
+        )
+        if has_segments:
+            body.append(legend_html(scale))
+        rows = []
+        for t in tops:
+            rows_a = t.get("rows_a") or [{"caption": t["caption"], "score": t["score_a"]}]
+            rows_b = t.get("rows_b") or [
+                {"caption": t.get("caption_b", t["caption"]), "score": t["score_b"]}
+            ]
+            rows.append(
+                [
+                    Cell(esc(t["id"]), t["id"]),
+                    Cell(thumbs.cell(t["image"]), str(t["image"])),
+                    num_cell(t["score_a"]),
+                    Cell(_side_html(rows_a, scale), None, "cap"),
+                    num_cell(t["score_b"]),
+                    Cell(_side_html(rows_b, scale), None, "cap"),
+                    num_cell(t["diff"], signed=True),
+                ]
+            )
+        body.append(
+            table_html(
+                "changes", ["id", "image", "A", "caption A", "B", "caption B", "B − A"], rows
+            )
+        )
+    return page(title, body)

@@ -217,8 +217,14 @@ def plot_correlation_bars(rep: SetReport, path: Path) -> Path:
         lows = np.array([m.correlations[s].low for m in shown])
         highs = np.array([m.correlations[s].high for m in shown])
         err = np.nan_to_num(np.vstack([vals - lows, highs - vals]), nan=0.0)
-        ax.bar(xs + (j - (len(stats_used) - 1) / 2) * width, vals, width, yerr=err, capsize=3,
-               label=STAT_TITLES[s])
+        ax.bar(
+            xs + (j - (len(stats_used) - 1) / 2) * width,
+            vals,
+            width,
+            yerr=err,
+            capsize=3,
+            label=STAT_TITLES[s],
+        )
     ax.set_xticks(xs)
     ax.set_xticklabels([m.label for m in shown], rotation=20, ha="right", fontsize=8)
     ax.axhline(0, color="black", lw=0.6)
@@ -255,13 +261,19 @@ def compare_markdown(c: Comparison) -> str:
     """Markdown summary of a paired comparison of two score files."""
     level = int(round(100 * c.level))
     verdict = "significant" if c.significant else "not significant"
+    if c.unit == "row":
+        units = f"rows compared: {c.n_used} of {c.n_rows} ({c.n_skipped} skipped for errors)"
+    else:
+        units = (
+            f"images compared (paired by {c.pair_by}): {c.n_used} ({c.n_skipped} skipped for "
+            f"errors), from {c.captions_a} captions in A and {c.captions_b} in B"
+        )
     lines = [
         "# Paired comparison of two score files",
         "",
         f"- A: `{c.file_a}` (model `{c.model_a}`)",
         f"- B: `{c.file_b}` (model `{c.model_b}`)",
-        f"- scale: `{c.scale}`; rows compared: {c.n_used} of {c.n_rows} "
-        f"({c.n_skipped} skipped for errors)",
+        f"- scale: `{c.scale}`; {units}",
         "",
         "| mean A | mean B | mean B − A | "
         f"{level}% CI (paired bootstrap) | p ({c.test}) | B wins | ties | B loses |",
@@ -273,19 +285,31 @@ def compare_markdown(c: Comparison) -> str:
         f"The difference is **{verdict}** at the {100 - level}% level "
         f"({c.n_boot} bootstrap resamples, {c.n_perm} sign flips, seed {c.seed}).",
     ]
+    if c.averaged:
+        lines.append(
+            "Several captions per image: each side's scores were averaged per image before "
+            "the test."
+        )
     if c.top_changes:
-        lines += [
-            "",
-            "## Rows that changed most",
-            "",
-            "| id | image | caption | A | B | B − A |",
-            "|---|---|---|---|---|---|",
-        ]
+
+        def cell(text: object) -> str:
+            cap = str(text).replace("|", "\\|").replace("\n", " ")
+            return cap if len(cap) <= 80 else cap[:77] + "..."
+
+        what = "Rows" if c.unit == "row" else "Images"
+        two = c.unit != "row"
+        lines += ["", f"## {what} that changed most", ""]
+        if two:
+            lines += [
+                "| id | image | caption A | caption B | A | B | B − A |",
+                "|---|---|---|---|---|---|---|",
+            ]
+        else:
+            lines += ["| id | image | caption | A | B | B − A |", "|---|---|---|---|---|---|"]
         for r in c.top_changes:
-            cap = str(r["caption"]).replace("|", "\\|").replace("\n", " ")
-            cap = cap if len(cap) <= 80 else cap[:77] + "..."
+            caps = f"{cell(r['caption'])} | {cell(r['caption_b'])}" if two else cell(r["caption"])
             lines.append(
-                f"| {r['id']} | {r['image']} | {cap} | {_num(r['score_a'], 4)} | "
+                f"| {r['id']} | {r['image']} | {caps} | {_num(r['score_a'], 4)} | "
                 f"{_num(r['score_b'], 4)} | {_num(r['diff'], 4)} |"
             )
     return "\n".join(lines) + "\n"
