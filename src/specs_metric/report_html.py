@@ -432,3 +432,69 @@ def compare_page(
             )
         )
     return page(title, body)
+
+
+def _test_cells(test: dict | None) -> list[Cell]:
+    if not test:
+        return [Cell("—", ""), Cell("—", "")]
+    diff = num_cell(test["mean_diff"], signed=True)
+    cls = "pos" if test["mean_diff"] > 0 else "neg"
+    if test.get("significant"):
+        diff.html = f'<b class="{cls}">{diff.html}</b>'
+    diff.html += f' <span class="muted">[{fmt(test["ci_low"])}, {fmt(test["ci_high"])}]</span>'
+    return [diff, num_cell(test["p_value"])]
+
+
+def sweep_page(result: dict, *, plot_png: bytes | None = None, title: str = "specs sweep") -> str:
+    """The report of ``specs sweep``: the plot and one sortable row per checkpoint."""
+    level = int(round(100 * result.get("level", 0.95)))
+    facts = facts_html(
+        [
+            ("model", f"{result['model']} (sha256 {str(result['checkpoint_sha256'])[:12]}…)"),
+            ("scale", result.get("scale")),
+            ("checkpoints", len(result["checkpoints"])),
+            ("images", result.get("images")),
+            ("images encoded by this run", result.get("images_encoded")),
+            ("best", result.get("best")),
+        ]
+    )
+    body = [facts]
+    if plot_png:
+        body.append(f'<img class="plot" alt="score by checkpoint" src="{png_data_uri(plot_png)}">')
+    rows = []
+    for k, ck in enumerate(result["checkpoints"]):
+        name = esc(ck["name"])
+        if ck["name"] == result.get("best"):
+            name = f"<b>{name}</b> ★"
+        rows.append(
+            [
+                Cell(str(k), k, "num"),
+                Cell(name, ck["name"]),
+                Cell(esc(ck["file"])),
+                Cell(str(ck["n"]), ck["n"], "num"),
+                num_cell(ck["mean"]),
+                Cell(f"[{fmt(ck['ci_low'])}, {fmt(ck['ci_high'])}]", ck["ci_low"], "num"),
+                *_test_cells(ck.get("vs_previous")),
+                *_test_cells(ck.get("vs_best")),
+            ]
+        )
+    headers = [
+        "#",
+        "checkpoint",
+        "file",
+        "rows",
+        "mean",
+        f"{level}% CI",
+        "vs previous",
+        "p",
+        "vs best",
+        "p",
+    ]
+    body.append("<h2>Checkpoints</h2>")
+    body.append(table_html("checkpoints", headers, rows))
+    body.append(
+        '<p class="muted">Differences are paired over images (captions of an image averaged '
+        f"per checkpoint), with {level}% paired bootstrap CIs and sign-flip permutation "
+        "p-values; bold = significant.</p>"
+    )
+    return page(title, body)

@@ -339,3 +339,35 @@ def plot_distributions(
     ax.set_xlabel("B − A per row")
     ax.set_title("paired differences", fontsize=10)
     return _save(fig, path)
+
+
+def plot_sweep(result: dict, path: Path) -> Path:
+    """Mean score against checkpoint (``specs sweep``), with the bootstrap CI as a band."""
+    cks = result["checkpoints"]
+    x = np.arange(len(cks))
+    mean = np.array([c["mean"] for c in cks], dtype=float)
+    low = np.array([c["ci_low"] for c in cks], dtype=float)
+    high = np.array([c["ci_high"] for c in cks], dtype=float)
+    fig, axes = _canvas(1, 1, max(5.0, min(14.0, 1.0 + 0.7 * len(cks))), 3.8)
+    ax = axes[0, 0]
+    level = int(round(100 * result.get("level", 0.95)))
+    ax.fill_between(x, low, high, alpha=0.25, color="C0", label=f"{level}% CI (images)")
+    ax.plot(x, mean, "o-", color="C0", label="mean score")
+    best = next(i for i, c in enumerate(cks) if c["name"] == result["best"])
+    ax.plot([x[best]], [mean[best]], "*", color="C3", markersize=14, label="best")
+    for i, c in enumerate(cks):
+        vs = c.get("vs_previous")
+        if vs and vs.get("significant"):  # a step the paired test supports
+            ax.annotate("*", (x[i], high[i]), ha="center", va="bottom", fontsize=12)
+    ax.set_xticks(x)
+    tilt = len(cks) > 6
+    ax.set_xticklabels(
+        [c["name"] for c in cks], rotation=30 if tilt else 0, ha="right" if tilt else "center"
+    )
+    ax.margins(x=0.05, y=0.15)  # room for the stars above the bands
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel(f"mean score ({result.get('scale', 'specs')})")
+    ax.set_title(f"{result.get('model')}: * = significant change from the previous", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, path)
