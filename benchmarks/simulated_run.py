@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     world = args.out / "world"
     if not (world / "graded_test.jsonl").is_file():
-        assert specs(["synth", "--n", str(args.n), "--seed", str(args.seed), "--output", str(world)]) == 0
+        assert (
+            specs(["synth", "--n", str(args.n), "--seed", str(args.seed), "--output", str(world)])
+            == 0
+        )
     ranks = [int(r) for r in args.ranks.split(",")]
     files = build_checkpoint_files(world / "graded_test.jsonl", args.out / "captions", ranks)
     sweep = args.out / "sweep"
