@@ -7,7 +7,8 @@ are drawn as spans coloured by their delta on a diverging scale (red lowers the 
 raises it), with the values in the ``title`` attribute, shown on hover.
 
 Sorting can also be asked for in the URL: ``report.html#sort=TABLE_ID:COLUMN:desc`` sorts
-table ``TABLE_ID`` by its column ``COLUMN`` (0-based) once the page has loaded. The page
+table ``TABLE_ID`` by its column ``COLUMN`` (0-based) once the page has loaded, and
+``#click=TABLE_ID:COLUMN:TIMES`` clicks that header ``TIMES`` times (for tests). The page
 records the last sort in ``data-sorted`` on ``<body>``, which tests read back. Empty cells
 (missing values) stay last in either direction.
 """
@@ -77,6 +78,9 @@ ths[col].addEventListener('click',function(){
 var dir=ths[col].classList.contains('asc')?'desc':'asc';sortTable(t,col,dir);});})(j);}});
 var m=/sort=([^:&]+):(\\d+)(?::(asc|desc))?/.exec(decodeURIComponent(location.hash));
 if(m){var t=document.getElementById(m[1]);if(t)sortTable(t,parseInt(m[2],10),m[3]||'asc');}
+var c=/click=([^:&]+):(\\d+)(?::(\\d+))?/.exec(decodeURIComponent(location.hash));
+if(c){var u=document.getElementById(c[1]);if(u){var h=u.tHead.rows[0].cells[parseInt(c[2],10)];
+for(var q=0;q<parseInt(c[3]||'1',10);q++)h.click();}}
 document.body.setAttribute('data-ready','1');
 })();
 """
