@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from specs_metric.cli import main
-from specs_metric.report_html import delta_color, explain_page, sweep_page
+from specs_metric.report_html import delta_color, delta_scale, explain_page, sweep_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -297,3 +297,11 @@ def test_delta_colours_are_diverging_and_bounded():
     assert delta_color(-0.5, 1.0) == "rgba(215,48,39,0.44)"
     assert delta_color(None, 1.0) == "transparent"
     assert re.fullmatch(r"rgba\(26,152,80,0\.\d+\)", delta_color(1e-3, 1.0))
+
+
+def test_delta_scale_is_a_quantile_of_the_page():
+    recs = [{"segments": [{"delta": d} for d in (-0.01, 0.02, -0.03, 0.04, 0.5)]}, {"segments": []}]
+    # |deltas| sorted: .01 .02 .03 .04 .5; the 0.75 quantile (index 3) is 0.04
+    assert delta_scale(recs, quantile=0.75) == pytest.approx(0.04)
+    assert delta_scale(recs, quantile=1.0) == pytest.approx(0.5)
+    assert delta_scale([{"segments": [{"delta": None}]}]) == 1e-6

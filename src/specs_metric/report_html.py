@@ -171,15 +171,21 @@ class Thumbnails:
 # --- segments ---------------------------------------------------------------------------------
 
 
-def delta_scale(records: Iterable[dict]) -> float:
-    """The |delta| that gets the fullest colour: the largest one of the page (at least 1e-6)."""
-    top = 0.0
-    for rec in records:
-        for seg in rec.get("segments") or ():
-            d = seg.get("delta")
-            if d is not None and math.isfinite(float(d)):
-                top = max(top, abs(float(d)))
-    return max(top, 1e-6)
+def delta_scale(records: Iterable[dict], quantile: float = 0.95) -> float:
+    """The |delta| that gets the fullest colour: the ``quantile`` of the page's |deltas|.
+
+    A quantile rather than the maximum, so that one outlier does not wash out the colours
+    of every other segment; larger deltas are clipped to the fullest colour.
+    """
+    values = sorted(
+        abs(float(seg["delta"]))
+        for rec in records
+        for seg in rec.get("segments") or ()
+        if seg.get("delta") is not None and math.isfinite(float(seg["delta"]))
+    )
+    if not values:
+        return 1e-6
+    return max(values[int(round(quantile * (len(values) - 1)))], 1e-6)
 
 
 def delta_color(delta: float | None, scale: float) -> str:
@@ -230,7 +236,8 @@ def caption_html(rec: dict, scale: float) -> str:
 def legend_html(scale: float) -> str:
     steps = [-1.0, -0.5, 0.0, 0.5, 1.0]
     cells = "".join(
-        f'<span style="background:{delta_color(s * scale, scale)}">{s * scale:+.3g}</span>'
+        f'<span style="background:{delta_color(s * scale, scale)}">'
+        f"{({-1.0: '≤', 1.0: '≥'}).get(s, '')}{s * scale:+.3g}</span>"
         if s
         else "<span>0</span>"
         for s in steps

@@ -316,7 +316,11 @@ def compare_markdown(c: Comparison) -> str:
 
 
 def plot_distributions(
-    a: np.ndarray, b: np.ndarray, path: Path, labels: tuple[str, str] = ("A", "B")
+    a: np.ndarray,
+    b: np.ndarray,
+    path: Path,
+    labels: tuple[str, str] = ("A", "B"),
+    unit: str = "row",
 ) -> Path:
     """Histograms of the two score sets, and of the paired differences B − A."""
     fig, axes = _canvas(1, 2, 10.0, 3.8)
@@ -336,7 +340,7 @@ def plot_distributions(
     pad = max(1e-9, 1e-6 * abs(hi)) if hi - lo < 1e-9 else 0.0  # constant shift: one bar
     ax.hist(d, bins=np.linspace(lo - pad, hi + pad, 41), color="C2")
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("B − A per row")
+    ax.set_xlabel(f"B − A per {unit}")
     ax.set_title("paired differences", fontsize=10)
     return _save(fig, path)
 

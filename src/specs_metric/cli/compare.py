@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 result.scores_b,
                 args.out / "distributions.png",
                 (f"A: {args.a.name}", f"B: {args.b.name}"),
+                result.unit,
             ).read_bytes()
         roots = [args.image_root, args.a.parent, args.b.parent]
         html = compare_page(result, image_roots=roots, plot_png=plot)
