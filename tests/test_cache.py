@@ -34,22 +34,8 @@ def _setup(tmp_path: Path) -> tuple[Path, Path]:
 
 def _score(tmp_path, model, src, cache, out_name, captions_suffix=""):
     out = tmp_path / out_name
-    main(
-        [
-            "score",
-            "--model",
-            str(tmp_path / model),
-            "--input",
-            str(src),
-            "--output",
-            str(out),
-            "--workers",
-            "0",
-            "--no-progress",
-            "--cache-dir",
-            str(cache),
-        ]
-    )
+    main(["score", "--model", str(tmp_path / model), "--input", str(src), "--output", str(out),
+          "--workers", "0", "--no-progress", "--cache-dir", str(cache)])
     summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
     return list(read_output(out)), summary
 
@@ -67,20 +53,8 @@ def test_second_run_skips_image_tower_and_scores_match(tmp_path):
     second, s2 = _score(tmp_path, "a.pt", src2, cache, "o2.jsonl")
     assert s2["images_encoded_rank0"] == 0
     uncached = tmp_path / "o3.jsonl"
-    main(
-        [
-            "score",
-            "--model",
-            str(tmp_path / "a.pt"),
-            "--input",
-            str(src2),
-            "--output",
-            str(uncached),
-            "--workers",
-            "0",
-            "--no-progress",
-        ]
-    )
+    main(["score", "--model", str(tmp_path / "a.pt"), "--input", str(src2), "--output",
+          str(uncached), "--workers", "0", "--no-progress"])
     for x, y in zip(second, read_output(uncached), strict=True):
         assert x["score"] == y["score"]  # cached fp32 embeddings are bit-identical
     # another checkpoint never reads the first one's entries

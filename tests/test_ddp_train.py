@@ -37,17 +37,10 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     for color in COLORS:
         Image.new("RGB", (36, 40), color).save(root / f"{color}.png")
-    (root / "in.jsonl").write_text(
-        "\n".join(
-            json.dumps(
-                {
-                    "image": f"{c}.png",
-                    "caption": f"A {c} tile lies flat, with a {c} edge around it. It is shiny and clean.",
-                }
-            )
-            for c in COLORS
-        )
-    )
+    (root / "in.jsonl").write_text("\n".join(json.dumps({
+        "image": f"{c}.png",
+        "caption": f"A {c} tile lies flat, with a {c} edge around it. It is shiny and clean.",
+    }) for c in COLORS))
     prepare_dataset(root / "in.jsonl", root / "t.parquet", progress=False, log_fn=lambda s: None)
     # Corrupt one image after preparation: it is skipped in every epoch, so ranks gather
     # micro-batches of unequal size (1 and 2 examples) in the update that meets it.
@@ -57,30 +50,16 @@ def data(tmp_path_factory):
 
 
 def test_two_process_gloo_matches_single_process(data):
-    common = dict(
-        init=str(data / "init.pt"),
-        data=str(data / "t.parquet"),
-        grad_accum=2,
-        max_steps=3,
-        lr=3e-4,
-        warmup_steps=1,
-        workers=0,
-        save_every=0,
-        progress=False,
-        tensorboard=False,
-        seed=11,
-    )
+    common = dict(init=str(data / "init.pt"), data=str(data / "t.parquet"), grad_accum=2,
+                  max_steps=3, lr=3e-4, warmup_steps=1, workers=0, save_every=0,
+                  progress=False, tensorboard=False, seed=11)
     single = train(TrainConfig(output=str(data / "single"), batch_size=4, **common))
 
     cfg = TrainConfig(output=str(data / "ddp"), batch_size=2, **common)
     script = data / "worker.py"
     script.write_text(WORKER)
-    proc = torchrun(
-        [str(script), json.dumps(cfg.__dict__)],
-        env=child_env(OMP_NUM_THREADS="1"),
-        timeout=600,
-        check=False,
-    )
+    proc = torchrun([str(script), json.dumps(cfg.__dict__)],
+                    env=child_env(OMP_NUM_THREADS="1"), timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     one, two = read_log(single.log_file), read_log(data / "ddp" / "train_log.csv")

@@ -62,10 +62,7 @@ def test_demo_models_ship_with_the_package(name):
 def test_models_command_lists_the_demos():
     out = subprocess.run(
         [sys.executable, "-m", "specs_metric", "models"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=True,
+        env=_env(), capture_output=True, text=True, check=True,
     ).stdout
     for name in DEMOS:
         line = next(line for line in out.splitlines() if line.startswith(name))
@@ -129,27 +126,10 @@ def test_score_command_scores_the_examples_offline(tmp_path):
         assert (EXAMPLES / row["image"]).is_file()
     output = tmp_path / "scores.jsonl"
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "specs_metric",
-            "score",
-            "--model",
-            "specs-synth-demo",
-            "--input",
-            str(EXAMPLES / "captions.jsonl"),
-            "--output",
-            str(output),
-            "--device",
-            "cpu",
-            "--no-progress",
-            "--strict",
-        ],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=tmp_path,
+        [sys.executable, "-m", "specs_metric", "score", "--model", "specs-synth-demo",
+         "--input", str(EXAMPLES / "captions.jsonl"), "--output", str(output),
+         "--device", "cpu", "--no-progress", "--strict"],
+        env=_env(), capture_output=True, text=True, check=True, cwd=tmp_path,
     )
     scored = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["id"] for r in scored] == [r["id"] for r in rows]

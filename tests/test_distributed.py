@@ -25,29 +25,15 @@ def retrieval_args(tmp_path):
         Image.new("RGB", (40, 30), (60 * i, 20, 200 - 40 * i)).save(tmp_path / f"{i}.png")
         rows.append({"image": f"{i}.png", "caption": f"picture number {i}"})
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return [
-        "bench",
-        "retrieval",
-        "--model",
-        str(tmp_path / "tiny.pt"),
-        "--data",
-        str(tmp_path / "pairs.jsonl"),
-        "--workers",
-        "0",
-        "--quiet",
-        "--device",
-        "cpu",
-    ]
+    return ["bench", "retrieval", "--model", str(tmp_path / "tiny.pt"), "--data",
+            str(tmp_path / "pairs.jsonl"), "--workers", "0", "--quiet", "--device", "cpu"]
 
 
 def _cli_worker(rank: int, world: int, port: int, argv: list[str], queue) -> None:
     # What torchrun puts in each worker's environment.
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
     code = main(argv)
@@ -58,9 +44,8 @@ def test_commands_close_the_group_they_open(retrieval_args):
     # A rank that exits with its gloo group still open can abort at interpreter exit.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(
-        _cli_worker, args=(2, free_port(), retrieval_args, queue), nprocs=2, start_method="spawn"
-    )
+    mp.start_processes(_cli_worker, args=(2, free_port(), retrieval_args, queue), nprocs=2,
+                       start_method="spawn")
     results = sorted(queue.get(timeout=120) for _ in range(2))
     assert results == [(0, 0, False), (1, 0, False)]
 

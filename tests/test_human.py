@@ -134,16 +134,8 @@ def _write_longcap(folder: Path) -> Path:
     data = folder / "data"
     data.mkdir(parents=True)
     imgs = {name: _png(i) for i, name in enumerate(["sa_1.jpg", "sa_2.jpg", "sa_3.jpg"])}
-    rows = [
-        (n, imgs[n], s)
-        for n, s in [
-            ("sa_1.jpg", 0.5),
-            ("sa_1.jpg", 0.75),
-            ("sa_2.jpg", 0.25),
-            ("sa_3.jpg", 1.0),
-            ("sa_3.jpg", 0.125),
-        ]
-    ]
+    rows = [(n, imgs[n], s) for n, s in [("sa_1.jpg", 0.5), ("sa_1.jpg", 0.75), ("sa_2.jpg", 0.25),
+                                          ("sa_3.jpg", 1.0), ("sa_3.jpg", 0.125)]]
     for split in ("test.desc", "test.rel", "train.desc"):
         pq.write_table(_longcap_table(rows), data / f"{split}-00000-of-00001.parquet")
     return folder

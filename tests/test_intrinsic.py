@@ -173,10 +173,8 @@ def test_read_jsonl_and_parquet(tmp_path):
     )
     rows = read_sdci(jsonl)
     assert rows[0].image == str(tmp_path / "img/a.png") and rows[1].id == "1"
-    pq.write_table(
-        pa.Table.from_pylist([{"image": "/abs/a.png", **r} for r in ROWS]),
-        tmp_path / "test.parquet",
-    )
+    pq.write_table(pa.Table.from_pylist([{"image": "/abs/a.png", **r} for r in ROWS]),
+                   tmp_path / "test.parquet")
     rows = read_sdci(tmp_path)
     assert load_image_source(rows[0].image) == "/abs/a.png" and rows[1].neg_captions == ["d z"]
     # an absolute path from another machine is looked up by name under --image-root
@@ -186,11 +184,8 @@ def test_read_jsonl_and_parquet(tmp_path):
 
 def test_read_errors_name_the_row(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(
-        json.dumps({"image": "a.png", **ROWS[0]})
-        + "\n"
-        + json.dumps({"image": "a.png", "captions": ["a", "a b"], "neg_captions": []})
-    )
+    bad.write_text(json.dumps({"image": "a.png", **ROWS[0]}) + "\n"
+                   + json.dumps({"image": "a.png", "captions": ["a", "a b"], "neg_captions": []}))
     with pytest.raises(SdciFormatError, match=r"bad.jsonl, row 1: 2 captions need 1"):
         read_sdci(bad)
     missing = tmp_path / "missing.jsonl"
@@ -247,22 +242,8 @@ def test_cli_bench_intrinsic(world, tmp_path, capsys):
     ckpt = tmp_path / "tiny.safetensors"
     save_state_dict(make_state_dict(seed=2, text_layers=1), ckpt)
     out = tmp_path / "intrinsic.json"
-    argv = [
-        "bench",
-        "intrinsic",
-        "--model",
-        str(ckpt),
-        "--data",
-        str(world),
-        "--device",
-        "cpu",
-        "--json",
-        str(out),
-        "--timing-chains",
-        "2",
-        "--limit",
-        "3",
-    ]
+    argv = ["bench", "intrinsic", "--model", str(ckpt), "--data", str(world), "--device", "cpu",
+            "--json", str(out), "--timing-chains", "2", "--limit", "3"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "speed-up" in printed and "positive" in printed

@@ -123,13 +123,8 @@ def test_random_batches_match_plain_python(fixed_margin):
             [b.double().tolist() for b in blocks], scale, lambdas, fixed_margin, margin
         )
         out = loss(*blocks, logit_scale=torch.tensor(scale))
-        got = (
-            out.total.item(),
-            out.contrastive.item(),
-            out.detail.item(),
-            out.negative.item(),
-            out.margin,
-        )
+        got = (out.total.item(), out.contrastive.item(), out.detail.item(), out.negative.item(),
+               out.margin)
         assert got == pytest.approx(expected, rel=1e-4, abs=1e-4)
         margin = expected[-1]
 

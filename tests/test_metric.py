@@ -42,18 +42,14 @@ def test_metric_equals_mean_of_clamped_pairs(scale):
     scorer = _scorer()
     pixels = _pixels(6)
     cos = _plain_cosines(scorer, pixels, CAPTIONS)
-    per_pair = {
-        "specs": np.maximum((cos + 1) / 2, 0),
-        "clip-s": 2.5 * np.maximum(cos, 0),
-        "cosine": cos,
-    }[scale]
+    per_pair = {"specs": np.maximum((cos + 1) / 2, 0), "clip-s": 2.5 * np.maximum(cos, 0),
+                "cosine": cos}[scale]
     metric = SPECSScore(scorer, scale=scale)
     metric.update(pixels[:4], CAPTIONS[:4])  # two updates of different sizes
     metric.update(pixels[4:], CAPTIONS[4:])
     assert metric.compute() == pytest.approx(per_pair.mean(), abs=1e-6)
-    np.testing.assert_allclose(
-        specs_score(scorer, pixels, CAPTIONS, scale).numpy(), per_pair, atol=1e-6
-    )
+    np.testing.assert_allclose(specs_score(scorer, pixels, CAPTIONS, scale).numpy(), per_pair,
+                               atol=1e-6)
 
 
 def test_clip_s_clamps_each_pair_before_averaging():
@@ -91,7 +87,8 @@ def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
 def test_state_syncs_across_ddp_processes():
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(2, free_port(), queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_ddp_worker, args=(2, free_port(), queue), nprocs=2,
+                       start_method="spawn")
     results = dict(queue.get(timeout=60) for _ in range(2))
     single = SPECSScore(_scorer())
     single.update(_pixels(6), CAPTIONS)

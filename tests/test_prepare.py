@@ -27,10 +27,8 @@ COLORS = ["red", "green", "blue", "yellow", "white", "black"]
 
 def caption_for(color: str) -> str:
     # clause segmenter: 4 segments ("..., with ...", "and ..." are cut; see test_segment).
-    return (
-        f"A {color} square fills the frame, with a thin border around it. "
-        f"The {color} paint looks fresh and glossy under the light."
-    )
+    return (f"A {color} square fills the frame, with a thin border around it. "
+            f"The {color} paint looks fresh and glossy under the light.")
 
 
 @pytest.fixture()
@@ -77,17 +75,11 @@ def test_negatives_follow_the_reference_draws():
     # first int(5 * 0.6) = 3 rows shuffled: same words as some other image's segment
     donors = {img: segs for img, segs in zip(imgs, segments, strict=True)}
     for neg in got[0]:
-        assert any(
-            sorted(neg.split()) == sorted(s.split())
-            for img, segs in donors.items()
-            if img != "x"
-            for s in segs
-        )
+        assert any(sorted(neg.split()) == sorted(s.split())
+                   for img, segs in donors.items() if img != "x" for s in segs)
     # last rows keep donor segments intact
-    assert all(
-        any(neg == s for i, segs in enumerate(segments) if imgs[i] != "x" for s in segs)
-        for neg in got[4]
-    )
+    assert all(any(neg == s for i, segs in enumerate(segments) if imgs[i] != "x" for s in segs)
+               for neg in got[4])
     assert draw_negative_details(segments, imgs, 0.6, seed=5) == got
 
 
@@ -97,9 +89,8 @@ def test_no_other_image_means_no_negative():
 
 def test_cumulative_captions_and_token_cap():
     tok = default_tokenizer()
-    captions, negatives = cumulative_captions(
-        ["A dog.", " It runs. ", "It is brown."], ["cat blue.", "a car."]
-    )
+    captions, negatives = cumulative_captions(["A dog.", " It runs. ", "It is brown."],
+                                              ["cat blue.", "a car."])
     assert captions == ["A dog.", "A dog. It runs.", "A dog. It runs. It is brown."]
     assert negatives == ["A dog. cat blue.", "A dog. It runs. a car."]
     # Segments of 60 words (each "word" one BPE id) -> 1 + 60 k + 1 ids; with the cap at 248
@@ -115,19 +106,11 @@ def test_cumulative_captions_and_token_cap():
         assert len(captions) == 3 and len(negatives) == 2
 
 
-@pytest.mark.parametrize(
-    "text",
-    [
-        "",
-        "A dog.",
-        "  Two   spaces\tand\nlines  ",
-        "Caf\u00e9 na\u00efve \u2014 emoji \U0001f600!",
-        "&amp;amp; &lt;b&gt; entities",
-        "don't it's they're 3.14 x2",
-        "mojibake: caf\u00c3\u00a9",
-        "UPPER lower MiXeD, punctuation!!! (brackets) [x] {y}",
-    ],
-)
+@pytest.mark.parametrize("text", [
+    "", "A dog.", "  Two   spaces\tand\nlines  ", "Caf\u00e9 na\u00efve \u2014 emoji \U0001f600!",
+    "&amp;amp; &lt;b&gt; entities", "don't it's they're 3.14 x2", "mojibake: caf\u00c3\u00a9",
+    "UPPER lower MiXeD, punctuation!!! (brackets) [x] {y}",
+])
 def test_token_counter_equals_full_encoding(text):
     tok = default_tokenizer()
     counter = TokenCounter()
@@ -137,14 +120,9 @@ def test_token_counter_equals_full_encoding(text):
 
 def test_prepare_sharegpt4v_json_with_skips(images, tmp_path):
     rows = [
-        {
-            "id": k,
-            "image": f"{c}.png",
-            "conversations": [
-                {"from": "human", "value": "<image>\nDescribe."},
-                {"from": "gpt", "value": caption_for(c)},
-            ],
-        }
+        {"id": k, "image": f"{c}.png",
+         "conversations": [{"from": "human", "value": "<image>\nDescribe."},
+                           {"from": "gpt", "value": caption_for(c)}]}
         for k, c in enumerate(COLORS)
     ]
     rows += [
@@ -152,29 +130,16 @@ def test_prepare_sharegpt4v_json_with_skips(images, tmp_path):
         {"image": "broken.png", "conversations": [{"value": caption_for("red")}]},  # row 8
         {"image": "red.png", "conversations": [{"value": "   "}]},  # row 9: empty
         {"image": "red.png", "conversations": [{"value": "A red square."}]},  # row 10: 1 segment
-        {
-            "image": "blue.png",  # row 11: first segment alone is 250 words -> nothing fits
-            "conversations": [{"value": " ".join(["dog"] * 250) + ". A cat sits there."}],
-        },
+        {"image": "blue.png",  # row 11: first segment alone is 250 words -> nothing fits
+         "conversations": [{"value": " ".join(["dog"] * 250) + ". A cat sits there."}]},
     ]
     src = tmp_path / "share.json"
     src.write_text(json.dumps(rows))
-    report = prepare_dataset(
-        src,
-        tmp_path / "out.parquet",
-        segmenter="clause",
-        seed=1,
-        progress=False,
-        log_fn=lambda s: None,
-    )
+    report = prepare_dataset(src, tmp_path / "out.parquet", segmenter="clause", seed=1,
+                             progress=False, log_fn=lambda s: None)
     assert report.rows == 11 and report.kept == 6
-    assert dict(report.skipped) == {
-        "missing_image": 1,
-        "unreadable_image": 1,
-        "empty_caption": 1,
-        "too_few_segments": 1,
-        "too_long": 1,
-    }
+    assert dict(report.skipped) == {"missing_image": 1, "unreadable_image": 1,
+                                    "empty_caption": 1, "too_few_segments": 1, "too_long": 1}
     assert report.examples["missing_image"] == [7] and report.examples["too_long"] == [11]
     table = pq.read_table(tmp_path / "out.parquet")
     assert table.column_names == ["image", "caption", "captions", "neg_captions"]
@@ -184,63 +149,51 @@ def test_prepare_sharegpt4v_json_with_skips(images, tmp_path):
     assert first["captions"] == [
         "A red square fills the frame,",
         "A red square fills the frame, with a thin border around it.",
-        "A red square fills the frame, with a thin border around it. The red paint looks fresh",
+        "A red square fills the frame, with a thin border around it. "
+        "The red paint looks fresh",
         "A red square fills the frame, with a thin border around it. "
         "The red paint looks fresh and glossy under the light.",
     ]
     assert len(first["neg_captions"]) == 3
     for k, neg in enumerate(first["neg_captions"]):
         assert neg.startswith(first["captions"][k] + " ")
-        assert "red" not in neg[len(first["captions"][k]) :]  # taken from another image
+        assert "red" not in neg[len(first["captions"][k]):]  # taken from another image
     saved = json.loads((tmp_path / "out.parquet.report.json").read_text())
     assert saved["skipped"]["unreadable_image"] == 1
 
 
 def test_prepare_jsonl_csv_and_shuffle_fraction(images, tmp_path):
     jsonl = tmp_path / "rows.jsonl"
-    jsonl.write_text(
-        "\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)}) for c in COLORS)
-    )
+    jsonl.write_text("\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)})
+                               for c in COLORS))
     csv_file = tmp_path / "rows.csv"
-    csv_file.write_text(
-        "image,caption\n" + "\n".join(f'{c}.png,"{caption_for(c)}"' for c in COLORS)
-    )
-    a = prepare_dataset(
-        jsonl, tmp_path / "a.parquet", shuffle_fraction=0.0, progress=False, log_fn=lambda s: None
-    )
-    b = prepare_dataset(
-        csv_file,
-        tmp_path / "b.parquet",
-        shuffle_fraction=0.0,
-        progress=False,
-        log_fn=lambda s: None,
-    )
+    csv_file.write_text("image,caption\n" + "\n".join(f'{c}.png,"{caption_for(c)}"'
+                                                      for c in COLORS))
+    a = prepare_dataset(jsonl, tmp_path / "a.parquet", shuffle_fraction=0.0, progress=False,
+                        log_fn=lambda s: None)
+    b = prepare_dataset(csv_file, tmp_path / "b.parquet", shuffle_fraction=0.0, progress=False,
+                        log_fn=lambda s: None)
     assert a.kept == b.kept == 6
     ta, tb = pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")
     assert ta.equals(tb)
     # Unshuffled negatives end with a verbatim segment of another caption.
     for row in ta.to_pylist():
         for k, neg in enumerate(row["neg_captions"]):
-            tail = neg[len(row["captions"][k]) + 1 :]
+            tail = neg[len(row["captions"][k]) + 1:]
             assert any(tail in caption_for(c) for c in COLORS if c not in row["image"])
 
 
 def test_datasets_directory_input(images, tmp_path):
     # A datasets save_to_disk directory: Arrow stream file(s) listed in state.json.
-    table = pa.table(
-        {
-            "image": [str(images / f"{c}.png") for c in COLORS],
-            "caption": [caption_for(c) for c in COLORS],
-        }
-    )
+    table = pa.table({"image": [str(images / f"{c}.png") for c in COLORS],
+                      "caption": [caption_for(c) for c in COLORS]})
     folder = tmp_path / "hf"
     folder.mkdir()
     with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
-    (folder / "state.json").write_text(
-        json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]})
-    )
+    (folder / "state.json").write_text(json.dumps(
+        {"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
     (folder / "dataset_info.json").write_text("{}")
     assert read_table(folder).select(["image", "caption"]).equals(table)
     report = prepare_dataset(folder, tmp_path / "o.parquet", progress=False, log_fn=lambda s: None)
@@ -250,9 +203,8 @@ def test_datasets_directory_input(images, tmp_path):
 def test_datasets_directory_output(images, tmp_path):
     datasets = pytest.importorskip("datasets")
     src = tmp_path / "r.jsonl"
-    src.write_text(
-        "\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)}) for c in COLORS)
-    )
+    src.write_text("\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)})
+                             for c in COLORS))
     prepare_dataset(src, tmp_path / "ds", progress=False, log_fn=lambda s: None)
     loaded = datasets.load_from_disk(str(tmp_path / "ds"))
     assert len(loaded) == 6 and len(loaded[0]["captions"]) == 4
@@ -270,29 +222,11 @@ def test_bad_inputs_name_the_row(tmp_path):
 
 def test_cli_prepare(images, tmp_path, capsys):
     src = tmp_path / "r.jsonl"
-    src.write_text(
-        "\n".join(
-            json.dumps({"image": f"{c}.png", "caption": caption_for(c)})
-            for c in COLORS + ["missing"]
-        )
-    )
+    src.write_text("\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)})
+                             for c in COLORS + ["missing"]))
     out = tmp_path / "train.parquet"
-    code = main(
-        [
-            "prepare",
-            "--input",
-            str(src),
-            "--output",
-            str(out),
-            "--seed",
-            "3",
-            "--segmenter",
-            "sentence",
-            "--image-root",
-            str(images),
-            "--quiet",
-        ]
-    )
+    code = main(["prepare", "--input", str(src), "--output", str(out), "--seed", "3",
+                 "--segmenter", "sentence", "--image-root", str(images), "--quiet"])
     assert code == 0
     text = capsys.readouterr().out
     assert "kept 6" in text and "missing_image" in text
@@ -302,15 +236,9 @@ def test_cli_prepare(images, tmp_path, capsys):
 
 def test_worker_processes_give_the_same_table(images, tmp_path):
     src = tmp_path / "r.jsonl"
-    src.write_text(
-        "\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)}) for c in COLORS)
-    )
+    src.write_text("\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)})
+                             for c in COLORS))
     for workers in (1, 2):
-        prepare_dataset(
-            src,
-            tmp_path / f"w{workers}.parquet",
-            workers=workers,
-            progress=False,
-            log_fn=lambda s: None,
-        )
+        prepare_dataset(src, tmp_path / f"w{workers}.parquet", workers=workers, progress=False,
+                        log_fn=lambda s: None)
     assert pq.read_table(tmp_path / "w1.parquet").equals(pq.read_table(tmp_path / "w2.parquet"))

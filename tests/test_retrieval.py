@@ -160,25 +160,9 @@ def test_cli_writes_json_and_table(world, tmp_path, capsys):
     other = tmp_path / "other.pt"
     torch.save(make_state_dict(seed=11), other)
     code = main(
-        [
-            "bench",
-            "retrieval",
-            "--model",
-            str(world["model"]),
-            "--model",
-            str(other),
-            "--data",
-            str(world["dir"] / "pairs.jsonl"),
-            "--json",
-            str(out),
-            "--workers",
-            "1",
-            "--quiet",
-            "--device",
-            "cpu",
-            "--max-captions-per-image",
-            "1",
-        ]
+        ["bench", "retrieval", "--model", str(world["model"]), "--model", str(other), "--data",
+         str(world["dir"] / "pairs.jsonl"), "--json", str(out), "--workers", "1", "--quiet",
+         "--device", "cpu", "--max-captions-per-image", "1"]
     )
     assert code == 0
     printed = capsys.readouterr().out
@@ -191,9 +175,7 @@ def test_cli_writes_json_and_table(world, tmp_path, capsys):
     for model, res in zip([world["model"], other], payload["results"], strict=True):
         assert res["n_images"] == 10 and res["n_captions"] == 10  # first caption per image
         want = _plain_from_model(
-            model,
-            [str(world["dir"] / im) for im in firsts],
-            list(firsts.values()),
+            model, [str(world["dir"] / im) for im in firsts], list(firsts.values()),
             list(range(10)),
         )
         assert res["image_to_text"] == {f"R@{k}": v for k, v in want["image_to_text"].items()}
@@ -221,7 +203,7 @@ def test_caption_selection_and_limit(world, tmp_path):
 
 def test_csv_parquet_and_bytes(world, tmp_path):
     csv_path = tmp_path / "pairs.csv"
-    lines = ["image,caption"] + [f'{im},"{c}"' for im, c in world["pairs"]]
+    lines = ["image,caption"] + [f"{im},\"{c}\"" for im, c in world["pairs"]]
     csv_path.write_text("\n".join(lines) + "\n")
     from_csv = read_retrieval(csv_path, image_root=world["dir"])
     from_jsonl = read_retrieval(world["dir"] / "pairs.jsonl")
@@ -314,19 +296,8 @@ def test_missing_columns_are_named(tmp_path):
 
 
 def test_torchrun_two_processes_equal_one(world, tmp_path):
-    common = [
-        "bench",
-        "retrieval",
-        "--model",
-        str(world["model"]),
-        "--data",
-        str(world["dir"] / "pairs.jsonl"),
-        "--workers",
-        "0",
-        "--quiet",
-        "--device",
-        "cpu",
-    ]
+    common = ["bench", "retrieval", "--model", str(world["model"]), "--data",
+              str(world["dir"] / "pairs.jsonl"), "--workers", "0", "--quiet", "--device", "cpu"]
     single = tmp_path / "single.json"
     assert main([*common, "--json", str(single)]) == 0
     multi = tmp_path / "multi.json"
@@ -342,10 +313,8 @@ def test_long_captions_follow_the_policy(world, tmp_path):
     long = " ".join(f"word{i}" for i in range(400))  # far over 248 tokens
     src = tmp_path / "long.jsonl"
     src.write_text(
-        json.dumps({"image": "imgs/0.png", "caption": long})
-        + "\n"
-        + json.dumps({"image": "imgs/1.png", "caption": "short"})
-        + "\n"
+        json.dumps({"image": "imgs/0.png", "caption": long}) + "\n"
+        + json.dumps({"image": "imgs/1.png", "caption": "short"}) + "\n"
     )
     data = read_retrieval(src, image_root=world["dir"])
     truncated = evaluate_retrieval(load(world["model"], device="cpu"), data)

@@ -20,28 +20,10 @@ from specs_metric.training.segment import (
 )
 
 TAGS = {
-    "The": "DT",
-    "the": "DT",
-    "A": "DT",
-    "a": "DT",
-    "black": "JJ",
-    "red": "JJ",
-    "big": "JJ",
-    "cat": "NN",
-    "mat": "NN",
-    "dog": "NN",
-    "park": "NN",
-    "table": "NN",
-    "cup": "NN",
-    "sits": "VBZ",
-    "sleeps": "VBZ",
-    "runs": "VBZ",
-    "stands": "VBZ",
-    "on": "IN",
-    "in": "IN",
-    "and": "CC",
-    ".": ".",
-    ",": ",",
+    "The": "DT", "the": "DT", "A": "DT", "a": "DT", "black": "JJ", "red": "JJ", "big": "JJ",
+    "cat": "NN", "mat": "NN", "dog": "NN", "park": "NN", "table": "NN", "cup": "NN",
+    "sits": "VBZ", "sleeps": "VBZ", "runs": "VBZ", "stands": "VBZ", "on": "IN", "in": "IN",
+    "and": "CC", ".": ".", ",": ",",
 }
 
 
@@ -65,9 +47,7 @@ def test_grammar_cuts_after_np_vp_pp_clause_but_not_conj():
     words = "The black cat sits on the red mat and a dog sleeps .".split()
     # CLAUSE(NP VP) | PP(on NP) | CONJ(and CLAUSE) + "." (CONJ does not end a segment)
     assert chunk_sentence(dict_tagger(words)) == [
-        "The black cat sits",
-        "on the red mat",
-        "and a dog sleeps .",
+        "The black cat sits", "on the red mat", "and a dog sleeps .",
     ]
 
 
@@ -76,12 +56,10 @@ def test_chunk_segmenter_with_injected_tagger():
     # Segments: "The cat sits", ".", "A dog runs", "in the park", "." ; "| . |" -> "." and
     # "in" glues "in the park" to "A dog runs"; every full stop ends a segment.
     assert seg("The cat sits. A dog runs in the park.") == [
-        "The cat sits .",
-        "A dog runs in the park .",
+        "The cat sits .", "A dog runs in the park .",
     ]
     assert seg("The black cat sits on the red mat and a dog sleeps.") == [
-        "The black cat sits on the red mat",
-        "and a dog sleeps .",
+        "The black cat sits on the red mat", "and a dog sleeps .",
     ]
 
 
@@ -93,16 +71,13 @@ def test_merge_rule_short_the_fragment_after_full_stop():
     assert merge_segments(["The dog", "sleeps ."]) == ["The dog", "sleeps ."]
     # Four tokens since the full stop: no longer a short fragment.
     assert merge_segments(["A cat .", "The big black dog", "sleeps ."]) == [
-        "A cat .",
-        "The big black dog",
-        "sleeps .",
+        "A cat .", "The big black dog", "sleeps .",
     ]
 
 
 def test_merge_rule_next_word_glues():
     assert merge_segments(["a dog", "on the mat", "is brown", "a cat"]) == [
-        "a dog on the mat is brown",
-        "a cat",
+        "a dog on the mat is brown", "a cat",
     ]
     assert merge_segments(["a dog", "'s tail"]) == ["a dog 's tail"]
 
@@ -110,13 +85,10 @@ def test_merge_rule_next_word_glues():
 def test_merge_rule_preposition_led_sentence():
     # Words since the full stop start with "On" (lower-cased in the glue list), no is/are.
     assert merge_segments(["A cat .", "On the big table", "a cup stands ."]) == [
-        "A cat .",
-        "On the big table a cup stands .",
+        "A cat .", "On the big table a cup stands .",
     ]
     assert merge_segments(["A cat .", "On the big table is", "a cup ."]) == [
-        "A cat .",
-        "On the big table is",
-        "a cup .",
+        "A cat .", "On the big table is", "a cup .",
     ]
 
 
@@ -140,10 +112,7 @@ def test_chunk_without_nltk_data_names_the_download(monkeypatch):
 
 def test_sentence_splitter():
     assert split_sentences("A dog runs.  Mr. Smith waves! Is it 3.5 m tall? Yes") == [
-        "A dog runs.",
-        "Mr. Smith waves!",
-        "Is it 3.5 m tall?",
-        "Yes",
+        "A dog runs.", "Mr. Smith waves!", "Is it 3.5 m tall?", "Yes",
     ]
     assert split_sentences("Flags, e.g. red ones. Done.") == ["Flags, e.g. red ones.", "Done."]
     assert split_sentences("   ") == []

@@ -61,9 +61,8 @@ def parse(segment: str) -> tuple:
         return ("background", m[1])
     if m := re.fullmatch(r"There is an? (\w+) (\w+)\.", segment):
         return ("exists", (m[1], m[2]))
-    if m := re.fullmatch(
-        r"The (\w+) (\w+) is (left of|right of|above|below) the (\w+) (\w+)\.", segment
-    ):
+    if m := re.fullmatch(r"The (\w+) (\w+) is (left of|right of|above|below) the (\w+) (\w+)\.",
+                         segment):
         return ("relation", (m[1], m[2]), m[3], (m[4], m[5]))
     if m := re.fullmatch(r"The (\w+) (\w+) is in the ([a-z ]+)\.", segment):
         return ("position", (m[1], m[2]), _cell_of(m[3]))
@@ -97,12 +96,8 @@ def check(claim: tuple, scene: dict) -> bool | None:
         return False
     orow, ocol = divmod(other["cell"], 3)
     rel = claim[2]
-    order = {
-        "left of": col < ocol,
-        "right of": col > ocol,
-        "above": row < orow,
-        "below": row > orow,
-    }[rel]
+    order = {"left of": col < ocol, "right of": col > ocol, "above": row < orow,
+             "below": row > orow}[rel]
     aligned = row == orow if rel in ("left of", "right of") else col == ocol
     if not order:
         return False

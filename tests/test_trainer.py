@@ -30,10 +30,8 @@ COLORS = ["red", "green", "blue", "yellow", "white", "black", "purple", "orange"
 
 
 def caption_for(color: str) -> str:
-    return (
-        f"A {color} square fills the frame, with a thin {color} border around it. "
-        f"The {color} paint looks fresh and glossy under the light."
-    )
+    return (f"A {color} square fills the frame, with a thin {color} border around it. "
+            f"The {color} paint looks fresh and glossy under the light.")
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +39,10 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     for color in COLORS:
         Image.new("RGB", (40, 36), color).save(root / f"{color}.png")
-    (root / "in.jsonl").write_text(
-        "\n".join(json.dumps({"image": f"{c}.png", "caption": caption_for(c)}) for c in COLORS)
-    )
-    prepare_dataset(
-        root / "in.jsonl", root / "train.parquet", progress=False, log_fn=lambda s: None
-    )
+    (root / "in.jsonl").write_text("\n".join(
+        json.dumps({"image": f"{c}.png", "caption": caption_for(c)}) for c in COLORS))
+    prepare_dataset(root / "in.jsonl", root / "train.parquet", progress=False,
+                    log_fn=lambda s: None)
     save_state_dict(make_state_dict(seed=0), root / "init.pt")
     return root
 
@@ -59,20 +55,10 @@ def restore_determinism():
 
 
 def config(workdir: Path, out: str, **overrides) -> TrainConfig:
-    values = dict(
-        init=str(workdir / "init.pt"),
-        data=str(workdir / "train.parquet"),
-        output=str(workdir / out),
-        batch_size=8,
-        grad_accum=1,
-        max_steps=4,
-        lr=3e-4,
-        warmup_steps=2,
-        workers=0,
-        save_every=0,
-        progress=False,
-        tensorboard=False,
-    )
+    values = dict(init=str(workdir / "init.pt"), data=str(workdir / "train.parquet"),
+                  output=str(workdir / out), batch_size=8, grad_accum=1, max_steps=4,
+                  lr=3e-4, warmup_steps=2, workers=0, save_every=0, progress=False,
+                  tensorboard=False)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -116,11 +102,8 @@ def evaluate(path: Path, rows: list[dict], margin: float = 1.0) -> tuple[float, 
         negative = enc([rows[k]["neg_captions"][i] for k, i in pairs])
         own = img[[k for k, _ in pairs]]
         sb, sd, sn = (scale * (x * own).sum(-1) for x in (base, detail, negative))
-    return (
-        contrastive,
-        float(F.relu(margin + sb - sd).mean()),
-        float(F.relu(margin + sn - sb).mean()),
-    )
+    return (contrastive, float(F.relu(margin + sb - sd).mean()),
+            float(F.relu(margin + sn - sb).mean()))
 
 
 def test_short_run_lowers_every_loss_component(workdir):
@@ -134,9 +117,8 @@ def test_short_run_lowers_every_loss_component(workdir):
     assert [r["step"] for r in log] == list(range(1, 13))
     assert sum(r["loss"] for r in log[-3:]) < sum(r["loss"] for r in log[:3])
     # Logged lr of update k is lr * lr_factor(k).
-    assert [r["lr"] for r in log] == pytest.approx(
-        [3e-4 * lr_factor(k, 2, 12) for k in range(1, 13)]
-    )
+    assert [r["lr"] for r in log] == pytest.approx([3e-4 * lr_factor(k, 2, 12)
+                                                    for k in range(1, 13)])
     assert all(r["images"] == 8 and 0 <= r["margin"] <= 1.5 for r in log)
     assert (workdir / "learn" / "model.safetensors").is_file()
 
@@ -153,7 +135,8 @@ def _killed_run(cfg: TrainConfig, kill_at: int) -> int:
         "train(cfg, on_checkpoint=hook)\n"
     )
     command = [sys.executable, "-c", script, json.dumps(cfg.__dict__)]
-    proc = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, env=child_env(),
+                          capture_output=True, text=True, timeout=300)
     return proc.returncode
 
 
@@ -199,17 +182,8 @@ def test_corrupt_image_is_skipped_and_counted(workdir, tmp_path):
 
 def test_clip_init_freezes_positions_and_clip_objective(workdir):
     save_state_dict(make_openai_state_dict(seed=1), workdir / "openai.pt")
-    trainer = Trainer(
-        config(
-            workdir,
-            "fromclip",
-            init=str(workdir / "openai.pt"),
-            objective="clip",
-            max_steps=2,
-            lambda_detail=0,
-            lambda_neg=0,
-        )
-    )
+    trainer = Trainer(config(workdir, "fromclip", init=str(workdir / "openai.pt"),
+                             objective="clip", max_steps=2, lambda_detail=0, lambda_neg=0))
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     result = trainer.run()
     final = read_state_dict(result.final_checkpoint)
@@ -231,32 +205,19 @@ def test_trained_checkpoint_scores_through_specs_score(workdir, tmp_path):
     model = trainer.model.eval()
     from specs_metric.transform import open_image, preprocess
 
-    rows = [
-        {"image": str(workdir / f"{c}.png"), "caption": caption_for(c2)}
-        for c, c2 in zip(COLORS, COLORS[1:] + COLORS[:1], strict=True)
-    ]
+    rows = [{"image": str(workdir / f"{c}.png"), "caption": caption_for(c2)}
+            for c, c2 in zip(COLORS, COLORS[1:] + COLORS[:1], strict=True)]
     with torch.no_grad():
-        img = model.encode_image(
-            torch.stack([preprocess(open_image(r["image"]).convert("RGB"), 32) for r in rows])
-        )
+        img = model.encode_image(torch.stack(
+            [preprocess(open_image(r["image"]).convert("RGB"), 32) for r in rows]))
         txt = model.encode_text(default_tokenizer()([r["caption"] for r in rows]))
     expected = ((F.cosine_similarity(img, txt) + 1) / 2).clamp(min=0)
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     for name in ("model.pt", "model.safetensors"):
         out = tmp_path / f"{name}.jsonl"
-        code = main(
-            [
-                "score",
-                "--model",
-                str(result.output / name),
-                "--input",
-                str(tmp_path / "rows.jsonl"),
-                "--output",
-                str(out),
-                "--full-precision-weights",
-                "--no-progress",
-            ]
-        )
+        code = main(["score", "--model", str(result.output / name), "--input",
+                     str(tmp_path / "rows.jsonl"), "--output", str(out),
+                     "--full-precision-weights", "--no-progress"])
         assert code == 0
         scores = [json.loads(line)["score"] for line in out.read_text().splitlines()]
         assert scores == pytest.approx(expected.tolist(), abs=1e-5)
@@ -264,67 +225,20 @@ def test_trained_checkpoint_scores_through_specs_score(workdir, tmp_path):
 
 def test_cli_train_flags(workdir, capsys):
     out = workdir / "cli"
-    code = main(
-        [
-            "train",
-            "--init",
-            str(workdir / "init.pt"),
-            "--data",
-            str(workdir / "train.parquet"),
-            "--output",
-            str(out),
-            "--max-steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--grad-accum",
-            "2",
-            "--lr",
-            "1e-4",
-            "--weight-decay",
-            "0",
-            "--warmup-steps",
-            "1",
-            "--lambda-contrast",
-            "1",
-            "--lambda-detail",
-            "2",
-            "--lambda-neg",
-            "0.5",
-            "--margin",
-            "0.3",
-            "--save-every",
-            "1",
-            "--precision",
-            "fp32",
-            "--seed",
-            "7",
-            "--workers",
-            "1",
-            "--quiet",
-            "--no-tensorboard",
-        ]
-    )
+    code = main(["train", "--init", str(workdir / "init.pt"), "--data",
+                 str(workdir / "train.parquet"), "--output", str(out), "--max-steps", "2",
+                 "--batch-size", "4", "--grad-accum", "2", "--lr", "1e-4", "--weight-decay",
+                 "0", "--warmup-steps", "1", "--lambda-contrast", "1", "--lambda-detail", "2",
+                 "--lambda-neg", "0.5", "--margin", "0.3", "--save-every", "1", "--precision",
+                 "fp32", "--seed", "7", "--workers", "1", "--quiet", "--no-tensorboard"])
     assert code == 0
     saved = json.loads((out / "config.json").read_text())
     assert (saved["lambda_detail"], saved["margin"], saved["seed"]) == (2.0, 0.3, 7)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     log = read_log(out / "train_log.csv")
     assert [r["margin"] for r in log] == [0.3, 0.3]
-    assert (
-        main(
-            [
-                "train",
-                "--init",
-                str(workdir / "nope.pt"),
-                "--data",
-                str(workdir / "train.parquet"),
-                "--output",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert main(["train", "--init", str(workdir / "nope.pt"), "--data",
+                 str(workdir / "train.parquet"), "--output", str(out)]) == 2
     assert "nope.pt" in capsys.readouterr().err
 
 
@@ -343,15 +257,12 @@ def test_tensorboard_receives_every_component(workdir, monkeypatch):
         def close(self):
             calls.append(("closed", 0.0, 0))
 
-    monkeypatch.setitem(
-        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer)
-    )
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=Writer))
     result = train(config(workdir, "tb", max_steps=2, tensorboard=True))
     log = read_log(result.log_file)
     tags = {tag for tag, _, _ in calls}
-    assert {
-        f"train/{k}"
-        for k in ("lr", "loss", "contrastive", "detail", "negative", "margin", "logit_scale")
-    } <= tags
+    assert {f"train/{k}" for k in ("lr", "loss", "contrastive", "detail", "negative",
+                                   "margin", "logit_scale")} <= tags
     assert ("train/detail", log[1]["detail"], 2) in [(t, pytest.approx(v), s) for t, v, s in calls]
     assert calls[-1][0] == "closed"

@@ -201,9 +201,8 @@ def test_folder_with_positional_class_names(world, tmp_path):
     data = read_labelled(world["dir"] / "folder", str(names))
     assert data.class_names == ["shade one", "shade two", "shade three", "shade four"]
     # sorted folders pair with the listed names in order
-    first_of_each = {
-        Path(p).parent.name: int(lab) for p, lab in zip(data.images, data.labels, strict=True)
-    }
+    first_of_each = {Path(p).parent.name: int(lab) for p, lab in
+                     zip(data.images, data.labels, strict=True)}
     assert first_of_each == {c: i for i, c in enumerate(sorted(COLOURS))}
     wrong = tmp_path / "wrong.txt"
     wrong.write_text("red\ngreen\nyellow\n")
@@ -214,10 +213,8 @@ def test_folder_with_positional_class_names(world, tmp_path):
 def test_dotted_label_column_on_scene_json(world, tmp_path):
     rows = {
         "image": [r["image"] for r in world["rows"]],
-        "scene": [
-            json.dumps({"background": r["label"], "objects": [{"shape": "star"}]})
-            for r in world["rows"]
-        ],
+        "scene": [json.dumps({"background": r["label"], "objects": [{"shape": "star"}]})
+                  for r in world["rows"]],
     }
     pq.write_table(pa.table(rows), tmp_path / "test.parquet")
     data = read_labelled(tmp_path, label_column="scene.background", image_root=world["dir"])
@@ -229,23 +226,9 @@ def test_dotted_label_column_on_scene_json(world, tmp_path):
 
 
 def test_cli_table_json_and_torchrun(world, tmp_path, capsys):
-    common = [
-        "bench",
-        "zeroshot",
-        "--model",
-        str(world["model"]),
-        "--data",
-        str(world["dir"] / "folder"),
-        "--templates",
-        "synthetic-colour",
-        "--workers",
-        "0",
-        "--quiet",
-        "--device",
-        "cpu",
-        "--ks",
-        "1,2",
-    ]
+    common = ["bench", "zeroshot", "--model", str(world["model"]), "--data",
+              str(world["dir"] / "folder"), "--templates", "synthetic-colour", "--workers", "0",
+              "--quiet", "--device", "cpu", "--ks", "1,2"]
     single = tmp_path / "single.json"
     assert main([*common, "--json", str(single)]) == 0
     printed = capsys.readouterr().out
@@ -265,10 +248,8 @@ def test_hf_style_table_with_image_structs_and_int_labels(world, tmp_path):
     order = list(COLOURS)
     table = pa.table(
         {
-            "img": [
-                {"bytes": (world["dir"] / r["image"]).read_bytes(), "path": None}
-                for r in world["rows"]
-            ],
+            "img": [{"bytes": (world["dir"] / r["image"]).read_bytes(), "path": None}
+                    for r in world["rows"]],
             "label": [order.index(r["label"]) for r in world["rows"]],
         }
     )
@@ -289,9 +270,7 @@ def test_hf_style_table_with_image_structs_and_int_labels(world, tmp_path):
     scorer = load(world["model"], device="cpu")
     from_bytes = evaluate_zeroshot(scorer, data, ("a {} patch.",), ks=(1, 3))
     from_paths = evaluate_zeroshot(
-        scorer,
-        read_labelled(world["dir"] / "labels.jsonl", str(classes)),
-        ("a {} patch.",),
+        scorer, read_labelled(world["dir"] / "labels.jsonl", str(classes)), ("a {} patch.",),
         ks=(1, 3),
     )
     assert from_bytes.accuracy == from_paths.accuracy

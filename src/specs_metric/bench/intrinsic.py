@@ -318,7 +318,9 @@ def encode_chains(
 # --------------------------------------------------------------------------------------
 
 
-def embed_row_images(scorer: Scorer, rows: Sequence[SdciRow], batch_size: int = 64) -> torch.Tensor:
+def embed_row_images(
+    scorer: Scorer, rows: Sequence[SdciRow], batch_size: int = 64
+) -> torch.Tensor:
     """Raw image embeddings (N, D) of the rows' images."""
     return scorer.embed_images([load_image_source(r.image) for r in rows], batch_size=batch_size)
 

@@ -217,14 +217,8 @@ def plot_correlation_bars(rep: SetReport, path: Path) -> Path:
         lows = np.array([m.correlations[s].low for m in shown])
         highs = np.array([m.correlations[s].high for m in shown])
         err = np.nan_to_num(np.vstack([vals - lows, highs - vals]), nan=0.0)
-        ax.bar(
-            xs + (j - (len(stats_used) - 1) / 2) * width,
-            vals,
-            width,
-            yerr=err,
-            capsize=3,
-            label=STAT_TITLES[s],
-        )
+        ax.bar(xs + (j - (len(stats_used) - 1) / 2) * width, vals, width, yerr=err, capsize=3,
+               label=STAT_TITLES[s])
     ax.set_xticks(xs)
     ax.set_xticklabels([m.label for m in shown], rotation=20, ha="right", fontsize=8)
     ax.axhline(0, color="black", lw=0.6)

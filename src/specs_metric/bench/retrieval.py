@@ -328,16 +328,15 @@ def read_table(
         column = caption_column or ("caption" if "caption" in rec else "captions")
         for needed in (image_column, column):
             if needed not in rec:
-                raise RetrievalDataError(f"{where}: missing column {needed!r}; found {sorted(rec)}")
+                raise RetrievalDataError(
+                    f"{where}: missing column {needed!r}; found {sorted(rec)}"
+                )
         image = image_source(rec[image_column], root, where)
         row_id = rec.get("id")
         if row_id is None and isinstance(image, str):
             row_id = str(Path(image).name)
-        builder.add(
-            image,
-            None if row_id is None else str(row_id),
-            _caption_list(rec[column], column, where),
-        )
+        builder.add(image, None if row_id is None else str(row_id),
+                    _caption_list(rec[column], column, where))
     return builder.build(description)
 
 
@@ -415,7 +414,9 @@ def read_urban1k(path: str | Path) -> RetrievalSet:
     root = urban1k_root(path)
     if root is None:
         raise RetrievalDataError(f"{path}: no image/ and caption/ folders (Urban1k layout)")
-    images = {p.stem: p for p in (root / "image").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    images = {
+        p.stem: p for p in (root / "image").iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS
+    }
     builder = _Builder("all", None)
     for txt in sorted((root / "caption").glob("*.txt")):
         if txt.stem not in images:
@@ -647,8 +648,7 @@ def evaluate_retrieval(
         raise ImageError("no image could be read")
     kept_caps = keep[data.caption_image]
     i2t, t2i = retrieval_ranks(
-        images.embeddings[torch.from_numpy(keep)],
-        texts[torch.from_numpy(kept_caps)],
+        images.embeddings[torch.from_numpy(keep)], texts[torch.from_numpy(kept_caps)],
         used.caption_image,
     )
     return RetrievalResult(

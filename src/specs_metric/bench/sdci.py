@@ -210,7 +210,9 @@ def read_sdci(
             where = f"{file}, row {i}"
             missing = [c for c in REQUIRED_COLUMNS if c not in rec]
             if missing:
-                raise SdciFormatError(f"{where}: missing column(s) {missing}; found {sorted(rec)}")
+                raise SdciFormatError(
+                    f"{where}: missing column(s) {missing}; found {sorted(rec)}"
+                )
             captions = _string_list(rec["captions"], "captions", where)
             negs = _string_list(rec["neg_captions"], "neg_captions", where)
             if not captions:

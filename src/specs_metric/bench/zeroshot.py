@@ -156,11 +156,9 @@ def field_value(record: dict, column: str, where: str) -> object:
                 pass
         if isinstance(value, dict) and part in value:
             value = value[part]
-        elif (
-            isinstance(value, list)
-            and part.lstrip("-").isdigit()
-            and -len(value) <= int(part) < len(value)
-        ):
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(
+            part
+        ) < len(value):
             value = value[int(part)]
         else:
             raise LabelledDataError(f"{where}: no field {column!r} (stopped at {part!r})")

@@ -121,12 +121,8 @@ class SpecificityLoss(nn.Module):
             logit_scale: the multiplicative scale, i.e. ``model.logit_scale.exp()``.
         """
         n = image.shape[0]
-        for name, feats in (
-            ("caption", caption),
-            ("base", base),
-            ("detail", detail),
-            ("negative", negative),
-        ):
+        for name, feats in (("caption", caption), ("base", base), ("detail", detail),
+                            ("negative", negative)):
             if feats.shape != image.shape:
                 raise ValueError(
                     f"{name} embeddings have shape {tuple(feats.shape)}, expected "

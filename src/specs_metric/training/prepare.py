@@ -485,23 +485,18 @@ def prepare_dataset(
     if not 0.0 <= shuffle_fraction <= 1.0:
         raise ValueError(f"shuffle_fraction must be in [0, 1], got {shuffle_fraction}")
     input_path, output_path = Path(input_path), Path(output_path)
-    root = (
-        Path(image_root)
-        if image_root is not None
-        else (input_path if input_path.is_dir() else input_path.parent)
+    root = Path(image_root) if image_root is not None else (
+        input_path if input_path.is_dir() else input_path.parent
     )
     report = PrepareReport()
 
     rows: list[Example] = []
-    for example in tqdm(
-        iter_examples(input_path), desc="checking", disable=not progress, unit="row"
-    ):
+    for example in tqdm(iter_examples(input_path), desc="checking", disable=not progress,
+                        unit="row"):
         report.rows += 1
         example.image = resolve_image(example.image, root)
-        problem = (
-            image_problem(example.image)
-            if check_images
-            else ("missing_image" if example.image is None else None)
+        problem = image_problem(example.image) if check_images else (
+            "missing_image" if example.image is None else None
         )
         if problem:
             report.skip(problem, example.row)
@@ -525,13 +520,8 @@ def prepare_dataset(
         else:
             candidates.append((example, segs, negs))
     count_tokens = TokenCounter(tokenizer) if tokenizer is not None else None
-    built = build_all(
-        [(segs, negs) for _, segs, negs in candidates],
-        count_tokens,
-        context_length,
-        workers,
-        progress,
-    )
+    built = build_all([(segs, negs) for _, segs, negs in candidates], count_tokens,
+                      context_length, workers, progress)
     for (example, _, _), (captions, neg_captions) in zip(candidates, built, strict=True):
         if not neg_captions:
             report.skip("too_long", example.row)
@@ -556,14 +546,12 @@ def write_training_table(columns: dict[str, list], output_path: str | Path) -> P
     output_path = Path(output_path)
     images = columns["image"]
     image_type = pa.binary() if images and isinstance(images[0], bytes) else pa.string()
-    schema = pa.schema(
-        [
-            ("image", image_type),
-            ("caption", pa.string()),
-            ("captions", pa.list_(pa.string())),
-            ("neg_captions", pa.list_(pa.string())),
-        ]
-    )
+    schema = pa.schema([
+        ("image", image_type),
+        ("caption", pa.string()),
+        ("captions", pa.list_(pa.string())),
+        ("neg_captions", pa.list_(pa.string())),
+    ])
     table = pa.Table.from_pydict({k: columns[k] for k in OUTPUT_COLUMNS}, schema=schema)
     if output_path.suffix == ".parquet":
         output_path.parent.mkdir(parents=True, exist_ok=True)

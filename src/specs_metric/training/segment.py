@@ -44,7 +44,9 @@ CHUNK_GRAMMAR = r"""
 # Chunks after which a segment ends (CONJ chunks continue the current segment).
 _BOUNDARY_CHUNKS = frozenset({"NP", "VP", "PP", "CLAUSE"})
 # A segment is glued to the next one when the next starts with one of these words.
-GLUE_WORDS = frozenset("behind in under on to above left right next up down out of 's is".split())
+GLUE_WORDS = frozenset(
+    "behind in under on to above left right next up down out of 's is".split()
+)
 
 NLTK_DATA = {
     "tokenizers/punkt_tab": "nltk.download('punkt_tab')",

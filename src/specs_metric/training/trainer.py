@@ -53,18 +53,8 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("specs", "clip")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LOG_COLUMNS = (
-    "step",
-    "epoch",
-    "lr",
-    "loss",
-    "contrastive",
-    "detail",
-    "negative",
-    "margin",
-    "logit_scale",
-    "images",
-    "skipped_images",
-    "seconds",
+    "step", "epoch", "lr", "loss", "contrastive", "detail", "negative", "margin",
+    "logit_scale", "images", "skipped_images", "seconds",
 )
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILES = ("model.pt", "model.safetensors")
@@ -230,13 +220,8 @@ def _rng_state() -> dict:
 
 def _numpy_state_to_tensors(state: tuple) -> dict:
     name, keys, pos, has_gauss, gauss = state
-    return {
-        "name": name,
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "gauss": float(gauss),
-    }
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
 
 
 def _set_rng_state(state: dict) -> None:
@@ -402,17 +387,10 @@ class Trainer:
             log.info(
                 "%s: %s; %d trainable parameters%s; %d rows; %d updates of %d x %d x %d "
                 "examples; %s on %s",
-                config.init,
-                self.model.config,
-                trainable,
-                " (positional_embedding frozen)" if freeze else "",
-                len(self.dataset),
-                self.total_steps,
-                self.dist.world_size,
-                config.batch_size,
-                config.grad_accum,
-                self.precision,
-                self.device,
+                config.init, self.model.config, trainable,
+                " (positional_embedding frozen)" if freeze else "", len(self.dataset),
+                self.total_steps, self.dist.world_size, config.batch_size, config.grad_accum,
+                self.precision, self.device,
             )
 
     # -- checkpoints ------------------------------------------------------------------
@@ -439,10 +417,8 @@ class Trainer:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        weights = {
-            k: v.detach().float() if v.is_floating_point() else v
-            for k, v in self.model.state_dict().items()
-        }
+        weights = {k: v.detach().float() if v.is_floating_point() else v
+                   for k, v in self.model.state_dict().items()}
         for name in MODEL_FILES:
             save_state_dict(weights, tmp / name)
         torch.save(self.state_dict(), tmp / STATE_FILE)
@@ -455,10 +431,8 @@ class Trainer:
         from specs_metric.checkpoint import read_state_dict
 
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-        if (
-            state["world_size"] * state["batch_size"]
-            != self.dist.world_size * self.config.batch_size
-        ):
+        if (state["world_size"] * state["batch_size"]
+                != self.dist.world_size * self.config.batch_size):
             raise TrainError(
                 f"--resume {path}: saved with global batch {state['world_size']} x "
                 f"{state['batch_size']}, now {self.dist.world_size} x {self.config.batch_size}"
@@ -534,19 +508,11 @@ class Trainer:
             (self.output / "config.json").write_text(
                 json.dumps(dataclasses.asdict(config), indent=2)
             )
-        csv_log = (
-            _CsvLog(self.output / "train_log.csv", self.step if resume_from else None)
-            if self.is_main
-            else None
-        )
+        csv_log = _CsvLog(self.output / "train_log.csv", self.step if resume_from else None) \
+            if self.is_main else None
         board = _tensorboard(self.output, config.tensorboard) if self.is_main else None
-        bar = tqdm(
-            total=self.total_steps,
-            initial=self.step,
-            desc="training",
-            unit="step",
-            disable=not (self.is_main and config.progress),
-        )
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
+                   disable=not (self.is_main and config.progress))
         self._saved_step = self.step if resume_from else None
         started = time.time()
         try:
@@ -571,13 +537,8 @@ class Trainer:
                 shutil.copyfile(final / name, self.output / name)
         if self.dist.enabled:
             dist.barrier()
-        return TrainResult(
-            self.output,
-            self.output / MODEL_FILES[0],
-            self.step,
-            self.skipped_images,
-            self.output / "train_log.csv",
-        )
+        return TrainResult(self.output, self.output / MODEL_FILES[0], self.step,
+                           self.skipped_images, self.output / "train_log.csv")
 
     def _checkpoint(self, on_checkpoint) -> None:
         if self.is_main:
@@ -626,14 +587,10 @@ class Trainer:
             self.step += 1
             row = {k: v / max(micro, 1) for k, v in sums.items()}
             row.update(
-                step=self.step,
-                epoch=self.epoch,
-                lr=lr,
-                margin=float(self.loss_fn.running_margin) if config.margin == 0 else config.margin,
-                logit_scale=float(self.model.logit_scale.detach().exp()),
-                images=images,
-                skipped_images=self.skipped_images,
-                seconds=round(time.time() - started, 3),
+                step=self.step, epoch=self.epoch, lr=lr, margin=float(self.loss_fn.running_margin)
+                if config.margin == 0 else config.margin,
+                logit_scale=float(self.model.logit_scale.detach().exp()), images=images,
+                skipped_images=self.skipped_images, seconds=round(time.time() - started, 3),
             )
             if config.objective == "clip":
                 row["margin"] = 0.0
