@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import stats
 
 from factories import make_state_dict
 from specs_metric.cli import main
@@ -19,14 +20,16 @@ from specs_metric.compare import CompareError, compare_files, sign_flip_p_value
 FIELDS = ("id", "image", "caption", "score", "cosine", "tokens", "truncated", "error")
 
 
-def _write_scores(path: Path, scores, *, errors=None, ids=None, captions=None, scale="specs"):
+def _write_scores(
+    path: Path, scores, *, errors=None, ids=None, captions=None, images=None, scale="specs"
+):
     """A file in the ``specs score`` output layout, with its summary."""
     with open(path, "w", encoding="utf-8") as fh:
         for i, s in enumerate(scores):
             err = errors.get(i) if errors else None
             rec = {
                 "id": ids[i] if ids else i,
-                "image": f"img/{i % 7}.png",
+                "image": images[i] if images else f"img/{i % 7}.png",
                 "caption": captions[i] if captions else f"caption {i}",
                 "score": None if err else float(s),
                 "cosine": None if err else 2 * float(s) - 1,
@@ -152,9 +155,11 @@ def test_mismatched_inputs_are_refused(tmp_path):
         compare_files(a, fewer)
     with pytest.raises(CompareError, match=f"id '2' is in {a} but not in {fewer}"):
         compare_files(fewer, a)
-    other = _write_scores(tmp_path / "o.jsonl", [0.1, 0.2, 0.3], captions=["caption 0", "x", "y"])
-    with pytest.raises(CompareError, match="id '1': caption differs"):
+    other = _write_scores(tmp_path / "o.jsonl", [0.1, 0.2, 0.3], images=["img/0.png", "x", "y"])
+    with pytest.raises(CompareError, match="id '1': image differs.*--pair-by image"):
         compare_files(a, other)
+    with pytest.raises(CompareError, match=f"images: 'img/1.png' is in {a} but not in {other}"):
+        compare_files(a, other, pair_by="image")
     clips = _write_scores(tmp_path / "c.jsonl", [0.1, 0.2, 0.3], scale="clip-s")
     with pytest.raises(CompareError, match="scales differ.*'specs'.*'clip-s'"):
         compare_files(a, clips)
@@ -186,3 +191,104 @@ def test_cli_report_and_errors(tmp_path, capsys):
     clips = _write_scores(tmp_path / "c.jsonl", a, scale="clip-s")
     assert main(["compare", str(pa_), str(clips)]) == 2
     assert "scales differ" in capsys.readouterr().err
+
+
+# --- two captioners -------------------------------------------------------------------------
+
+
+def _captioner_files(tmp_path, n_images, per_a, per_b, seed, shift):
+    """A and B describing the same images with different captions (per_a / per_b each)."""
+    rng = np.random.default_rng(seed)
+    quality = rng.uniform(0.3, 0.6, n_images)
+    a_img, b_img, a, b = [], [], [], []
+    for i in range(n_images):
+        a_img += [f"img/{i}.png"] * per_a
+        a += list(quality[i] + rng.normal(0, 0.02, per_a))
+        b_img += [f"img/{i}.png"] * per_b
+        b += list(quality[i] + shift + rng.normal(0, 0.02, per_b))
+    pa_ = _write_scores(
+        tmp_path / "a.jsonl", a, images=a_img, captions=[f"a says {k}" for k in range(len(a))]
+    )
+    pb = _write_scores(
+        tmp_path / "b.jsonl", b, images=b_img, captions=[f"b says {k}" for k in range(len(b))]
+    )
+    return pa_, pb
+
+
+def _per_image(path):
+    """Per-image mean scores by a plain loop over the file."""
+    sums, counts = {}, {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["error"]:
+            continue
+        sums[rec["image"]] = sums.get(rec["image"], 0.0) + rec["score"]
+        counts[rec["image"]] = counts.get(rec["image"], 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+def test_two_captioners_by_id_match_scipy(tmp_path):
+    pa_, pb = _captioner_files(tmp_path, 12, 1, 1, seed=4, shift=0.01)
+    c = compare_files(pa_, pb, n_boot=4000, n_perm=20000, seed=1)
+    a, b = _per_image(pa_), _per_image(pb)
+    d = np.array([b[k] - a[k] for k in a])
+    assert c.unit == "image" and c.n_used == c.n_images == 12 and not c.averaged
+    assert c.mean_diff == pytest.approx(d.mean()) and c.mean_a == pytest.approx(
+        np.mean([*a.values()])
+    )
+    # exact sign-flip test over all 2^12 sign patterns, by scipy
+    exact = stats.permutation_test(
+        (d,), np.mean, permutation_type="samples", n_resamples=np.inf, alternative="two-sided"
+    ).pvalue
+    assert c.p_value == pytest.approx(exact, abs=0.01)
+    boot = stats.bootstrap((d,), np.mean, n_resamples=4000, method="percentile", rng=7)
+    lo, hi = boot.confidence_interval
+    assert abs(c.ci_low - lo) < 0.1 * (hi - lo) and abs(c.ci_high - hi) < 0.1 * (hi - lo)
+    assert (c.wins, c.ties, c.losses) == ((d > 0).sum(), 0, (d < 0).sum())
+    top = c.top_changes[0]
+    assert top["caption"].startswith("a says") and top["caption_b"].startswith("b says")
+    assert abs(top["diff"]) == pytest.approx(np.abs(d).max())
+
+
+def test_several_captions_per_image_are_averaged_before_the_test(tmp_path, capsys):
+    pa_, pb = _captioner_files(tmp_path, 9, 3, 2, seed=8, shift=0.05)
+    c = compare_files(pa_, pb, pair_by="image", n_boot=2000, n_perm=2000)
+    a, b = _per_image(pa_), _per_image(pb)
+    d = np.array([b[k] - a[k] for k in sorted(a)])
+    assert (c.n_used, c.n_images, c.captions_a, c.captions_b) == (9, 9, 27, 18)
+    assert c.averaged and c.unit == "image" and c.pair_by == "image"
+    assert c.mean_diff == pytest.approx(d.mean())
+    assert sorted(c.scores_b - c.scores_a) == pytest.approx(sorted(d))
+    assert len(c.top_changes[0]["rows_a"]) == 3 and len(c.top_changes[0]["rows_b"]) == 2
+    out = tmp_path / "cmp"
+    args = ["compare", str(pa_), str(pb), "--pair-by", "image", "--out", str(out)]
+    assert main([*args, "--n-boot", "200", "--n-perm", "200"]) == 0
+    text = capsys.readouterr().out
+    assert "averaged per image" in text and "from 27 captions in A and 18 in B" in text
+    report = json.loads((out / "report.json").read_text())
+    for key in ("mean_a", "mean_b", "mean_diff", "ci_low", "ci_high", "p_value", "n_used"):
+        assert key in report
+    assert report["averaged_per_image"] is True and report["n_used"] == 9
+    html = (out / "report.html").read_text()
+    assert "averaged per image" in html and html.count('<div class="cand">') >= 5
+
+
+def test_by_image_skips_images_without_a_scored_caption(tmp_path):
+    images = ["i0", "i0", "i1", "i1", "i2"]
+    pa_ = _write_scores(tmp_path / "a.jsonl", [0.1, 0.3, 0.5, 0.5, 0.2], images=images,
+                        errors={2: "bad", 3: "bad"})  # fmt: skip
+    pb = _write_scores(tmp_path / "b.jsonl", [0.4, 0.6, 0.2], images=["i0", "i1", "i2"],
+                       errors={0: None}, captions=["x", "y", "z"])  # fmt: skip
+    c = compare_files(pa_, pb, pair_by="image", n_boot=100, n_perm=100)
+    # i1 has no scored caption in A; i0: A mean 0.2 vs 0.4, i2: 0.2 vs 0.2
+    assert (c.n_used, c.n_skipped) == (2, 1)
+    assert c.mean_diff == pytest.approx(0.1) and (c.wins, c.ties) == (1, 1)
+
+
+def test_duplicate_ids_are_refused_in_one_line(tmp_path, capsys):
+    a = _write_scores(tmp_path / "a.jsonl", [0.1, 0.2, 0.3])
+    dup = _write_scores(tmp_path / "d.jsonl", [0.1, 0.2, 0.3], ids=["x", "y", "x"])
+    for pair_by in ("id", "image"):
+        assert main(["compare", str(a), str(dup), "--pair-by", pair_by]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"specs compare: {dup}: id 'x' appears twice (row 3); ids must be unique"

@@ -246,13 +246,19 @@ def compare_markdown(c: Comparison) -> str:
     """Markdown summary of a paired comparison of two score files."""
     level = int(round(100 * c.level))
     verdict = "significant" if c.significant else "not significant"
+    if c.unit == "row":
+        units = f"rows compared: {c.n_used} of {c.n_rows} ({c.n_skipped} skipped for errors)"
+    else:
+        units = (
+            f"images compared (paired by {c.pair_by}): {c.n_used} ({c.n_skipped} skipped for "
+            f"errors), from {c.captions_a} captions in A and {c.captions_b} in B"
+        )
     lines = [
         "# Paired comparison of two score files",
         "",
         f"- A: `{c.file_a}` (model `{c.model_a}`)",
         f"- B: `{c.file_b}` (model `{c.model_b}`)",
-        f"- scale: `{c.scale}`; rows compared: {c.n_used} of {c.n_rows} "
-        f"({c.n_skipped} skipped for errors)",
+        f"- scale: `{c.scale}`; {units}",
         "",
         "| mean A | mean B | mean B − A | "
         f"{level}% CI (paired bootstrap) | p ({c.test}) | B wins | ties | B loses |",
@@ -264,26 +270,42 @@ def compare_markdown(c: Comparison) -> str:
         f"The difference is **{verdict}** at the {100 - level}% level "
         f"({c.n_boot} bootstrap resamples, {c.n_perm} sign flips, seed {c.seed}).",
     ]
+    if c.averaged:
+        lines.append(
+            "Several captions per image: each side's scores were averaged per image before "
+            "the test."
+        )
     if c.top_changes:
-        lines += [
-            "",
-            "## Rows that changed most",
-            "",
-            "| id | image | caption | A | B | B − A |",
-            "|---|---|---|---|---|---|",
-        ]
+
+        def cell(text: object) -> str:
+            cap = str(text).replace("|", "\\|").replace("\n", " ")
+            return cap if len(cap) <= 80 else cap[:77] + "..."
+
+        what = "Rows" if c.unit == "row" else "Images"
+        two = c.unit != "row"
+        lines += ["", f"## {what} that changed most", ""]
+        if two:
+            lines += [
+                "| id | image | caption A | caption B | A | B | B − A |",
+                "|---|---|---|---|---|---|---|",
+            ]
+        else:
+            lines += ["| id | image | caption | A | B | B − A |", "|---|---|---|---|---|---|"]
         for r in c.top_changes:
-            cap = str(r["caption"]).replace("|", "\\|").replace("\n", " ")
-            cap = cap if len(cap) <= 80 else cap[:77] + "..."
+            caps = f"{cell(r['caption'])} | {cell(r['caption_b'])}" if two else cell(r["caption"])
             lines.append(
-                f"| {r['id']} | {r['image']} | {cap} | {_num(r['score_a'], 4)} | "
+                f"| {r['id']} | {r['image']} | {caps} | {_num(r['score_a'], 4)} | "
                 f"{_num(r['score_b'], 4)} | {_num(r['diff'], 4)} |"
             )
     return "\n".join(lines) + "\n"
 
 
 def plot_distributions(
-    a: np.ndarray, b: np.ndarray, path: Path, labels: tuple[str, str] = ("A", "B")
+    a: np.ndarray,
+    b: np.ndarray,
+    path: Path,
+    labels: tuple[str, str] = ("A", "B"),
+    unit: str = "row",
 ) -> Path:
     """Histograms of the two score sets, and of the paired differences B − A."""
     fig, axes = _canvas(1, 2, 10.0, 3.8)
@@ -303,6 +325,38 @@ def plot_distributions(
     pad = max(1e-9, 1e-6 * abs(hi)) if hi - lo < 1e-9 else 0.0  # constant shift: one bar
     ax.hist(d, bins=np.linspace(lo - pad, hi + pad, 41), color="C2")
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("B − A per row")
+    ax.set_xlabel(f"B − A per {unit}")
     ax.set_title("paired differences", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_sweep(result: dict, path: Path) -> Path:
+    """Mean score against checkpoint (``specs sweep``), with the bootstrap CI as a band."""
+    cks = result["checkpoints"]
+    x = np.arange(len(cks))
+    mean = np.array([c["mean"] for c in cks], dtype=float)
+    low = np.array([c["ci_low"] for c in cks], dtype=float)
+    high = np.array([c["ci_high"] for c in cks], dtype=float)
+    fig, axes = _canvas(1, 1, max(5.0, min(14.0, 1.0 + 0.7 * len(cks))), 3.8)
+    ax = axes[0, 0]
+    level = int(round(100 * result.get("level", 0.95)))
+    ax.fill_between(x, low, high, alpha=0.25, color="C0", label=f"{level}% CI (images)")
+    ax.plot(x, mean, "o-", color="C0", label="mean score")
+    best = next(i for i, c in enumerate(cks) if c["name"] == result["best"])
+    ax.plot([x[best]], [mean[best]], "*", color="C3", markersize=14, label="best")
+    for i, c in enumerate(cks):
+        vs = c.get("vs_previous")
+        if vs and vs.get("significant"):  # a step the paired test supports
+            ax.annotate("*", (x[i], high[i]), ha="center", va="bottom", fontsize=12)
+    ax.set_xticks(x)
+    tilt = len(cks) > 6
+    ax.set_xticklabels(
+        [c["name"] for c in cks], rotation=30 if tilt else 0, ha="right" if tilt else "center"
+    )
+    ax.margins(x=0.05, y=0.15)  # room for the stars above the bands
+    ax.set_xlabel("checkpoint")
+    ax.set_ylabel(f"mean score ({result.get('scale', 'specs')})")
+    ax.set_title(f"{result.get('model')}: * = significant change from the previous", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     return _save(fig, path)

@@ -17,7 +17,7 @@ from pathlib import Path
 from specs_metric import __version__
 
 # Top-level commands, in the order ``specs --help`` lists them.
-COMMANDS = ["score", "models", "convert", "prepare", "train", "compare", "synth"]
+COMMANDS = ["score", "models", "convert", "prepare", "train", "compare", "sweep", "synth"]
 # Sub-commands of ``specs bench``.
 BENCH_COMMANDS: list[str] = ["human", "intrinsic", "retrieval", "zeroshot"]
 

@@ -12,15 +12,29 @@ from specs_metric.cli.common import nonnegative_int, positive_int, probability
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "compare",
-        help="compare two `specs score` outputs of the same rows (B - A)",
+        help="compare two `specs score` outputs: two scoring models or two captioners (B - A)",
         description=(
-            "Match the rows of A and B by id and report the mean difference B - A with a "
-            "paired bootstrap CI, a sign-flip permutation p-value, win/tie/loss counts and "
-            "the rows that changed most."
+            "Match the rows of A and B by id (or by image) and report the mean difference "
+            "B - A with a paired bootstrap CI, a sign-flip permutation p-value, win/tie/loss "
+            "counts and the rows that changed most. With the same captions on both sides "
+            "(two scoring models) each row is a unit; when captions differ (two captioners) "
+            "each image is, its captions' scores averaged per side."
         ),
     )
-    p.add_argument("a", type=Path, help="first `specs score` output (.jsonl or .csv)")
-    p.add_argument("b", type=Path, help="second `specs score` output, same rows")
+    p.add_argument("a", type=Path, help="first `specs score` or `specs explain` output")
+    p.add_argument("b", type=Path, help="second output, of the same rows or images")
+    p.add_argument(
+        "--pair-by",
+        choices=("id", "image"),
+        default="id",
+        help="match rows by id (default) or by image (captions of an image averaged per side)",
+    )
+    p.add_argument(
+        "--image-root",
+        type=Path,
+        help="folder of relative image paths, for the thumbnails of report.html "
+        "(default: tried next to A and B, then the current folder)",
+    )
     p.add_argument("--n-boot", type=positive_int, default=10000, help="bootstrap resamples (10000)")
     p.add_argument(
         "--n-perm", type=positive_int, default=10000, help="sign-flip permutations (10000)"
@@ -31,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--top", type=nonnegative_int, default=10, help="rows that changed most to list (10)"
     )
     p.add_argument("--tie-tolerance", type=float, default=0.0, help="|B - A| counted as a tie (0)")
-    p.add_argument("--out", type=Path, help="folder for report.md, report.json and plots")
+    p.add_argument(
+        "--out", type=Path, help="folder for report.md, report.json, report.html and plots"
+    )
     p.add_argument("--no-plots", action="store_true", help="no PNG plots in --out")
     p.set_defaults(func=run)
 
@@ -39,11 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from specs_metric.bench.report import compare_markdown, plot_distributions, write_json
     from specs_metric.compare import CompareError, compare_files
+    from specs_metric.report_html import compare_page
 
     try:
         result = compare_files(
             args.a,
             args.b,
+            pair_by=args.pair_by,
             n_boot=args.n_boot,
             n_perm=args.n_perm,
             level=args.level,
@@ -60,12 +78,17 @@ def run(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.md").write_text(text, "utf-8")
         write_json(result.as_dict(), args.out / "report.json")
+        plot = None
         if not args.no_plots:
-            plot_distributions(
+            plot = plot_distributions(
                 result.scores_a,
                 result.scores_b,
                 args.out / "distributions.png",
                 (f"A: {args.a.name}", f"B: {args.b.name}"),
-            )
+                result.unit,
+            ).read_bytes()
+        roots = [args.image_root, args.a.parent, args.b.parent]
+        html = compare_page(result, image_roots=roots, plot_png=plot)
+        (args.out / "report.html").write_text(html, "utf-8")
         print(f"report written to {args.out}", file=sys.stderr)
     return 0
