@@ -20,7 +20,6 @@ Writes ``OUT/sweep.json``, ``OUT/sweep.png`` (score against checkpoint with CI b
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -59,7 +58,7 @@ class SweepOptions:
 
     image_root: Path | None = None
     scale: str = "specs"
-    batch_size: int = 64
+    batch_size: int = 1  # as in `specs score`: embeddings independent of batch mates
     num_workers: int = 1
     resume: bool = False
     show_progress: bool = True
@@ -223,9 +222,10 @@ def run_sweep(
 
 def write_sweep_report(result: dict, out: Path, *, plot: bool = True) -> None:
     """``sweep.json``, ``sweep.png`` (unless ``plot`` is false) and ``report.html``."""
-    from specs_metric.bench.report import jsonable, plot_sweep
+    from specs_metric.bench.report import plot_sweep
+    from specs_metric.jsonio import dumps
     from specs_metric.report_html import sweep_page
 
-    (out / "sweep.json").write_text(json.dumps(jsonable(result), indent=2) + "\n", "utf-8")
+    (out / "sweep.json").write_text(dumps(result, indent=2) + "\n", "utf-8")
     png = plot_sweep(result, out / "sweep.png").read_bytes() if plot else None
     (out / "report.html").write_text(sweep_page(result, plot_png=png), "utf-8")

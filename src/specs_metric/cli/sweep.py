@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from specs_metric.cli.common import add_model_options, load_scorer
+from specs_metric.cli.common import (
+    add_model_options,
+    load_scorer,
+    nonnegative_int,
+    positive_int,
+    probability,
+)
 from specs_metric.scores import SCALES
 
 
@@ -40,12 +46,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="reuse the complete score files in OUT/scores (only new files are scored)",
     )
     p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--workers", type=int, default=1, help="image-decoding worker processes")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="images per forward pass (default 1, as in `specs score`)",
+    )
+    p.add_argument(
+        "--workers", type=nonnegative_int, default=1, help="image-decoding worker processes"
+    )
     add_model_options(p)
-    p.add_argument("--n-boot", type=int, default=10000, help="bootstrap resamples (10000)")
-    p.add_argument("--n-perm", type=int, default=10000, help="sign-flip permutations (10000)")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level (0.95)")
+    p.add_argument("--n-boot", type=positive_int, default=10000, help="bootstrap resamples (10000)")
+    p.add_argument(
+        "--n-perm", type=positive_int, default=10000, help="sign-flip permutations (10000)"
+    )
+    p.add_argument("--level", type=probability, default=0.95, help="confidence level (0.95)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--no-plots", action="store_true", help="no sweep.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
