@@ -8,7 +8,10 @@ Formats:
 - ``.jsonl``: one JSON object per line with ``image``, ``caption`` and optionally ``id``;
 - ``.csv``: a header with ``image``, ``caption`` and optionally ``id``;
 - ``.json``: ``{"image_id": "caption", ...}`` (clipscore's format); the image is the file
-  ``<image_id>.<ext>`` in the image root (ext one of :data:`IMAGE_EXTENSIONS`).
+  ``<image_id>.<ext>`` in the image root (ext one of :data:`IMAGE_EXTENSIONS`); or a COCO
+  results list ``[{"image_id": 42, "caption": "..."}]`` (see :mod:`specs_metric.sources.coco`);
+- webdataset shards, parquet, arrow and HF ``datasets`` folders, globs, brace ranges and
+  fsspec URLs: see :mod:`specs_metric.sources`.
 
 Relative image paths are resolved against ``image_root`` (default: the input file's folder).
 A row without ``id`` gets its 0-based row number as id.
@@ -22,6 +25,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specs_metric.sources import SourceOptions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -37,17 +44,24 @@ class Row:
     caption: object
     path: Path | None = None  # resolved image file
     error: str | None = None
+    data: bytes | None = None  # the image itself, when the input holds it (shards, tables)
+    where: str | None = None  # position for messages when not a line (shard member, table row)
+
+    @property
+    def label(self) -> str:
+        """Where the row is, for messages: ``line N`` or e.g. ``shard.tar: sample 'k'``."""
+        return self.where or f"line {self.line}"
 
 
 def _check(row: Row) -> Row:
     if row.error:
         return row
-    if not isinstance(row.image, str) or not row.image.strip():
-        row.error = f"line {row.line}: row has no image"
+    if row.data is None and (not isinstance(row.image, str) or not row.image.strip()):
+        row.error = f"{row.label}: row has no image"
     elif not isinstance(row.caption, str):
-        row.error = f"line {row.line}: caption is not a string (got {type(row.caption).__name__})"
+        row.error = f"{row.label}: caption is not a string (got {type(row.caption).__name__})"
     elif not row.caption.strip():
-        row.error = f"line {row.line}: caption is empty"
+        row.error = f"{row.label}: caption is empty"
     return row
 
 
@@ -133,28 +147,43 @@ def _find_image(root: Path, image_id: str) -> Path:
     return direct
 
 
-def _mapping_rows(path: Path, root: Path) -> Iterator[Row]:
+def _mapping_rows(path: Path, root: Path, options: SourceOptions) -> Iterator[Row]:
     with open(path, encoding="utf-8") as fh:
         try:
             mapping = json.load(fh)
         except ValueError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if isinstance(mapping, list):  # a COCO results file
+        from specs_metric.sources.coco import coco_rows
+
+        yield from coco_rows(mapping, path, root, options)
+        return
     if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a JSON object {{image_id: caption}}")
+        raise ValueError(
+            f"{path}: expected a JSON object {{image_id: caption}} or a COCO results list"
+        )
     for index, (image_id, caption) in enumerate(mapping.items()):
         found = _find_image(root, image_id)
         yield _check(Row(index, index + 1, image_id, found.name, caption, found))
 
 
 def read_rows(
-    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    options: SourceOptions | None = None,
 ) -> Iterator[Row]:
-    """Stream the rows of a scoring input file.
+    """Stream the rows of a scoring input: a file, or shards/tables/URLs (see
+    :mod:`specs_metric.sources`).
 
     Raises:
         ValueError: unsupported extension or an unreadable header/document (not per-row).
         FileNotFoundError: the input does not exist.
     """
+    from specs_metric.sources import SourceOptions, is_plain_file, read_source
+
+    options = options or SourceOptions()
+    if not is_plain_file(path):
+        return read_source(path, image_root, options)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
@@ -165,12 +194,15 @@ def read_rows(
     if suffix == ".csv":
         return _csv_rows(path, root)
     if suffix == ".json":
-        return _mapping_rows(path, root)
+        return _mapping_rows(path, root, options)
     raise ValueError(f"{path}: unsupported input format {suffix!r} (use .jsonl, .csv or .json)")
 
 
 def count_rows(
-    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    options: SourceOptions | None = None,
 ) -> int:
     """Number of rows :func:`read_rows` yields (one streaming pass)."""
-    return sum(1 for _ in read_rows(path, image_root))
+    return sum(1 for _ in read_rows(path, image_root, options))
+
