@@ -76,3 +76,28 @@ def test_python_api_scores_a_ray_dataset(world, cluster, tmp_path):  # noqa: F81
     assert set(rows[0]) == {"id", "caption", "score", "cosine", "tokens", "truncated", "error"}
     # other batches than the job's chunk and more threads: equal to float32 rounding
     _same(rows, reference, exact=False)
+
+
+def test_ray_output_dir_streams_all_shards_through_one_pipeline(world, cluster, tmp_path):  # noqa: F811
+    from test_datasets import _shards, _tar
+
+    d, pairs = world
+    paths = _shards(world, tmp_path / "wds", per_shard=5)
+    _tar(tmp_path / "wds" / "00003.tar", [])  # an empty shard still gets its files
+    base = ["score", "--model", str(d / "tiny.pt"), "--input", f"{tmp_path}/wds/*.tar",
+            "--no-progress", "--output-format", "parquet"]  # fmt: skip
+    assert main([*base, "--workers", "0", "--output-dir", str(tmp_path / "local")]) == 0
+    assert main([*base, "--engine", "ray", "--output-dir", str(tmp_path / "ray")]) == 0
+    names = [f"{n:05d}.parquet" for n in range(len(paths) + 1)]
+    for name in names:
+        local = list(read_output(tmp_path / "local" / name))
+        remote = list(read_output(tmp_path / "ray" / name))
+        _same(remote, local, exact=False)
+        assert json.loads((tmp_path / "ray" / f"{name}.job.json").read_text())["complete"]
+    assert list(read_output(tmp_path / "ray" / names[-1])) == []
+    combined = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert combined["n_scored"] == N_PAIRS
+    # --resume with every shard complete reads nothing and changes nothing
+    before = {n: (tmp_path / "ray" / n).stat().st_mtime_ns for n in names}
+    assert main([*base, "--engine", "ray", "--output-dir", str(tmp_path / "ray"), "--resume"]) == 0
+    assert before == {n: (tmp_path / "ray" / n).stat().st_mtime_ns for n in names}

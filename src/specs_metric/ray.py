@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +317,7 @@ def _file_rows(item: dict[str, Any], image_root: str | None, source: dict) -> li
     for row in read_rows(item["file"], image_root, SourceOptions(**source)):
         out.append(
             {
+                "job": item["job"],
                 "id_json": json.dumps(row.id),
                 "image": {"bytes": row.data, "path": str(row.path) if row.path else None},
                 "image_json": json.dumps(row.image),
@@ -331,44 +331,55 @@ def _file_rows(item: dict[str, Any], image_root: str | None, source: dict) -> li
 
 
 def run_ray_job(config: JobConfig, options: RayOptions) -> dict:
-    """:func:`specs_metric.job.run_job` on Ray: same output, summary and ``.job.json``.
+    """:func:`specs_metric.job.run_job` on Ray: same output, summary and ``.job.json``."""
+    return run_ray_jobs([config], options)[0]
 
-    With ``resume``, a complete output with the same settings is kept; an unfinished one is
-    scored again from the start.
+
+def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
+    """Several jobs (e.g. one per shard) through one Ray pipeline; returns their summaries.
+
+    The rows stream back in input order, job after job; each job's output is finished as
+    soon as its last row is in. With ``resume``, a complete output with the same settings is
+    kept and its input not read again; an unfinished one is scored again from its start.
     """
-    from specs_metric.job import (
-        _job_identity,
-        _job_path,
-        _json_line,
-        _write_final,
-        part_path,
-        summarize,
-    )
-    from specs_metric.scores import corpus_from_mean
+    from specs_metric.job import _job_identity, _job_path, _json_line, _write_final, part_path
     from specs_metric.sources import expand, is_plain_file
 
     ray = _ray()
     started = time.perf_counter()
-    check_scale(config.scale)
+    first = configs[0]
+    check_scale(first.scale)
     probe = _load(options, "cpu")
-    config.output.parent.mkdir(parents=True, exist_ok=True)
-    identity = {**_job_identity(config, probe, 1), "engine": "ray"}
-    job_file = _job_path(config.output)
-    previous = json.loads(job_file.read_text()) if job_file.exists() else None
-    finished = (
-        config.resume and previous == {**identity, "complete": True} and config.output.exists()
-    )
-    if not finished:
+    identities, todo, items = [], [], []
+    for number, config in enumerate(configs):
+        config.output.parent.mkdir(parents=True, exist_ok=True)
+        identity = {**_job_identity(config, probe, 1), "engine": "ray"}
+        identities.append(identity)
+        job_file = _job_path(config.output)
+        previous = json.loads(job_file.read_text()) if job_file.exists() else None
+        if config.resume and previous == {**identity, "complete": True} and config.output.exists():
+            continue
         job_file.write_text(json.dumps({**identity, "complete": False}, indent=1))
+        todo.append(number)
+        spec = config.input
+        files = [os.fspath(spec)] if is_plain_file(spec) else expand(spec)
+        items.extend({"file": f, "job": number} for f in files)
+
+    def finish(number: int, handle) -> None:
+        handle.close()
+        _write_final(configs[number], 1)
+        _job_path(configs[number].output).write_text(
+            json.dumps({**identities[number], "complete": True}, indent=1)
+        )
+
+    if todo:
         if not ray.is_initialized():
             ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
-        files = [os.fspath(config.input)] if is_plain_file(config.input) else expand(config.input)
-        items = [{"file": f} for f in files]
         rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
             _file_rows,
             fn_kwargs={
-                "image_root": os.fspath(config.image_root) if config.image_root else None,
-                "source": config.source.as_dict(),
+                "image_root": os.fspath(first.image_root) if first.image_root else None,
+                "source": first.source.as_dict(),
             },
         )
         scored = score(
@@ -376,11 +387,11 @@ def run_ray_job(config: JobConfig, options: RayOptions) -> dict:
             options.model,
             image_column="image",
             id_column="id_json",
-            scale=config.scale,
-            rows_per_batch=config.chunk_rows,
-            batch_size=config.batch_size,
-            token_budget=config.token_budget,
-            max_text_rows=config.max_text_rows,
+            scale=first.scale,
+            rows_per_batch=first.chunk_rows,
+            batch_size=first.batch_size,
+            token_budget=first.token_budget,
+            max_text_rows=first.max_text_rows,
             workers=options.workers,
             num_gpus_per_worker=options.num_gpus_per_worker,
             precision=options.precision,
@@ -388,15 +399,30 @@ def run_ray_job(config: JobConfig, options: RayOptions) -> dict:
             long_captions=options.long_captions,
             device=options.device,
         )
-        part = part_path(config.output, 0, 1)
-        with open(part, "w", encoding="utf-8") as out:
-            for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
-                for rec in batch.to_pylist():
-                    for key in ("id", "image", "caption"):
-                        rec[key] = json.loads(rec[f"{key}_json"])
-                    out.write(_json_line(rec))
-        _write_final(config, 1)
-        job_file.write_text(json.dumps({**identity, "complete": True}, indent=1))
+        pending = iter(todo)  # jobs whose rows are still to come, in order
+        current, handle = None, None
+        for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+            for rec in batch.to_pylist():
+                while rec["job"] != current:  # this job's rows are in; so are empty ones'
+                    if handle is not None:
+                        finish(current, handle)
+                    current = next(pending)
+                    part = part_path(configs[current].output, 0, 1)
+                    handle = open(part, "w", encoding="utf-8")
+                for key in ("id", "image", "caption"):
+                    rec[key] = json.loads(rec[f"{key}_json"])
+                handle.write(_json_line(rec))
+        if handle is not None:
+            finish(current, handle)
+        for number in pending:  # jobs after the last row: empty inputs
+            finish(number, open(part_path(configs[number].output, 0, 1), "w"))
+    return [_summary(config, probe, started) for config in configs]
+
+
+def _summary(config: JobConfig, probe, started: float) -> dict:
+    from specs_metric.job import summarize
+    from specs_metric.scores import corpus_from_mean
+
     summary = summarize(config.output)
     summary.update(
         {
@@ -412,6 +438,4 @@ def run_ray_job(config: JobConfig, options: RayOptions) -> dict:
     )
     summary_path = config.output.with_name(config.output.name + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    if config.show_progress:
-        print(f"ray: scored {summary['n_rows']} rows into {config.output}", file=sys.stderr)
     return summary

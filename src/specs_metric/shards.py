@@ -80,21 +80,22 @@ def run_shards(
     config: JobConfig,
     output_dir: Path,
     fmt: str,
-    run: Callable[[JobConfig], dict],
+    run: Callable[[list[JobConfig]], list[dict]],
     is_main: bool = True,
 ) -> dict:
-    """Score each file of ``config.input`` with ``run`` (a ``run_job``-like function) into
-    ``output_dir``; returns (and, on the main process, writes) the combined summary."""
+    """Score each file of ``config.input`` into ``output_dir`` with ``run`` (which runs a
+    list of jobs, e.g. :func:`~specs_metric.job.run_job` on each, and returns their
+    summaries); returns (and, on the main process, writes) the combined summary."""
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
-    summaries, shards = [], []
-    for name, out in plan(config.input, output_dir, fmt):
-        summary = run(replace(config, input=name, output=out))
-        if is_main:
-            summaries.append(summary)
-            shards.append({"input": name, "output": str(out), "n_rows": summary["n_rows"]})
+    pairs = plan(config.input, output_dir, fmt)
+    summaries = run([replace(config, input=name, output=out) for name, out in pairs])
     if not is_main:
         return {}
+    shards = [
+        {"input": name, "output": str(out), "n_rows": summary["n_rows"]}
+        for (name, out), summary in zip(pairs, summaries, strict=True)
+    ]
     combined = {
         **combine(summaries, config.scale),
         "shards": shards,

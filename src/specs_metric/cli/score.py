@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     if args.engine == "ray":
-        from specs_metric.ray import RayOptions, run_ray_job
+        from specs_metric.ray import RayOptions, run_ray_jobs
 
         info = DistInfo()
         ray_options = RayOptions(
@@ -136,20 +136,20 @@ def run(args: argparse.Namespace) -> int:
             long_captions=args.long_captions,
         )
 
-        def job(c: JobConfig) -> dict:
-            return run_ray_job(c, ray_options)
+        def jobs(configs: list[JobConfig]) -> list[dict]:  # one pipeline for all shards
+            return run_ray_jobs(configs, ray_options)
 
     else:
         info = init_from_env(args.device)
         scorer = load_scorer(args, args.model, local_device(info, args.device))
 
-        def job(c: JobConfig) -> dict:
-            return run_job(c, scorer, info)
+        def jobs(configs: list[JobConfig]) -> list[dict]:
+            return [run_job(c, scorer, info) for c in configs]
 
     if args.output_dir is not None:
-        summary = run_shards(config, args.output_dir, args.output_format, job, info.is_main)
+        summary = run_shards(config, args.output_dir, args.output_format, jobs, info.is_main)
     else:
-        summary = job(config)
+        (summary,) = jobs([config])
     if not info.is_main:
         return 0
     print(json.dumps(summary, indent=2), file=sys.stderr)
