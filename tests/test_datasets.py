@@ -143,6 +143,19 @@ def test_jsonl_webdataset_and_parquet_give_identical_results(world, tmp_path):
     _same(_score(d, tmp_path / "t.parquet", tmp_path / "pq.jsonl", *columns), reference)
     pq.write_table(_table(world, struct=True), tmp_path / "hf.parquet")
     _same(_score(d, tmp_path / "hf.parquet", tmp_path / "hf.jsonl", *columns), reference)
+    # image paths relative to the table's folder, and gzipped shards
+    (tmp_path / "images").mkdir()
+    for _, image, _ in pairs:
+        (tmp_path / "images" / image).write_bytes((d / image).read_bytes())
+    paths = _table(world).set_column(1, "jpg", pa.array([f"images/{i}" for _, i, _ in pairs]))
+    pq.write_table(paths, tmp_path / "paths.parquet")
+    _same(_score(d, tmp_path / "paths.parquet", tmp_path / "p.jsonl", *columns), reference)
+    for shard in sorted((tmp_path / "wds").glob("*.tar")):
+        with tarfile.open(tmp_path / "wds" / f"{shard.stem}.tgz", "w:gz") as tgz:
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    tgz.addfile(member, tar.extractfile(member))
+    _same(_score(d, f"{tmp_path}/wds/*.tgz", tmp_path / "tgz.jsonl"), reference)
 
 
 def test_parquet_output_has_the_rows_of_the_jsonl_output(world, tmp_path):

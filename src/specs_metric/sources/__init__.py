@@ -7,9 +7,9 @@ An input *spec* names one or more files:
 - an fsspec URL (``s3://``, ``gs://``, ``hf://``, ``file://``, ``memory://``) when fsspec
   is installed; globs work there too.
 
-Each file is read by its kind: ``.tar`` webdataset shards (:mod:`.webdataset`),
-``.parquet``/``.arrow`` tables and HF ``datasets`` ``save_to_disk`` folders
-(:mod:`.tables`), and ``.jsonl``/``.csv``/``.json`` files (:mod:`specs_metric.rows`). The
+Each file is read by its kind: ``.tar`` (``.tar.gz``, ``.tgz``) webdataset shards
+(:mod:`.webdataset`), ``.parquet``/``.arrow`` tables and HF ``datasets`` ``save_to_disk``
+folders (:mod:`.tables`), and ``.jsonl``/``.csv``/``.json`` files (:mod:`specs_metric.rows`). The
 rows of all files come in order, as one input; ``specs score --output-dir`` scores the files
 one by one instead (:mod:`specs_metric.shards`).
 """
@@ -29,7 +29,7 @@ from specs_metric.rows import Row
 
 TEXT_SUFFIXES = (".jsonl", ".ndjson", ".csv", ".json")
 TABLE_SUFFIXES = (".parquet", ".arrow")
-SHARD_SUFFIXES = (".tar",)
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")  # webdataset shards (gzip read as such)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
@@ -186,6 +186,8 @@ def read_file_rows(
 ) -> Iterator[Row]:
     """The rows of one file of an input spec (indices from 0 within the file)."""
     suffix = Path(name).suffix.lower()
+    if name.lower().endswith(SHARD_SUFFIXES):
+        suffix = ".tar"
     if not is_url(name) and os.path.isdir(name):
         from specs_metric.sources.tables import dataset_folder_rows
 
