@@ -382,7 +382,8 @@ def test_output_dir_resume_after_sigkill_equals_an_uninterrupted_run(world, tmp_
     proc = subprocess.Popen([*base, "--output-dir", str(out)], env=child_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 300
-    while time.time() < deadline and not (out / names[0]).exists():
+    first_done = out / f"{names[0]}.summary.json"  # written after the shard's job is complete
+    while time.time() < deadline and not first_done.exists():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
