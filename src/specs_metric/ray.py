@@ -228,6 +228,10 @@ class ScoreActor:
         return out.append_column("cosine", pa.array(cosine, pa.float64(), mask=mask))
 
 
+def _cpu_task_args() -> dict:
+    return {"num_cpus": 1}
+
+
 def score(
     dataset: ray.data.Dataset,
     model: str = "specs-b32",
@@ -279,6 +283,9 @@ def score(
         prepare_batch,
         batch_size=rows_per_batch,
         batch_format="pyarrow",
+        # Ray would fuse these tasks into the actors when both use CPUs only; a remote-args
+        # function keeps them apart, so decoding runs in tasks of their own, ahead.
+        ray_remote_args_fn=_cpu_task_args,
         fn_kwargs={
             "image_column": image_column,
             "caption_column": caption_column,
