@@ -233,6 +233,17 @@ def test_bad_samples_become_row_errors(world, tmp_path):
         error = by_id[key]["error"]
         assert error.startswith(f"bad.tar: sample '{key}': ") and text in error, error
         assert by_id[key]["score"] is None
+    # a shard cut short (a partial download) keeps its samples before the cut; a file that
+    # is not a tar at all is one error row
+    whole = (tmp_path / "bad.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    cut = _score(d, tmp_path / "cut.tar", tmp_path / "cut.jsonl")
+    assert [r["id"] for r in cut[:-1]] == [r["id"] for r in result[: len(cut) - 1]]
+    assert 1 < len(cut) < len(result) and "cut.tar" in cut[-1]["error"]
+    assert cut[-1]["id"] == len(cut) - 1 and cut[-1]["score"] is None
+    (tmp_path / "text.tar").write_bytes(b"just some text\n" * 100)
+    (text,) = _score(d, tmp_path / "text.tar", tmp_path / "text.jsonl")
+    assert "not a readable tar shard" in text["error"]
     # a parquet row without image bytes, and undecodable bytes, name the table row
     table = pa.table({"image": [good, None, b"\x00\x01"], "caption": ["x", "y", "z"]})
     pq.write_table(table, tmp_path / "bad.parquet")

@@ -89,25 +89,46 @@ def _caption(parts: dict[str, bytes], options: SourceOptions) -> tuple[object, s
 
 
 def shard_rows(name: str, options: SourceOptions) -> Iterator[Row]:
-    """One :class:`Row` per sample of the shard ``name`` (image bytes in ``Row.data``)."""
+    """One :class:`Row` per sample of the shard ``name`` (image bytes in ``Row.data``).
+
+    A shard that cannot be read on (not a tar file, cut short by a partial download) ends
+    with one error row in place of what could not be read; the samples before it are kept.
+    """
     shard = Path(name).name
-    for index, (key, parts) in enumerate(samples(name)):
-        where = f"{shard}: sample {key!r}"
-        image_ext = next((ext for ext in IMAGE_KEYS if ext in parts), None)
-        caption, error = _caption(parts, options)
-        row = Row(
-            index,
-            index + 1,
-            key,
-            f"{key}.{image_ext}" if image_ext else None,
-            caption,
-            None,
-            None,
-            parts[image_ext] if image_ext else None,
-            where,
-        )
-        if image_ext is None:
-            row.error = f"{where}: no image member ({', '.join(IMAGE_KEYS)})"
-        elif error is not None:
-            row.error = f"{where}: {error}"
-        yield _check(row)
+    stream = samples(name)
+    index = 0
+    while True:
+        try:
+            key, parts = next(stream)
+        except StopIteration:
+            return
+        except ValueError as exc:
+            where = f"{shard}: after sample {index}"
+            yield Row(index, index + 1, index, None, None, None, str(exc), where=where)
+            return
+        yield _sample_row(shard, index, key, parts, options)
+        index += 1
+
+
+def _sample_row(
+    shard: str, index: int, key: str, parts: dict[str, bytes], options: SourceOptions
+) -> Row:
+    where = f"{shard}: sample {key!r}"
+    image_ext = next((ext for ext in IMAGE_KEYS if ext in parts), None)
+    caption, error = _caption(parts, options)
+    row = Row(
+        index,
+        index + 1,
+        key,
+        f"{key}.{image_ext}" if image_ext else None,
+        caption,
+        None,
+        None,
+        parts[image_ext] if image_ext else None,
+        where,
+    )
+    if image_ext is None:
+        row.error = f"{where}: no image member ({', '.join(IMAGE_KEYS)})"
+    elif error is not None:
+        row.error = f"{where}: {error}"
+    return _check(row)
