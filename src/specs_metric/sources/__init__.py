@@ -204,6 +204,8 @@ def read_file_rows(
         from specs_metric.rows import read_rows
 
         return read_rows(name, image_root, options)
+    if suffix in TEXT_SUFFIXES:
+        raise ValueError(f"{name}: JSONL, CSV and JSON inputs are read from local files only")
     raise ValueError(
         f"{name}: unsupported input format {suffix!r} (use .jsonl, .csv, .json, .tar, "
         ".parquet, .arrow or an HF datasets folder)"
