@@ -43,9 +43,11 @@ from specs_metric import __version__
 from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_range
 from specs_metric.locking import OutputLock
+from specs_metric.outputs import read_table_output, write_output
 from specs_metric.rows import Row, count_rows, read_rows
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer, length_batches
 from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
+from specs_metric.sources import SourceOptions, input_identity
 from specs_metric.tokenizer import EOT_ID, default_tokenizer
 from specs_metric.transform import ImageError, open_image, preprocess, read_image_bytes
 from specs_metric.workers import die_with_parent
@@ -61,9 +63,10 @@ class JobError(ValueError):
 class JobConfig:
     """Settings of one scoring job (the ``specs score`` flags)."""
 
-    input: Path
+    input: Path | str  # a file, or a spec of shards/tables/URLs (see specs_metric.sources)
     output: Path
     image_root: Path | None = None
+    source: SourceOptions = field(default_factory=SourceOptions)  # columns, caption key...
     scale: str = "specs"
     batch_size: int = 1  # images per forward pass; 1 keeps embeddings batch-independent
     token_budget: int = DEFAULT_TOKEN_BUDGET  # rows x trimmed length per text batch
@@ -111,7 +114,7 @@ class _ChunkStream(IterableDataset):
 
     def _chunks(self) -> Iterator[list[Row]]:
         chunk: list[Row] = []
-        for row in read_rows(self.config.input, self.config.image_root):
+        for row in read_rows(self.config.input, self.config.image_root, self.config.source):
             if row.index < self.start:
                 continue
             if row.index >= self.stop:
@@ -133,7 +136,7 @@ class _ChunkStream(IterableDataset):
     def _prepare(self, rows: list[Row]) -> _Chunk:
         tokenizer = default_tokenizer()
         out = _Chunk(rows=[])
-        images: dict[Path, tuple[str | None, str | None]] = {}  # path -> (hash, error)
+        images: dict[object, tuple[str | None, str | None]] = {}  # path -> (hash, error)
         for row in rows:
             rec = {
                 "index": row.index,
@@ -152,16 +155,17 @@ class _ChunkStream(IterableDataset):
                 if rec["truncated"]:
                     if self.long_captions == "error":
                         rec["error"] = (
-                            f"line {row.line}: caption has {len(ids)} tokens, more "
+                            f"{row.label}: caption has {len(ids)} tokens, more "
                             f"than the context length {self.context_length}"
                         )
                     ids = ids[: self.context_length - 1] + [EOT_ID]
             if rec["error"] is None:
-                if row.path not in images:
-                    images[row.path] = self._load_image(row.path, out)
-                content_hash, error = images[row.path]
+                key = row.path if row.data is None else ("row", row.index)  # bytes: per row
+                if key not in images:
+                    images[key] = self._load_image(row.path, out, row.data, row.image)
+                content_hash, error = images[key]
                 if error is not None:
-                    rec["error"] = f"line {row.line}: {error}"
+                    rec["error"] = f"{row.label}: {error}"
                 else:
                     out.valid.append(len(out.rows))
                     out.tokens.append(ids)
@@ -169,11 +173,18 @@ class _ChunkStream(IterableDataset):
             out.rows.append(rec)
         return out
 
-    def _load_image(self, path: Path, chunk: _Chunk) -> tuple[str | None, str | None]:
-        try:
-            data = read_image_bytes(path)
-        except ImageError as exc:
-            return None, str(exc)
+    def _load_image(
+        self, path: Path | None, chunk: _Chunk, data: bytes | None = None, name: str | None = None
+    ) -> tuple[str | None, str | None]:
+        if data is None:
+            try:
+                data = read_image_bytes(path)
+            except ImageError as exc:
+                return None, str(exc)
+        else:  # bytes from a shard or table
+            path = name or "image bytes"
+            if not data:
+                return None, f"{path}: image is empty (0 bytes)"
         content_hash = hashlib.sha256(data).hexdigest()
         if self._known(content_hash, chunk):
             return content_hash, None
@@ -326,11 +337,8 @@ def _resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
 
 
 def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
-    stat = config.input.stat()
     return {
-        "input": str(config.input.resolve()),
-        "input_size": stat.st_size,
-        "input_mtime_ns": stat.st_mtime_ns,
+        **input_identity(config.input, config.source),
         "image_root": str(config.image_root) if config.image_root else None,
         "checkpoint_sha256": scorer.checkpoint_sha256,
         "scale": config.scale,
@@ -358,26 +366,17 @@ def _write_final(config: JobConfig, world_size: int, total: int) -> None:
     """
     parts = [part_path(config.output, r, world_size) for r in range(world_size)]
     tmp = config.output.with_name(config.output.name + ".tmp")
-    as_csv = config.output.suffix.lower() == ".csv"
     rows = 0
+    for part in parts:
+        with open(part, "rb") as fh:
+            rows += sum(1 for _ in fh)
+    if rows != total:
+        raise JobError(
+            f"{config.output}: the part files hold {rows} rows but the input has {total}; "
+            "kept them, run again with --resume"
+        )
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=OUTPUT_FIELDS) if as_csv else None
-            if writer:
-                writer.writeheader()
-            for part in parts:
-                with open(part, encoding="utf-8") as fh:
-                    for line in fh:
-                        rows += 1
-                        if writer:
-                            writer.writerow(json.loads(line))
-                        else:
-                            out.write(line)
-        if rows != total:
-            raise JobError(
-                f"{config.output}: the part files hold {rows} rows but the input has {total}; "
-                "kept them, run again with --resume"
-            )
+        write_output(parts, tmp, config.output.suffix.lower(), OUTPUT_FIELDS)
         os.replace(tmp, config.output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -386,8 +385,12 @@ def _write_final(config: JobConfig, world_size: int, total: int) -> None:
 
 
 def read_output(path: str | os.PathLike[str]) -> Iterator[dict]:
-    """Stream the rows of a ``specs score`` output (JSONL or CSV), typed as in JSONL."""
+    """Stream the rows of a ``specs score`` output (JSONL, CSV or parquet), typed as in
+    JSONL."""
     path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        yield from read_table_output(path)
+        return
     if path.suffix.lower() != ".csv":
         with open(path, encoding="utf-8") as fh:
             for line in fh:
@@ -596,7 +599,7 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
         barrier(info)
         if info.is_main:
             job_file.write_text(json.dumps({**identity, "complete": False}, indent=1))
-        total = count_rows(config.input, config.image_root)
+        total = count_rows(config.input, config.image_root, config.source)
         shard = shard_range(total, info.rank, info.world_size, align=config.chunk_rows)
         if config.resume:
             done = _resume_point(my_part, config.chunk_rows, len(shard))

@@ -9,7 +9,10 @@ Formats:
   blank lines are skipped;
 - ``.csv``: a header with ``image``, ``caption`` and optionally ``id``;
 - ``.json``: ``{"image_id": "caption", ...}`` (clipscore's format); the image is the file
-  ``<image_id>.<ext>`` in the image root (ext one of :data:`IMAGE_EXTENSIONS`).
+  ``<image_id>.<ext>`` in the image root (ext one of :data:`IMAGE_EXTENSIONS`); or a COCO
+  results list ``[{"image_id": 42, "caption": "..."}]`` (see :mod:`specs_metric.sources.coco`);
+- webdataset shards, parquet, arrow and HF ``datasets`` folders, globs, brace ranges and
+  fsspec URLs: see :mod:`specs_metric.sources`.
 
 Files are UTF-8, with or without a byte-order mark. A line that is not valid UTF-8, longer
 than :data:`MAX_LINE_CHARS`, or not well-formed JSON/CSV is that row's error. A CSV quote
@@ -36,6 +39,10 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specs_metric.sources import SourceOptions
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -59,6 +66,13 @@ class Row:
     caption: object
     path: Path | None = None  # resolved image file
     error: str | None = None
+    data: bytes | None = None  # the image itself, when the input holds it (shards, tables)
+    where: str | None = None  # position for messages when not a line (shard member, table row)
+
+    @property
+    def label(self) -> str:
+        """Where the row is, for messages: ``line N`` or e.g. ``shard.tar: sample 'k'``."""
+        return self.where or f"line {self.line}"
 
 
 class _LineTooLong(Exception):
@@ -127,7 +141,8 @@ def _field_problem(image: object, caption: object) -> str | None:
     return None
 
 
-def _resolve(image: str, root: Path) -> Path:
+def resolve_image(image: str, root: Path) -> Path:
+    """An image cell as a path: absolute as given, relative to ``root`` otherwise."""
     path = Path(image).expanduser()
     return path if path.is_absolute() else root / path
 
@@ -153,7 +168,7 @@ def _make_row(
     image, caption = fields.get("image"), fields.get("caption")
     error = error or id_error or _field_problem(image, caption)
     if error is None and path is None:
-        path = _resolve(image, root)  # type: ignore[arg-type]  # checked: a string
+        path = resolve_image(image, root)  # type: ignore[arg-type]  # checked: a string
     return Row(
         index,
         line,
@@ -163,6 +178,23 @@ def _make_row(
         None if error else path,
         f"line {line}: {error}" if error else None,
     )
+
+
+def check_row(row: Row) -> Row:
+    """Set the error of a row built by another reader (shards, tables) whose id, image or
+    caption cannot be used, with the rules of the file readers."""
+    if row.error:
+        return row
+    image = row.image if row.data is None else (row.image or "<image bytes>")
+    problem = _id_problem(row.id) or _field_problem(image, row.caption)
+    if problem:
+        row.error = f"{row.label}: {problem}"
+        row.id, row.image, row.caption = (
+            None if _id_problem(row.id) else row.id,
+            _printable(row.image),
+            _printable(row.caption),
+        )
+    return row
 
 
 def _jsonl_rows(path: Path, root: Path) -> Iterator[Row]:
@@ -330,7 +362,7 @@ def _csv_rows(path: Path, root: Path) -> Iterator[Row]:
             index += 1
 
 
-def _find_image(root: Path, image_id: str) -> Path:
+def find_image(root: Path, image_id: str) -> Path:
     for ext in IMAGE_EXTENSIONS:
         candidate = root / f"{image_id}{ext}"
         if candidate.is_file():
@@ -339,7 +371,7 @@ def _find_image(root: Path, image_id: str) -> Path:
     return direct
 
 
-def _mapping_rows(path: Path, root: Path) -> Iterator[Row]:
+def _mapping_rows(path: Path, root: Path, options: SourceOptions) -> Iterator[Row]:
     try:
         with open(path, encoding="utf-8-sig") as fh:
             mapping = json.load(fh)
@@ -347,28 +379,43 @@ def _mapping_rows(path: Path, root: Path) -> Iterator[Row]:
         raise ValueError(f"{path}: not valid UTF-8 (byte {exc.start + 1})") from None
     except (ValueError, RecursionError) as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if isinstance(mapping, list):  # a COCO results file
+        from specs_metric.sources.coco import coco_rows
+
+        yield from coco_rows(mapping, path, root, options)
+        return
     if not isinstance(mapping, dict):
-        raise ValueError(f"{path}: expected a JSON object {{image_id: caption}}")
+        raise ValueError(
+            f"{path}: expected a JSON object {{image_id: caption}} or a COCO results list"
+        )
     for index, (image_id, caption) in enumerate(mapping.items()):
         fields = {"id": image_id, "image": image_id, "caption": caption}
         if _id_problem(image_id) is not None:
             yield _make_row(index, index + 1, fields, root)
             continue
-        found = _find_image(root, image_id)
+        found = find_image(root, image_id)
         fields["image"] = found.name
         yield _make_row(index, index + 1, fields, root, path=found)
 
 
 def read_rows(
-    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    options: SourceOptions | None = None,
 ) -> Iterator[Row]:
-    """Stream the rows of a scoring input file.
+    """Stream the rows of a scoring input: a file, or shards/tables/URLs (see
+    :mod:`specs_metric.sources`).
 
     Raises:
         ValueError: unsupported extension, not a regular file, or an unreadable
             header/document (not per-row).
         FileNotFoundError: the input does not exist.
     """
+    from specs_metric.sources import SourceOptions, is_plain_file, read_source
+
+    options = options or SourceOptions()
+    if not is_plain_file(path):
+        return read_source(path, image_root, options)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input file not found: {path}")
@@ -381,12 +428,15 @@ def read_rows(
     if suffix == ".csv":
         return _csv_rows(path, root)
     if suffix == ".json":
-        return _mapping_rows(path, root)
+        return _mapping_rows(path, root, options)
     raise ValueError(f"{path}: unsupported input format {suffix!r} (use .jsonl, .csv or .json)")
 
 
 def count_rows(
-    path: str | os.PathLike[str], image_root: str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    image_root: str | os.PathLike[str] | None = None,
+    options: SourceOptions | None = None,
 ) -> int:
     """Number of rows :func:`read_rows` yields (one streaming pass)."""
-    return sum(1 for _ in read_rows(path, image_root))
+    return sum(1 for _ in read_rows(path, image_root, options))
+

@@ -21,12 +21,46 @@ from specs_metric.scores import SCALES
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "score",
-        help="score image-caption rows (JSONL, CSV or clipscore-style JSON)",
+        help="score image-caption rows (JSONL, CSV, JSON, webdataset shards, parquet, ...)",
         description="Score every row of INPUT; writes one output row per input row, in order.",
     )
     p.add_argument("--model", default="specs-b32", help="model name (see `specs models`) or path")
-    p.add_argument("--input", required=True, type=Path, help="rows: .jsonl, .csv or .json")
-    p.add_argument("--output", required=True, type=Path, help="results: .jsonl, or .csv")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="rows: .jsonl, .csv, .json (clipscore mapping or COCO results list), webdataset "
+        ".tar shards, .parquet, .arrow, an HF datasets folder; globs, brace ranges "
+        "({00000..00009}) and fsspec URLs (s3://, hf://, ...) name several files",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--output", type=Path, help="results: .jsonl, .csv or .parquet")
+    where.add_argument(
+        "--output-dir",
+        type=Path,
+        help="one output per input file (shard), named after it, with its summary and "
+        ".job.json; --resume skips finished shards",
+    )
+    p.add_argument(
+        "--output-format",
+        default="jsonl",
+        choices=["jsonl", "csv", "parquet"],
+        help="format of the files in --output-dir (default jsonl)",
+    )
+    p.add_argument("--image-column", default="image", help="tables: image column (default image)")
+    p.add_argument(
+        "--caption-column", default="caption", help="tables: caption column (default caption)"
+    )
+    p.add_argument("--id-column", default="id", help="tables: id column (default id)")
+    p.add_argument(
+        "--caption-key",
+        help="webdataset: take the caption from this field of the .json member "
+        "(default: the .txt member, else the json field 'caption')",
+    )
+    p.add_argument(
+        "--image-pattern",
+        help="COCO results: image file name from the entry, e.g. "
+        "'COCO_val2014_{image_id:012d}.jpg' (default: <image_id>.<ext>)",
+    )
     p.add_argument(
         "--image-root",
         type=Path,
@@ -57,6 +91,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
     p.add_argument("--strict", action="store_true", help="exit non-zero if any row has an error")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this process (and torchrun ranks); ray: a Ray Data pipeline (pip install "
+        "'specs-metric[ray]')",
+    )
+    p.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    p.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=0.0,
+        help="Ray: GPUs per scoring actor (0 = CPU; default 0)",
+    )
+    p.add_argument(
+        "--ray-workers", type=int, default=1, help="Ray: number of scoring actors (default 1)"
+    )
     p.set_defaults(func=run)
 
 
@@ -67,19 +118,28 @@ def check_output_is_not_input(source: Path, output: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.distributed import init_from_env, local_device
+    from specs_metric.distributed import DistInfo, init_from_env, local_device
     from specs_metric.job import JobConfig, run_job
+    from specs_metric.shards import run_shards
+    from specs_metric.sources import SourceOptions
 
-    check_output_is_not_input(args.input, args.output)
-    if args.output.exists() and not args.output.is_file():
-        # The result is renamed into place: that would replace a device or fail on a folder.
-        raise ValueError(f"--output {args.output} exists and is not a regular file")
-    info = init_from_env(args.device)
-    scorer = load_scorer(args, args.model, local_device(info, args.device))
+    if args.output is not None:
+        check_output_is_not_input(Path(args.input), args.output)
+        if args.output.exists() and not args.output.is_file():
+            # The result is renamed into place: that would replace a device or fail on a folder.
+            raise ValueError(f"--output {args.output} exists and is not a regular file")
+    source = SourceOptions(
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        id_column=args.id_column,
+        caption_key=args.caption_key,
+        image_pattern=args.image_pattern,
+    )
     config = JobConfig(
         input=args.input,
-        output=args.output,
+        output=args.output or Path(),
         image_root=args.image_root,
+        source=source,
         scale=args.scale,
         batch_size=args.batch_size,
         token_budget=args.token_budget,
@@ -89,7 +149,34 @@ def run(args: argparse.Namespace) -> int:
         resume=args.resume,
         show_progress=not args.no_progress,
     )
-    summary = run_job(config, scorer, info)
+    if args.engine == "ray":
+        from specs_metric.ray import RayOptions, run_ray_jobs
+
+        info = DistInfo()
+        ray_options = RayOptions(
+            model=args.model,
+            address=args.ray_address,
+            num_gpus_per_worker=args.num_gpus_per_worker,
+            workers=args.ray_workers,
+            precision=args.precision,
+            reference_rounding=not args.full_precision_weights,
+            long_captions=args.long_captions,
+        )
+
+        def jobs(configs: list[JobConfig]) -> list[dict]:  # one pipeline for all shards
+            return run_ray_jobs(configs, ray_options)
+
+    else:
+        info = init_from_env(args.device)
+        scorer = load_scorer(args, args.model, local_device(info, args.device))
+
+        def jobs(configs: list[JobConfig]) -> list[dict]:
+            return [run_job(c, scorer, info) for c in configs]
+
+    if args.output_dir is not None:
+        summary = run_shards(config, args.output_dir, args.output_format, jobs, info.is_main)
+    else:
+        (summary,) = jobs([config])
     if not info.is_main:
         return 0
     print(json.dumps(summary, indent=2, allow_nan=False), file=sys.stderr)

@@ -1,0 +1,103 @@
+"""Writing a scoring job's results in the output's format: JSONL, CSV or parquet.
+
+The job appends JSON lines to part files; the final output is made from them, rows in input
+order. Parquet columns are typed: ``score``/``cosine`` float64, ``tokens`` int64,
+``truncated`` bool, ``image``/``caption``/``error`` strings (a caption that is not a string,
+in an error row, is written as its JSON text), and ``id`` int64 when every id is an integer,
+else strings.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
+_ROW_GROUP = 65536
+_TYPES = {
+    "image": pa.string(),
+    "caption": pa.string(),
+    "score": pa.float64(),
+    "cosine": pa.float64(),
+    "tokens": pa.int64(),
+    "truncated": pa.bool_(),
+    "error": pa.string(),
+}
+
+
+def _records(parts: Sequence[Path]) -> Iterator[dict]:
+    for part in parts:
+        with open(part, encoding="utf-8") as fh:
+            for line in fh:
+                yield json.loads(line)
+
+
+def _integer_ids(parts: Sequence[Path]) -> bool:
+    return all(
+        isinstance(rec["id"], int) and not isinstance(rec["id"], bool) for rec in _records(parts)
+    )
+
+
+def _text(value: object) -> str | None:
+    return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+def parquet_schema(fields: Sequence[str], integer_ids: bool) -> pa.Schema:
+    types = {**_TYPES, "id": pa.int64() if integer_ids else pa.string()}
+    return pa.schema([(name, types[name]) for name in fields])
+
+
+def _write_parquet(parts: Sequence[Path], target: Path, fields: Sequence[str]) -> None:
+    integer_ids = _integer_ids(parts)
+    schema = parquet_schema(fields, integer_ids)
+    convert = {name: _text for name in ("image", "caption", "error")}
+    if not integer_ids:
+        convert["id"] = lambda v: v if v is None or isinstance(v, str) else json.dumps(v)
+    with pq.ParquetWriter(target, schema) as writer:
+        batch: list[dict] = []
+
+        def flush() -> None:
+            columns = {
+                name: [convert.get(name, lambda v: v)(rec.get(name)) for rec in batch]
+                for name in fields
+            }
+            writer.write_table(pa.table(columns, schema=schema))
+            batch.clear()
+
+        for rec in _records(parts):
+            batch.append(rec)
+            if len(batch) == _ROW_GROUP:
+                flush()
+        if batch:
+            flush()
+
+
+def write_output(parts: Sequence[Path], target: Path, suffix: str, fields: Sequence[str]) -> None:
+    """Concatenate the JSONL ``parts`` into ``target`` in the format of ``suffix``
+    (``.csv``, ``.parquet``; anything else is JSONL)."""
+    if suffix == ".parquet":
+        _write_parquet(parts, target, fields)
+        return
+    with open(target, "w", encoding="utf-8", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=fields) if suffix == ".csv" else None
+        if writer:
+            writer.writeheader()
+        for part in parts:
+            with open(part, encoding="utf-8") as fh:
+                for line in fh:
+                    if writer:
+                        writer.writerow(json.loads(line))
+                    else:
+                        out.write(line)
+
+
+def read_table_output(path: Path) -> Iterator[dict]:
+    """The rows of a parquet output, as dicts."""
+    table = pq.ParquetFile(path)
+    for batch in table.iter_batches(batch_size=_ROW_GROUP):
+        yield from batch.to_pylist()

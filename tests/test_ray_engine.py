@@ -1,0 +1,103 @@
+"""``specs score --engine ray`` and ``specs_metric.ray.score`` on a local 2-CPU Ray cluster."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from specs_metric.cli import main
+from specs_metric.job import read_output
+from test_datasets import N_PAIRS, _jsonl, _same, _score, _table, world  # noqa: F401
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _single_thread_reference(world, src, out):  # noqa: F811
+    # Ray gives each 1-CPU actor one torch thread; a one-thread run of the job does the same
+    # float32 arithmetic, so the scores can be compared for identity.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _score(world[0], src, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_ray_engine_equals_the_local_job(world, cluster, tmp_path):  # noqa: F811
+    d, pairs = world
+    src = _jsonl(world, tmp_path / "in.jsonl")
+    with open(src, "a") as fh:  # bad rows keep their place and their message
+        fh.write(json.dumps({"id": "missing", "image": "nope.png", "caption": "x"}) + "\n")
+        fh.write(json.dumps({"id": "empty", "image": "img0.png", "caption": " "}) + "\n")
+    reference = _single_thread_reference(world, src, tmp_path / "ref.jsonl")
+    code = main(
+        [
+            "score",
+            "--model",
+            str(d / "tiny.pt"),
+            "--input",
+            str(src),
+            "--output",
+            str(tmp_path / "ray.parquet"),
+            "--engine",
+            "ray",
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    result = list(read_output(tmp_path / "ray.parquet"))
+    assert len(result) == N_PAIRS + 2
+    _same(result[:N_PAIRS], reference[:N_PAIRS], exact=True)
+    assert result[N_PAIRS:] == reference[N_PAIRS:]
+    summary = json.loads((tmp_path / "ray.parquet.summary.json").read_text())
+    assert summary["engine"] == "ray" and summary["n_errors"] == 2
+
+
+def test_python_api_scores_a_ray_dataset(world, cluster, tmp_path):  # noqa: F811
+    import specs_metric.ray
+
+    d, pairs = world
+    reference = _score(d, _jsonl(world, tmp_path / "in.jsonl"), tmp_path / "ref.jsonl")
+    table = _table(world, struct=True).rename_columns(["id", "image", "caption"])
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=5)
+    dataset = ray.data.read_parquet(str(tmp_path / "t.parquet"))
+    scored = specs_metric.ray.score(dataset, model=str(d / "tiny.pt"), rows_per_batch=8)
+    rows = scored.take_all()
+    assert set(rows[0]) == {"id", "caption", "score", "cosine", "tokens", "truncated", "error"}
+    # other batches than the job's chunk and more threads: equal to float32 rounding
+    _same(rows, reference, exact=False)
+
+
+def test_ray_output_dir_streams_all_shards_through_one_pipeline(world, cluster, tmp_path):  # noqa: F811
+    from test_datasets import _shards, _tar
+
+    d, pairs = world
+    paths = _shards(world, tmp_path / "wds", per_shard=5)
+    _tar(tmp_path / "wds" / "00003.tar", [])  # an empty shard still gets its files
+    base = ["score", "--model", str(d / "tiny.pt"), "--input", f"{tmp_path}/wds/*.tar",
+            "--no-progress", "--output-format", "parquet"]  # fmt: skip
+    assert main([*base, "--workers", "0", "--output-dir", str(tmp_path / "local")]) == 0
+    assert main([*base, "--engine", "ray", "--output-dir", str(tmp_path / "ray")]) == 0
+    names = [f"{n:05d}.parquet" for n in range(len(paths) + 1)]
+    for name in names:
+        local = list(read_output(tmp_path / "local" / name))
+        remote = list(read_output(tmp_path / "ray" / name))
+        _same(remote, local, exact=False)
+        assert json.loads((tmp_path / "ray" / f"{name}.job.json").read_text())["complete"]
+    assert list(read_output(tmp_path / "ray" / names[-1])) == []
+    combined = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    assert combined["n_scored"] == N_PAIRS
+    # --resume with every shard complete reads nothing and changes nothing
+    before = {n: (tmp_path / "ray" / n).stat().st_mtime_ns for n in names}
+    assert main([*base, "--engine", "ray", "--output-dir", str(tmp_path / "ray"), "--resume"]) == 0
+    assert before == {n: (tmp_path / "ray" / n).stat().st_mtime_ns for n in names}
