@@ -327,6 +327,31 @@ def test_zip_bomb_is_refused_before_it_is_inflated(script, tmp_path):
     assert growth < 100, f"reading a refused {path.stat().st_size}-byte file grew RSS {growth} MB"
 
 
+def test_legacy_pickle_declaring_a_huge_storage_is_refused_in_bounded_memory(tmp_path):
+    """torch's pre-zip format: the storage size comes from the file, before the data."""
+    import struct
+
+    numel = BOMB_BYTES // 4
+
+    class LegacyPickler(_Pickler):
+        def persistent_id(self, obj):
+            pid = super().persistent_id(obj)
+            return None if pid is None else (*pid, None)  # + view metadata
+
+    path = tmp_path / "legacy.pt"
+    with open(path, "wb") as fh:
+        pickle.dump(0x1950A86A20F9469CFC6C, fh, protocol=2)  # the legacy magic number
+        pickle.dump(1001, fh, protocol=2)
+        pickle.dump({"protocol_version": 1001, "little_endian": True,
+                     "type_sizes": {"short": 2, "int": 4, "long": 4}}, fh, protocol=2)
+        LegacyPickler(fh, protocol=2).dump({"w": Tensor(Storage("0", numel), size=(numel,))})
+        pickle.dump(["0"], fh, protocol=2)
+        fh.write(struct.pack("<q", numel) + bytes(64))
+    growth, outcome = _read_in_child(path)
+    assert outcome.startswith("refused") and "legacy.pt" in outcome
+    assert growth < 100
+
+
 def test_safetensors_header_declaring_more_than_the_file_is_refused(tmp_path):
     import json
 

@@ -246,15 +246,18 @@ def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") ->
     return obj
 
 
-def write_torch(obj: Any, path: str | os.PathLike[str]) -> None:
+def write_torch(
+    obj: Any, path: str | os.PathLike[str], shown: str | os.PathLike[str] | None = None
+) -> None:
     """``torch.save`` whose write failures (disk full, quota) surface as ``OSError``.
 
-    torch reports them as a ``RuntimeError`` from its zip writer with no file name.
+    torch reports them as a ``RuntimeError`` from its zip writer with no file name; the
+    message names ``shown`` (the final name of a file written under a temporary one).
     """
     try:
         torch.save(obj, path)
     except RuntimeError as exc:
-        raise OSError(f"could not write {path} (disk full?): {exc}") from exc
+        raise OSError(f"could not write {shown or path} (disk full?): {exc}") from exc
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
@@ -487,7 +490,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
             except SafetensorError as exc:
                 raise OSError(f"could not write {path}: {exc}") from exc
         else:
-            write_torch(tensors, tmp)
+            write_torch(tensors, tmp, shown=path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -94,7 +94,7 @@ def check_output_locations(args: argparse.Namespace) -> None:
         value = getattr(args, name, None)
         if not isinstance(value, (str, Path)) or not str(value):
             continue
-        folder = Path(value).absolute().parent
+        folder = Path(value).parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent
         if not folder.is_dir():
