@@ -30,14 +30,17 @@ from tqdm import tqdm
 
 from specs_metric import __version__
 from specs_metric.cache import EmbeddingCache, model_fingerprint
+from specs_metric.config import PreprocessConfig
 from specs_metric.distributed import DistInfo, barrier, shard_range
 from specs_metric.rows import Row, count_rows, read_rows
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer, length_batches
 from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
-from specs_metric.tokenizer import EOT_ID, default_tokenizer
+from specs_metric.tokenizer import EOT_ID, default_tokenizer, literal_special_warning
 from specs_metric.transform import ImageError, open_image, preprocess
 
-OUTPUT_FIELDS = ("id", "image", "caption", "score", "cosine", "tokens", "truncated", "error")
+OUTPUT_FIELDS = (
+    "id", "image", "caption", "score", "cosine", "tokens", "truncated", "warning", "error"
+)
 
 
 @dataclass
@@ -80,7 +83,7 @@ class _ChunkStream(IterableDataset):
         start: int,
         stop: int,
         context_length: int,
-        resolution: int,
+        resolution: int | PreprocessConfig,
         long_captions: str,
         cache: EmbeddingCache | None,
     ) -> None:
@@ -124,10 +127,12 @@ class _ChunkStream(IterableDataset):
                 "caption": row.caption,
                 "tokens": None,
                 "truncated": None,
+                "warning": None,
                 "error": row.error,
             }
             if rec["error"] is None:
                 ids = tokenizer.token_ids(row.caption)
+                rec["warning"] = literal_special_warning(ids)
                 rec["tokens"] = len(ids)
                 rec["truncated"] = len(ids) > self.context_length
                 if rec["truncated"]:
@@ -324,12 +329,13 @@ def read_output(path: str | os.PathLike[str]) -> Iterator[dict]:
             rec["tokens"] = int(rec["tokens"]) if rec["tokens"] not in ("", None) else None
             rec["truncated"] = {"True": True, "False": False}.get(rec["truncated"])
             rec["error"] = rec["error"] or None
+            rec["warning"] = rec.get("warning") or None
             yield rec
 
 
 def summarize(path: Path) -> dict:
     """Counts, mean and std of the scores of an output file (one streaming pass)."""
-    n = n_err = n_trunc = 0
+    n = n_err = n_trunc = n_warn = 0
     total = total_sq = 0.0
     for rec in read_output(path):
         if rec["error"]:
@@ -339,6 +345,7 @@ def summarize(path: Path) -> dict:
         total += rec["score"]
         total_sq += rec["score"] ** 2
         n_trunc += bool(rec["truncated"])
+        n_warn += bool(rec.get("warning"))
     mean = total / n if n else math.nan
     var = max(total_sq / n - mean * mean, 0.0) if n else math.nan
     return {
@@ -346,6 +353,7 @@ def summarize(path: Path) -> dict:
         "n_scored": n,
         "n_errors": n_err,
         "n_truncated": n_trunc,
+        "n_warnings": n_warn,
         "mean": mean,
         "std": math.sqrt(var) if n else math.nan,
     }
@@ -397,7 +405,7 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
                     scorer.checkpoint_sha256,
                     scorer.numerics,
                     scorer.reference_rounding,
-                    scorer.resolution,
+                    scorer.preprocessing.fingerprint(),
                 ),
             )
         stream = _ChunkStream(
@@ -405,7 +413,7 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
             shard.start + done,
             shard.stop,
             scorer.context_length,
-            scorer.resolution,
+            scorer.preprocessing,
             scorer.long_captions,
             disk,
         )

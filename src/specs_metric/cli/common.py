@@ -5,8 +5,28 @@ from __future__ import annotations
 import argparse
 
 
+def add_architecture_options(p: argparse.ArgumentParser) -> None:
+    """``--arch`` and ``--preprocess``: how a checkpoint is read."""
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="architecture of an OpenAI-layout file that is not the OpenAI convention "
+        "(QuickGELU, 64-wide heads): a name such as ViT-B-32 (open_clip GELU) or ViT-H-14, "
+        "or a JSON config (see `specs models --archs`); checked against self-describing "
+        "files",
+    )
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        help="image preprocessing: auto (the model's own: an HF folder's "
+        "preprocessor_config.json, else the reference), reference, or a "
+        "preprocessor_config.json file",
+    )
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """``--device``, ``--precision``, ``--full-precision-weights``, ``--long-captions``."""
+    """``--device``, ``--precision``, ``--full-precision-weights``, ``--long-captions``,
+    ``--arch``, ``--preprocess``."""
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument(
         "--precision",
@@ -26,6 +46,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         choices=["truncate", "error"],
         help="captions over the context: truncate (keep EOT, default) or error",
     )
+    add_architecture_options(p)
 
 
 def load_scorer(args: argparse.Namespace, name: str, device=None):
@@ -38,6 +59,8 @@ def load_scorer(args: argparse.Namespace, name: str, device=None):
         precision=args.precision,
         reference_rounding=not args.full_precision_weights,
         long_captions=args.long_captions,
+        arch=getattr(args, "arch", None),
+        preprocess=getattr(args, "preprocess", "auto"),
     )
 
 
