@@ -157,7 +157,6 @@ def _vit(embed: int, res: int, vw: int, patch: int, tw: int, **extra: Any) -> di
         "vision_width": vw,
         "vision_patch_size": patch,
         "text_width": tw,
-        "context_length": 77,
         **extra,
     }
 
