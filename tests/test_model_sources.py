@@ -134,3 +134,26 @@ def test_crop_offsets_round_or_floor():
     pixels = preprocess(image, hf_style)
     expected = torch.from_numpy(array[1:17].astype(np.float32) / 255).permute(2, 0, 1)
     torch.testing.assert_close(pixels, expected)
+
+
+def test_image_cache_keys_follow_preprocessing_and_architecture(tmp_path):
+    src = save_state_dict(make_state_dict(seed=3), tmp_path / "m.pt")
+    assert main(["convert", str(src), str(tmp_path / "hf")]) == 0  # its pipeline floors
+    Image.effect_noise((32, 35), 80).convert("RGB").save(tmp_path / "a.png")  # 1.5 px offset
+    (tmp_path / "rows.jsonl").write_text('{"image": "a.png", "caption": "a noisy picture"}\n')
+    cosines = {}
+    for choice in ("auto", "reference"):
+        out = tmp_path / f"{choice}.jsonl"
+        argv = ["score", "--model", str(tmp_path / "hf"), "--input", str(tmp_path / "rows.jsonl"),
+                "--output", str(out), "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+                "--preprocess", choice]  # fmt: skip
+        assert main(argv) == 0
+        cosines[choice] = json.loads(out.read_text())["cosine"]
+    direct = load(tmp_path / "hf", device="cpu", preprocess="reference")
+    expected = direct.score([tmp_path / "a.png"], ["a noisy picture"], scale="cosine")[0]
+    assert cosines["reference"] == pytest.approx(expected, abs=1e-6)  # not the cached one
+    assert cosines["auto"] != pytest.approx(cosines["reference"], abs=1e-6)
+    assert direct.pipeline_fingerprint == "32"  # reference pipeline: the key is unchanged
+    arch = tmp_path / "gelu.json"
+    arch.write_text(json.dumps({"activation": "gelu"}))
+    assert load(src, device="cpu", arch=arch).pipeline_fingerprint.startswith("32|gelu")

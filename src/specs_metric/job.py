@@ -275,7 +275,7 @@ def _complete_lines(path: Path) -> int:
 
 def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
     stat = config.input.stat()
-    return {
+    identity = {
         "input": str(config.input.resolve()),
         "input_size": stat.st_size,
         "input_mtime_ns": stat.st_mtime_ns,
@@ -287,6 +287,10 @@ def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
         "long_captions": scorer.long_captions,
         "world_size": world_size,
     }
+    pipeline = scorer.pipeline_fingerprint
+    if pipeline != str(scorer.resolution):  # absent otherwise: older partial outputs resume
+        identity["pipeline"] = pipeline
+    return identity
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -405,7 +409,7 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
                     scorer.checkpoint_sha256,
                     scorer.numerics,
                     scorer.reference_rounding,
-                    scorer.preprocessing.fingerprint(),
+                    scorer.pipeline_fingerprint,
                 ),
             )
         stream = _ChunkStream(

@@ -147,6 +147,25 @@ class Scorer:
         return f"{self.precision}/{self.device.type}{kernels}"
 
     @property
+    def pipeline_fingerprint(self) -> str:
+        """What decides image embeddings besides the weights and numerics: the preprocessing
+        and, when not the OpenAI convention, the architecture's activation, head widths and
+        LayerNorm epsilon (part of cache keys and of a job's resume identity). For the
+        reference pipeline and convention this is the bare resolution, as it always was."""
+        out = self.preprocessing.fingerprint()
+        config = self.model.config
+        described = (
+            config.activation,
+            config.vision_head_width,
+            config.text_head_width,
+            config.vision_layer_norm_eps,
+            config.text_layer_norm_eps,
+        )
+        if described != ("quick_gelu", 64, 64, 1e-5, 1e-5):
+            out += "|" + ",".join(map(str, described))
+        return out
+
+    @property
     def resolution(self) -> int:
         return self.model.config.image_resolution
 
