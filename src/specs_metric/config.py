@@ -100,17 +100,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model-config fields {unknown}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ConfigError(f"incomplete model config: {exc}") from exc
-
 
 # Fields the tensors determine, and those only a description can give.
 SHAPE_FIELDS = (
@@ -496,7 +485,7 @@ def config_metadata(
     return out
 
 
-def with_preprocess_size(pre: PreprocessConfig, config: ModelConfig) -> PreprocessConfig:
+def check_preprocess_size(pre: PreprocessConfig, config: ModelConfig) -> PreprocessConfig:
     """Check a preprocessing crop against the model's input size."""
     if pre.crop != config.image_resolution:
         raise ConfigError(

@@ -61,11 +61,6 @@ _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
 _PIL_RESAMPLE = {3: "bicubic", 2: "bilinear", 0: "nearest"}
 
 
-def is_hf_folder(path: Path) -> bool:
-    """A folder with a ``config.json`` (a ``save_pretrained`` / hub snapshot folder)."""
-    return path.is_dir() and (path / CONFIG_FILE).is_file()
-
-
 # --- config.json ------------------------------------------------------------------------------
 
 

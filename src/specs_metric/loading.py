@@ -45,13 +45,12 @@ from specs_metric.config import (
     PreprocessConfig,
     arch_from_json,
     check_against,
+    check_preprocess_size,
     config_from_state_dict,
     read_arch,
-    with_preprocess_size,
 )
 from specs_metric.pretrained import REGISTRY, lookup, resolve
 
-PREPROCESS_CHOICES = ("auto", "reference")
 OPEN_CLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
@@ -267,4 +266,4 @@ def _choose_preprocess(
                 "preprocessor_config.json file"
             )
         pre = preprocess_from_hf(read_json(path), config.image_resolution)
-    return with_preprocess_size(pre, config)
+    return check_preprocess_size(pre, config)
