@@ -468,8 +468,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return _unwrap(load_weights_only(path), path)
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+def save_state_dict(
+    state_dict: dict[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    *,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """Write a flat state dict: safetensors for ``*.safetensors``, else ``torch.save``.
+
+    ``metadata`` (string pairs, e.g. the model config) goes into a safetensors header; a
+    ``.pt`` file has no place for it and ignores it.
 
     The ``.pt`` layout is the reference one (a flat dict), so the reference code loads it.
     The write is atomic (temporary file + rename), so an interrupted save never leaves a
@@ -486,7 +494,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
             from safetensors.torch import save_file
 
             try:
-                save_file(tensors, tmp)
+                save_file(tensors, tmp, metadata=metadata)
             except SafetensorError as exc:
                 raise OSError(f"could not write {path}: {exc}") from exc
         else:

@@ -1,4 +1,4 @@
-"""Build a :class:`~specs_metric.model.LongCLIP` from a name, a file or a state dict."""
+"""Build a :class:`~specs_metric.model.LongCLIP` from a state dict or a read checkpoint."""
 
 from __future__ import annotations
 
@@ -6,24 +6,23 @@ import os
 
 import torch
 
-from specs_metric.checkpoint import CheckpointError, clip_to_longclip, read_state_dict
+from specs_metric.checkpoint import CheckpointError
+from specs_metric.config import ConfigError, ModelConfig
+from specs_metric.loading import Checkpoint, read_checkpoint
 from specs_metric.model import LongCLIP, config_from_state_dict, is_fp16_rounded
-from specs_metric.pretrained import resolve
 
 
 def load_state_dict(
     name_or_path: str | os.PathLike[str], *, longclip: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Read the state dict of a named model or a checkpoint file.
+    """Read the OpenAI/LongCLIP-layout state dict of a named model, file or HF folder.
 
     Args:
-        name_or_path: registry name (see ``specs models``) or a file path.
-        longclip: stretch a 77-position CLIP checkpoint to 248 positions (guide §2).
+        name_or_path: registry name (see ``specs models``), ``hf:org/repo``, a file path or
+            a ``save_pretrained`` folder.
+        longclip: stretch a 77-position CLIP checkpoint to 248 positions.
     """
-    state = read_state_dict(resolve(name_or_path))
-    if longclip and "positional_embedding_res" not in state:
-        state = clip_to_longclip(state)
-    return state
+    return read_checkpoint(name_or_path, longclip=longclip).state_dict
 
 
 def round_like_reference(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -48,11 +47,14 @@ def build_model(
     *,
     reference_rounding: bool = True,
     source: str = "state dict",
+    config: ModelConfig | None = None,
 ) -> LongCLIP:
-    """Build a model in eval mode (fp32, CPU) with sizes inferred from the tensors.
+    """Build a model in eval mode (fp32, CPU).
 
     Args:
         state_dict: flat reference-layout state dict.
+        config: the architecture (default: inferred from the tensors with the OpenAI /
+            LongCLIP convention for what they cannot tell).
         reference_rounding: round weights as the reference loader does (default, so scores
             match published ones); ``False`` keeps full precision (training, conversion).
         source: name of the file, for error messages.
@@ -60,10 +62,13 @@ def build_model(
     Raises:
         CheckpointError: unsupported architecture or tensors that do not fit it.
     """
-    try:
-        config = config_from_state_dict(state_dict)
-    except (ValueError, KeyError, IndexError) as exc:
-        raise CheckpointError(f"{source}: {exc}") from exc
+    if config is None:
+        try:
+            config = config_from_state_dict(state_dict, source=source)
+        except ConfigError as exc:
+            raise CheckpointError(str(exc)) from exc
+        except (ValueError, KeyError, IndexError) as exc:
+            raise CheckpointError(f"{source}: {exc}") from exc
     model = LongCLIP(config)
     weights = (
         round_like_reference(state_dict)
@@ -93,17 +98,11 @@ def build_model(
     return model.eval()
 
 
-def create_model(
-    name_or_path: str | os.PathLike[str],
-    device: str | torch.device | None = None,
-    *,
-    reference_rounding: bool = True,
-) -> LongCLIP:
-    """Load a named model or checkpoint file onto ``device`` (default: CUDA if available)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_model(
-        load_state_dict(name_or_path),
+def model_from_checkpoint(checkpoint: Checkpoint, *, reference_rounding: bool = True) -> LongCLIP:
+    """The model of a :func:`~specs_metric.loading.read_checkpoint` result (eval, CPU)."""
+    return build_model(
+        checkpoint.state_dict,
         reference_rounding=reference_rounding,
-        source=str(name_or_path),
+        source=checkpoint.name,
+        config=checkpoint.config,
     )
-    return model.to(device)

@@ -140,8 +140,11 @@ def fuse_blocks(model: LongCLIP, dtype: torch.dtype = torch.bfloat16) -> LongCLI
     """Replace the residual blocks of both towers by :class:`FusedBlock` (in place).
 
     For inference on the CPU only; call before the matmul weights are cast, so the scaled
-    weights are rounded once. Returns ``model``.
+    weights are rounded once. Returns ``model``; a GELU model is left as it is (the fused
+    MLP computes QuickGELU only).
     """
+    if model.config.activation != "quick_gelu":
+        return model
     for tower in (model.transformer, model.visual.transformer):
         last = len(tower.resblocks) - 1
         for i, block in enumerate(tower.resblocks):

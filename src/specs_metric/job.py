@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from specs_metric import __version__
 from specs_metric.cache import EmbeddingCache, model_fingerprint
+from specs_metric.config import PreprocessConfig
 from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_range
 from specs_metric.locking import OutputLock
 from specs_metric.outputs import read_table_output, write_output
@@ -48,11 +49,13 @@ from specs_metric.rows import Row, count_rows, read_rows
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer, length_batches
 from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
 from specs_metric.sources import SourceOptions, input_identity
-from specs_metric.tokenizer import EOT_ID, default_tokenizer
+from specs_metric.tokenizer import EOT_ID, default_tokenizer, literal_special_warning
 from specs_metric.transform import ImageError, open_image, preprocess, read_image_bytes
 from specs_metric.workers import die_with_parent
 
-OUTPUT_FIELDS = ("id", "image", "caption", "score", "cosine", "tokens", "truncated", "error")
+OUTPUT_FIELDS = (
+    "id", "image", "caption", "score", "cosine", "tokens", "truncated", "warning", "error"
+)
 
 
 class JobError(ValueError):
@@ -101,7 +104,7 @@ class _ChunkStream(IterableDataset):
         start: int,
         stop: int,
         context_length: int,
-        resolution: int,
+        resolution: int | PreprocessConfig,
         long_captions: str,
         cache: EmbeddingCache | None,
     ) -> None:
@@ -146,10 +149,12 @@ class _ChunkStream(IterableDataset):
                 "caption": row.caption,
                 "tokens": None,
                 "truncated": None,
+                "warning": None,
                 "error": row.error,
             }
             if rec["error"] is None:
                 ids = tokenizer.token_ids(row.caption)
+                rec["warning"] = literal_special_warning(ids)
                 rec["tokens"] = len(ids)
                 rec["truncated"] = len(ids) > self.context_length
                 if rec["truncated"]:
@@ -337,7 +342,7 @@ def _resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
 
 
 def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
-    return {
+    identity = {
         **input_identity(config.input, config.source),
         "image_root": str(config.image_root) if config.image_root else None,
         "checkpoint_sha256": scorer.checkpoint_sha256,
@@ -353,6 +358,10 @@ def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
         "max_text_rows": config.max_text_rows,
         "threads": torch.get_num_threads(),
     }
+    pipeline = scorer.pipeline_fingerprint
+    if pipeline != str(scorer.resolution):  # absent otherwise: older partial outputs resume
+        identity["pipeline"] = pipeline
+    return identity
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -404,6 +413,7 @@ def read_output(path: str | os.PathLike[str]) -> Iterator[dict]:
             rec["tokens"] = int(rec["tokens"]) if rec["tokens"] not in ("", None) else None
             rec["truncated"] = {"True": True, "False": False}.get(rec["truncated"])
             rec["error"] = rec["error"] or None
+            rec["warning"] = rec.get("warning") or None
             yield rec
 
 
@@ -418,9 +428,10 @@ def summarize(path: Path) -> dict:
     """Counts, mean and std of the scores of an output file (one streaming pass).
 
     ``mean`` and ``std`` are ``None`` when no row was scored. ``n_duplicate_ids`` counts rows
-    whose id an earlier row already had (ids are compared by 64-bit hashes).
+    whose id an earlier row already had (ids are compared by 64-bit hashes); ``n_warnings``
+    counts rows with a ``warning`` (e.g. a literal special token in the caption).
     """
-    n = n_err = n_trunc = n_dup = 0
+    n = n_err = n_trunc = n_dup = n_warn = 0
     total = total_sq = 0.0
     seen: set[int] = set()
     first_duplicate = None
@@ -437,6 +448,7 @@ def summarize(path: Path) -> dict:
         total += rec["score"]
         total_sq += rec["score"] ** 2
         n_trunc += bool(rec["truncated"])
+        n_warn += bool(rec.get("warning"))
     mean = total / n if n else None
     std = math.sqrt(max(total_sq / n - mean * mean, 0.0)) if n else None
     return {
@@ -446,6 +458,7 @@ def summarize(path: Path) -> dict:
         "n_truncated": n_trunc,
         "n_duplicate_ids": n_dup,
         "first_duplicate_id": first_duplicate,
+        "n_warnings": n_warn,
         "mean": mean,
         "std": std,
     }
@@ -470,7 +483,10 @@ def _disk_cache(config: JobConfig, scorer: Scorer) -> EmbeddingCache | None:
     if config.cache_dir is None:
         return None
     fingerprint = model_fingerprint(
-        scorer.checkpoint_sha256, scorer.numerics, scorer.reference_rounding, scorer.resolution
+        scorer.checkpoint_sha256,
+        scorer.numerics,
+        scorer.reference_rounding,
+        scorer.pipeline_fingerprint,
     )
     return EmbeddingCache(config.cache_dir, fingerprint, dim=scorer.embed_dim)
 
@@ -490,7 +506,7 @@ def _score_shard(
         shard.start + done,
         shard.stop,
         scorer.context_length,
-        scorer.resolution,
+        scorer.preprocessing,
         scorer.long_captions,
         disk,
     )

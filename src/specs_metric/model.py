@@ -2,160 +2,23 @@
 
 Parameter names reproduce the reference state-dict keys exactly, so a reference ``.pt`` file
 loads with ``load_state_dict`` and a model saved here loads in the reference code. The
-architecture is described by :class:`ModelConfig`, which is inferred from tensor shapes.
+architecture is described by :class:`~specs_metric.config.ModelConfig` (activation, head
+widths, LayerNorm epsilon and MLP widths included).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The architecture lives in specs_metric.config; re-exported here where it always was.
+from specs_metric.config import ModelConfig, config_from_state_dict  # noqa: F401
+
 # LongCLIP keeps CLIP's first 20 positional rows and learns the rest separately.
 KEPT_POSITIONS = 20
-HEAD_WIDTH = 64
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of a LongCLIP / CLIP ViT model."""
-
-    embed_dim: int
-    image_resolution: int
-    vision_layers: int
-    vision_width: int
-    vision_patch_size: int
-    context_length: int
-    vocab_size: int
-    text_width: int
-    text_layers: int
-
-    @property
-    def vision_heads(self) -> int:
-        return self.vision_width // HEAD_WIDTH
-
-    @property
-    def text_heads(self) -> int:
-        return self.text_width // HEAD_WIDTH
-
-    @property
-    def is_long(self) -> bool:
-        """True for LongCLIP (separate ``positional_embedding_res``), False for 77-token CLIP."""
-        return self.context_length > 77
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-def _count_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
-    return sum(1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
-
-
-def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
-    """Infer the architecture from tensor shapes (guide §2).
-
-    Raises:
-        ValueError: for ResNet image towers or missing keys.
-    """
-    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state_dict):
-        raise ValueError(
-            "this is a ResNet-tower CLIP checkpoint (keys 'visual.layer1.*', "
-            "'visual.attnpool.*'); only ViT image towers are supported"
-        )
-    required = [
-        "visual.conv1.weight",
-        "visual.positional_embedding",
-        "visual.proj",
-        "text_projection",
-        "token_embedding.weight",
-        "positional_embedding",
-        "ln_final.weight",
-    ]
-    missing = [k for k in required if k not in state_dict]
-    if missing:
-        raise ValueError(f"not a CLIP/LongCLIP ViT state dict: missing keys {missing}")
-    conv = state_dict["visual.conv1.weight"]
-    patch = conv.shape[-1]
-    grid = round(math.sqrt(state_dict["visual.positional_embedding"].shape[0] - 1))
-    if grid * grid + 1 != state_dict["visual.positional_embedding"].shape[0]:
-        raise ValueError("visual.positional_embedding does not hold a square grid plus a class row")
-    config = ModelConfig(
-        embed_dim=state_dict["text_projection"].shape[1],
-        image_resolution=patch * grid,
-        vision_layers=_count_layers(state_dict, "visual.transformer.resblocks."),
-        vision_width=conv.shape[0],
-        vision_patch_size=patch,
-        context_length=state_dict["positional_embedding"].shape[0],
-        vocab_size=state_dict["token_embedding.weight"].shape[0],
-        text_width=state_dict["ln_final.weight"].shape[0],
-        text_layers=_count_layers(state_dict, "transformer.resblocks."),
-    )
-    _check_consistency(config, state_dict)
-    return config
-
-
-def _check_consistency(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse sizes the model cannot run with, naming the tensor they come from.
-
-    Shapes that merely disagree with the inferred config are caught when the weights are
-    loaded; these are the ones that would load and then fail (or index out of range) later.
-    """
-    from specs_metric.tokenizer import VOCAB_SIZE
-
-    if config.vocab_size != VOCAB_SIZE:
-        raise ValueError(
-            f"token_embedding.weight has {config.vocab_size} rows, but the CLIP BPE "
-            f"tokenizer has {VOCAB_SIZE} ids: this checkpoint uses another vocabulary"
-        )
-    sizes = {
-        "text_projection (embedding size)": config.embed_dim,
-        "visual.conv1.weight (vision width)": config.vision_width,
-        "visual.conv1.weight (patch size)": config.vision_patch_size,
-        "visual.positional_embedding (patch grid)": config.image_resolution,
-        "ln_final.weight (text width)": config.text_width,
-        "visual.transformer.resblocks (layers)": config.vision_layers,
-        "transformer.resblocks (layers)": config.text_layers,
-    }
-    for what, size in sizes.items():
-        if size < 1:
-            raise ValueError(f"{what} is {size}; it must be at least 1")
-    conv = state_dict["visual.conv1.weight"]
-    if conv.dim() != 4 or conv.shape[2] != conv.shape[3]:
-        raise ValueError(
-            f"visual.conv1.weight has shape {tuple(conv.shape)}; expected (width, 3, p, p)"
-        )
-    for tower, width, heads in (
-        ("visual.transformer", config.vision_width, config.vision_heads),
-        ("transformer", config.text_width, config.text_heads),
-    ):
-        if width % max(heads, 1):
-            raise ValueError(
-                f"{tower} width {width} does not split into {heads} attention heads "
-                f"of {HEAD_WIDTH} (width // {HEAD_WIDTH}); widths must be multiples of the heads"
-            )
-    positions = state_dict["positional_embedding"]
-    if positions.dim() != 2 or positions.shape[1] != config.text_width:
-        raise ValueError(
-            f"positional_embedding has shape {tuple(positions.shape)}; expected "
-            f"(context, {config.text_width})"
-        )
-    if config.context_length < 2:
-        raise ValueError(
-            f"positional_embedding has {config.context_length} rows; a caption needs at "
-            "least 2 (start and end tokens)"
-        )
-    res = state_dict.get("positional_embedding_res")
-    if res is not None and tuple(res.shape) != tuple(positions.shape):
-        raise ValueError(
-            f"positional_embedding_res has shape {tuple(res.shape)} but positional_embedding "
-            f"has {tuple(positions.shape)}; the two tables must match"
-        )
-    for key, value in state_dict.items():
-        if not (value.is_floating_point() and not value.is_complex()):
-            raise ValueError(f"{key} holds {value.dtype} values; model weights must be floats")
 
 
 class LayerNorm(nn.LayerNorm):
@@ -225,16 +88,30 @@ class Attention(nn.Module):
         return self.out_proj(out.reshape(n, width))
 
 
+def activation_module(name: str) -> nn.Module:
+    """``quick_gelu`` (OpenAI CLIP, LongCLIP) or ``gelu`` (exact erf GELU: open_clip's
+    default, LAION models, HF ``hidden_act="gelu"``)."""
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_width: int | None = None,
+        activation: str = "quick_gelu",
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.attn = Attention(width, heads)
-        self.ln_1 = LayerNorm(width)
+        self.ln_1 = LayerNorm(width, eps=eps)
+        mlp_width = mlp_width or 4 * width
         self.mlp = nn.Sequential()
-        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
-        self.mlp.add_module("gelu", QuickGELU())
-        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
-        self.ln_2 = LayerNorm(width)
+        self.mlp.add_module("c_fc", nn.Linear(width, mlp_width))
+        self.mlp.add_module("gelu", activation_module(activation))
+        self.mlp.add_module("c_proj", nn.Linear(mlp_width, width))
+        self.ln_2 = LayerNorm(width, eps=eps)
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         if torch.is_grad_enabled():
@@ -274,11 +151,22 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int, causal: bool) -> None:
+    def __init__(
+        self,
+        width: int,
+        layers: int,
+        heads: int,
+        causal: bool,
+        mlp_width: int | None = None,
+        activation: str = "quick_gelu",
+        eps: float = 1e-5,
+    ) -> None:
         super().__init__()
         self.width = width
         self.causal = causal
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, mlp_width, activation, eps) for _ in range(layers)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.resblocks:
@@ -302,9 +190,18 @@ class VisionTransformer(nn.Module):
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch, stride=patch, bias=False)
         self.class_embedding = nn.Parameter(torch.zeros(width))
         self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
-        self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, config.vision_layers, config.vision_heads, False)
-        self.ln_post = LayerNorm(width)
+        eps = config.vision_layer_norm_eps
+        self.ln_pre = LayerNorm(width, eps=eps)
+        self.transformer = Transformer(
+            width,
+            config.vision_layers,
+            config.vision_heads,
+            False,
+            config.vision_mlp_width,
+            config.activation,
+            eps,
+        )
+        self.ln_post = LayerNorm(width, eps=eps)
         self.proj = nn.Parameter(torch.zeros(width, config.embed_dim))
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -328,7 +225,13 @@ class LongCLIP(nn.Module):
         self.config = config
         self.visual = VisionTransformer(config)
         self.transformer = Transformer(
-            config.text_width, config.text_layers, config.text_heads, True
+            config.text_width,
+            config.text_layers,
+            config.text_heads,
+            True,
+            config.text_mlp_width,
+            config.activation,
+            config.text_layer_norm_eps,
         )
         self.token_embedding = nn.Embedding(config.vocab_size, config.text_width)
         self.positional_embedding = nn.Parameter(
@@ -338,7 +241,7 @@ class LongCLIP(nn.Module):
             self.positional_embedding_res = nn.Parameter(
                 torch.zeros(config.context_length, config.text_width)
             )
-        self.ln_final = LayerNorm(config.text_width)
+        self.ln_final = LayerNorm(config.text_width, eps=config.text_layer_norm_eps)
         self.text_projection = nn.Parameter(torch.zeros(config.text_width, config.embed_dim))
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from specs_metric import fused
-from specs_metric.checkpoint import file_sha256
-from specs_metric.factory import build_model, load_state_dict
+from specs_metric.config import PreprocessConfig
+from specs_metric.factory import model_from_checkpoint
+from specs_metric.loading import read_checkpoint
 from specs_metric.model import LongCLIP, cast_matmul_weights
 from specs_metric.numerics import strict_fp32
-from specs_metric.pretrained import REGISTRY, resolve
 from specs_metric.scores import apply_scale, check_scale, cosine_matrix, cosine_similarity
 from specs_metric.tokenizer import Tokenizer, default_tokenizer
 from specs_metric.transform import ImageSource, load_and_preprocess
@@ -85,6 +85,8 @@ class Scorer:
         reference_rounding: whether the weights were rounded like the reference loader
             (recorded for cache keys and summaries).
         tokenizer: a tokenizer (default: the shared CLIP BPE tokenizer).
+        preprocessing: the image pipeline (default: the reference one at the model's
+            resolution).
     """
 
     def __init__(
@@ -98,6 +100,7 @@ class Scorer:
         long_captions: str = "truncate",
         reference_rounding: bool = True,
         tokenizer: Tokenizer | None = None,
+        preprocessing: PreprocessConfig | None = None,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -124,6 +127,9 @@ class Scorer:
         self.long_captions = long_captions
         self.reference_rounding = reference_rounding
         self.tokenizer = tokenizer or default_tokenizer()
+        self.preprocessing = preprocessing or PreprocessConfig.reference(
+            model.config.image_resolution
+        )
 
     # --- properties -------------------------------------------------------------------
     @property
@@ -141,6 +147,25 @@ class Scorer:
         return f"{self.precision}/{self.device.type}{kernels}"
 
     @property
+    def pipeline_fingerprint(self) -> str:
+        """What decides image embeddings besides the weights and numerics: the preprocessing
+        and, when not the OpenAI convention, the architecture's activation, head widths and
+        LayerNorm epsilon (part of cache keys and of a job's resume identity). For the
+        reference pipeline and convention this is the bare resolution, as it always was."""
+        out = self.preprocessing.fingerprint()
+        config = self.model.config
+        described = (
+            config.activation,
+            config.vision_head_width,
+            config.text_head_width,
+            config.vision_layer_norm_eps,
+            config.text_layer_norm_eps,
+        )
+        if described != ("quick_gelu", 64, 64, 1e-5, 1e-5):
+            out += "|" + ",".join(map(str, described))
+        return out
+
+    @property
     def resolution(self) -> int:
         return self.model.config.image_resolution
 
@@ -154,8 +179,8 @@ class Scorer:
         return self.tokenizer(texts, self.context_length, self.long_captions)
 
     def preprocess(self, image: ImageSource) -> torch.Tensor:
-        """Reference preprocessing -> FloatTensor (3, R, R). Accepts PIL, path or bytes."""
-        return load_and_preprocess(image, self.resolution)
+        """The model's preprocessing -> FloatTensor (3, R, R). Accepts PIL, path or bytes."""
+        return load_and_preprocess(image, self.preprocessing)
 
     # --- encoders ---------------------------------------------------------------------
     def forward_context(self) -> contextlib.AbstractContextManager:
@@ -258,28 +283,34 @@ def load(
     *,
     reference_rounding: bool = True,
     long_captions: str = "truncate",
+    arch: str | os.PathLike[str] | None = None,
+    preprocess: str | os.PathLike[str] = "auto",
 ) -> Scorer:
-    """Load a named model (``specs models``) or a checkpoint file as a :class:`Scorer`.
+    """Load a named model (``specs models``), a checkpoint file or an HF folder as a
+    :class:`Scorer`.
 
     Args:
-        name_or_path: e.g. ``"specs-b32"`` or ``"path/to/spec.pt"``.
+        name_or_path: e.g. ``"specs-b32"``, ``"path/to/spec.pt"``, a ``save_pretrained``
+            folder or ``"hf:openai/clip-vit-base-patch32"``.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA when available.
         precision: ``"fp32"`` (exact), ``"bf16"`` or ``"fp16"`` (CUDA).
         reference_rounding: round weights to fp16 as the reference loader does, so
             scores equal published ones (default). ``False`` keeps the file's precision
             (embeddings then differ by about 1e-3).
         long_captions: ``"truncate"`` or ``"error"``.
+        arch: architecture name or JSON file for an OpenAI-layout file whose activation or
+            head width is not the OpenAI convention (see ``specs models --archs``).
+        preprocess: ``"auto"`` (the model's own), ``"reference"`` or a
+            ``preprocessor_config.json``.
     """
-    path = resolve(name_or_path)
-    model = build_model(
-        load_state_dict(path), reference_rounding=reference_rounding, source=str(path)
-    )
+    checkpoint = read_checkpoint(name_or_path, arch=arch, preprocess=preprocess)
     return Scorer(
-        model,
-        name=str(name_or_path) if str(name_or_path) in REGISTRY else str(path),
-        checkpoint_sha256=file_sha256(path),
+        model_from_checkpoint(checkpoint, reference_rounding=reference_rounding),
+        name=checkpoint.name,
+        checkpoint_sha256=checkpoint.sha256,
         device=device,
         precision=precision,
         long_captions=long_captions,
         reference_rounding=reference_rounding,
+        preprocessing=checkpoint.preprocess,
     )

@@ -40,6 +40,26 @@ _WHITESPACE = re.compile(r"\s+")
 _PLAIN_ASCII = re.compile(r"[\x20-\x25\x27-\x7e\t\n\r]*")
 
 
+def literal_special_warning(ids: Sequence[int]) -> str | None:
+    """A warning for a caption whose text holds a literal special token, else ``None``.
+
+    ``ids`` is a full :meth:`Tokenizer.token_ids` sequence. The reference tokenizer maps the
+    text ``<|endoftext|>`` (any case) to the EOT id, and the text tower pools at the first
+    EOT, so everything after it is silently ignored; ``<|startoftext|>`` becomes a second
+    SOT. The ids stay the reference's; the warning marks the row.
+    """
+    inner = ids[1:-1]
+    if EOT_ID in inner:
+        kept = list(inner).index(EOT_ID)
+        return (
+            f"caption contains a literal {EOT_TOKEN}: the text after it is ignored "
+            f"(scored on its first {kept} tokens, as the reference tokenizer does)"
+        )
+    if SOT_ID in inner:
+        return f"caption contains a literal {SOT_TOKEN}, read as the special token"
+    return None
+
+
 class CaptionTooLongError(ValueError):
     """Raised when a caption does not fit the context and the policy is ``error``."""
 

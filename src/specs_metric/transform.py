@@ -4,7 +4,9 @@ Preprocessing: resize so the shorter side equals the model resolution with PIL's
 filter, centre crop, convert to RGB, scale to [0, 1] and normalise with CLIP's mean and std.
 This is what the reference's torchvision pipeline does on PIL images; the float operations
 are performed in the same order, so pixels match exactly. EXIF orientation is not applied,
-as in the reference.
+as in the reference. Models that describe another pipeline (HF ``preprocessor_config.json``:
+offsets floored, own mean/std) pass a :class:`~specs_metric.config.PreprocessConfig`
+instead of a resolution.
 
 Untrusted files are read and decoded in bounded memory: only regular files of at most
 :data:`MAX_IMAGE_BYTES` are read, and an image is refused before its pixels are decoded when
@@ -25,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
+from specs_metric.config import CLIP_MEAN as MEAN
+from specs_metric.config import CLIP_STD as STD
+from specs_metric.config import PreprocessConfig
 
 # Largest image file read (bytes); larger files are refused unread.
 MAX_IMAGE_BYTES = 64 * 2**20
@@ -169,7 +172,9 @@ def check_image_size(
 
 
 def open_image(
-    source: ImageSource, name: str | None = None, resolution: int | None = None
+    source: ImageSource,
+    name: str | None = None,
+    resolution: int | PreprocessConfig | None = None,
 ) -> Image.Image:
     """Decode an image fully (so truncation errors surface here, not later).
 
@@ -196,6 +201,8 @@ def open_image(
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                if isinstance(resolution, PreprocessConfig):
+                    resolution = resolution.resize
                 check_image_size(img.size, resolution, name)
                 img.load()
                 return img.copy()
@@ -209,8 +216,14 @@ def open_image(
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
 
 
-def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
-    """Bicubic resize so that the shorter side is ``size`` (longer side rounded down).
+_FILTERS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}
+
+
+def resize_shorter_side(
+    image: Image.Image, size: int, interpolation: str = "bicubic"
+) -> Image.Image:
+    """Resize (bicubic by default) so that the shorter side is ``size`` (longer side rounded
+    down).
 
     Raises:
         ImageError: the result would have more than :data:`MAX_RESIZED_PIXELS` pixels.
@@ -218,38 +231,53 @@ def resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     check_image_size(image.size, size, "image", decoding=False)
     if min(image.size) == size:
         return image
-    return image.resize(resized_size(image.size, size), Image.BICUBIC)
+    return image.resize(resized_size(image.size, size), _FILTERS[interpolation])
 
 
-def center_crop(image: Image.Image, size: int) -> Image.Image:
-    """Centre crop to ``size`` x ``size`` with the reference's rounding of the offsets."""
+def center_crop(image: Image.Image, size: int, rounding: str = "round") -> Image.Image:
+    """Centre crop to ``size`` x ``size``. Offsets are rounded as the reference does
+    (``round``, half to even), or floored as HF's ``CLIPImageProcessor`` does (``floor``)."""
     width, height = image.size
-    top = int(round((height - size) / 2.0))
-    left = int(round((width - size) / 2.0))
+    if rounding == "floor":
+        top, left = (height - size) // 2, (width - size) // 2
+    else:
+        top = int(round((height - size) / 2.0))
+        left = int(round((width - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
 
-def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+def to_normalized_tensor(
+    image: Image.Image, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
+) -> torch.Tensor:
     """RGB image -> float tensor (3, H, W): /255, minus mean, divided by std (fp32)."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div(255)
-    mean = torch.tensor(MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=torch.float32).view(3, 1, 1)
-    return pixels.sub(mean).div(std)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return pixels.sub(mean_t).div(std_t)
 
 
-def preprocess(image: Image.Image, resolution: int = 224) -> torch.Tensor:
-    """The reference preprocessing of one PIL image -> FloatTensor (3, R, R).
+def preprocess(image: Image.Image, resolution: int | PreprocessConfig = 224) -> torch.Tensor:
+    """Preprocess one PIL image -> FloatTensor (3, R, R).
+
+    ``resolution`` is either the size of the reference pipeline or a full
+    :class:`~specs_metric.config.PreprocessConfig` (crop rounding, interpolation, mean/std).
 
     Example:
         >>> from PIL import Image
         >>> preprocess(Image.new("RGB", (50, 30), (255, 0, 0)), resolution=16).shape
         torch.Size([3, 16, 16])
     """
-    image = center_crop(resize_shorter_side(image, resolution), resolution)
-    return to_normalized_tensor(image)
+    pre = resolution if isinstance(resolution, PreprocessConfig) else None
+    if pre is None:
+        pre = PreprocessConfig.reference(int(resolution))
+    image = resize_shorter_side(image, pre.resize, pre.interpolation)
+    image = center_crop(image, pre.crop, pre.crop_rounding)
+    return to_normalized_tensor(image, pre.mean, pre.std)
 
 
-def load_and_preprocess(source: ImageSource, resolution: int = 224) -> torch.Tensor:
+def load_and_preprocess(
+    source: ImageSource, resolution: int | PreprocessConfig = 224
+) -> torch.Tensor:
     """Decode then preprocess; raises :class:`ImageError` on bad input."""
     return preprocess(open_image(source, resolution=resolution), resolution)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from specs_metric.config import PreprocessConfig
 from specs_metric.distributed import DistInfo, shard_range
 from specs_metric.scorer import Scorer
 from specs_metric.transform import ImageError, ImageSource, load_and_preprocess
@@ -43,7 +44,9 @@ class ImageEmbeddings:
 class _Images(Dataset):
     """Decoded, preprocessed images of one shard; a failure is returned, not raised."""
 
-    def __init__(self, images: Sequence[ImageSource], offset: int, resolution: int) -> None:
+    def __init__(
+        self, images: Sequence[ImageSource], offset: int, resolution: int | PreprocessConfig
+    ) -> None:
         self.images, self.offset, self.resolution = images, offset, resolution
 
     def __len__(self) -> int:
@@ -116,7 +119,7 @@ def embed_images(
     local_ok = torch.zeros(len(shard), dtype=torch.uint8)
     errors: list[tuple[int, str]] = []
     loader = DataLoader(
-        _Images(images[shard.start : shard.stop], shard.start, scorer.resolution),
+        _Images(images[shard.start : shard.stop], shard.start, scorer.preprocessing),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,

@@ -80,8 +80,28 @@ def add_device_option(p: argparse.ArgumentParser, help: str = "default: auto") -
     )
 
 
+def add_architecture_options(p: argparse.ArgumentParser) -> None:
+    """``--arch`` and ``--preprocess``: how a checkpoint is read."""
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="architecture of an OpenAI-layout file that is not the OpenAI convention "
+        "(QuickGELU, 64-wide heads): a name such as ViT-B-32 (open_clip GELU) or ViT-H-14, "
+        "or a JSON config (see `specs models --archs`); checked against self-describing "
+        "files",
+    )
+    p.add_argument(
+        "--preprocess",
+        default="auto",
+        help="image preprocessing: auto (the model's own: an HF folder's "
+        "preprocessor_config.json, else the reference), reference, or a "
+        "preprocessor_config.json file",
+    )
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """``--device``, ``--precision``, ``--full-precision-weights``, ``--long-captions``."""
+    """``--device``, ``--precision``, ``--full-precision-weights``, ``--long-captions``,
+    ``--arch``, ``--preprocess``."""
     add_device_option(p)
     p.add_argument(
         "--precision",
@@ -101,6 +121,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         choices=["truncate", "error"],
         help="captions over the context: truncate (keep EOT, default) or error",
     )
+    add_architecture_options(p)
 
 
 def load_scorer(args: argparse.Namespace, name: str, device=None):
@@ -113,6 +134,8 @@ def load_scorer(args: argparse.Namespace, name: str, device=None):
         precision=args.precision,
         reference_rounding=not args.full_precision_weights,
         long_captions=args.long_captions,
+        arch=getattr(args, "arch", None),
+        preprocess=getattr(args, "preprocess", "auto"),
     )
 
 

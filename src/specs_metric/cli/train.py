@@ -26,7 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--init",
         required=True,
-        help="initial checkpoint: LongCLIP, or OpenAI CLIP (stretched to 248)",
+        help="initial checkpoint: LongCLIP, or OpenAI CLIP (stretched to 248); a name, "
+        "file or HF save_pretrained folder",
+    )
+    p.add_argument(
+        "--arch",
+        default=None,
+        help="architecture of an --init file that is not the OpenAI convention "
+        "(see `specs models --archs`)",
     )
     p.add_argument("--data", required=True, help="training set: .parquet or datasets directory")
     p.add_argument("--output", required=True, help="output directory")
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         deterministic=args.deterministic,
         progress=not args.quiet,
         tensorboard=not args.no_tensorboard,
+        arch=args.arch,
     )
     try:
         result = train(config)

@@ -42,9 +42,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from specs_metric.checkpoint import clip_to_longclip, save_state_dict, write_torch
+from specs_metric.checkpoint import save_state_dict, write_torch
+from specs_metric.config import config_metadata
 from specs_metric.distributed import DistInfo, init_from_env
-from specs_metric.factory import build_model, load_state_dict
+from specs_metric.factory import model_from_checkpoint
+from specs_metric.loading import read_checkpoint
 from specs_metric.training.data import ResumableSampler, SpecificityDataset, collate_examples
 from specs_metric.training.loss import LossOutput, SpecificityLoss, clip_loss
 
@@ -71,7 +73,7 @@ class TrainConfig:
 
     Attributes:
         init: initial checkpoint: LongCLIP or OpenAI CLIP (stretched to 248 positions),
-            a file path or registry name.
+            a file path, registry name, ``hf:`` spec or HF ``save_pretrained`` folder.
         data: prepared training set (parquet file or ``datasets`` directory).
         output: output directory (log, config, checkpoints).
         objective: ``specs`` (the specificity objective) or ``clip`` (symmetric CLIP
@@ -97,6 +99,8 @@ class TrainConfig:
         deterministic: ``torch.use_deterministic_algorithms(True)``.
         progress: show a progress bar (rank 0).
         tensorboard: also log to TensorBoard when it is installed.
+        arch: architecture name or JSON for an ``init`` file that is not the OpenAI
+            convention (see ``specs models --archs``).
     """
 
     init: str
@@ -126,6 +130,7 @@ class TrainConfig:
     deterministic: bool = False
     progress: bool = True
     tensorboard: bool = True
+    arch: str | None = None
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -337,11 +342,11 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         _seed_everything(config.seed)
 
-        state = load_state_dict(config.init)
-        from_clip = "positional_embedding_res" not in state
-        if from_clip:
-            state = clip_to_longclip(state)
-        self.model = build_model(state, reference_rounding=False, source=str(config.init))
+        # The shared loading path: names, files and HF folders; 77-position CLIP models
+        # are stretched to 248 positions there.
+        init = read_checkpoint(config.init, arch=config.arch, longclip=True)
+        from_clip = init.stretched
+        self.model = model_from_checkpoint(init, reference_rounding=False)
         self.model.train().to(self.device)
         freeze = from_clip if config.freeze_positional is None else config.freeze_positional
         self.model.positional_embedding.requires_grad_(not freeze)
@@ -419,8 +424,10 @@ class Trainer:
         tmp.mkdir(parents=True)
         weights = {k: v.detach().float() if v.is_floating_point() else v
                    for k, v in self.model.state_dict().items()}
+        # The safetensors copy records the architecture (activation, head widths).
+        metadata = config_metadata(self.model.config)
         for name in MODEL_FILES:
-            save_state_dict(weights, tmp / name)
+            save_state_dict(weights, tmp / name, metadata=metadata)
         write_torch(self.state_dict(), tmp / STATE_FILE)
         if final.exists():
             shutil.rmtree(final)

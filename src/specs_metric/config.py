@@ -1,0 +1,548 @@
+"""Architectures and preprocessing as data.
+
+:class:`ModelConfig` describes a CLIP-family ViT model completely: sizes, head widths,
+activation, LayerNorm epsilon and the layout of the text positions. Most of it can be read
+from tensor shapes (:func:`config_from_state_dict`); the activation and the head width
+cannot. For an OpenAI-layout state dict those follow the OpenAI/LongCLIP convention
+(QuickGELU, 64-wide heads) unless an architecture says otherwise: a name from
+:data:`ARCHS` (``--arch ViT-H-14``) or a JSON file (ours, an open_clip model config or an HF
+``config.json``). Whatever an architecture states that the tensors can check is checked:
+a contradiction is an error, never a guess.
+
+:class:`PreprocessConfig` describes the image pipeline: resize of the shorter side, centre
+crop (with its offset rounding: the reference rounds, HF floors), interpolation, mean, std.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+POSITIONAL_LAYOUTS = ("split", "plain")
+OPENAI_HEAD_WIDTH = 64
+# Vision/text widths that no OpenAI or LongCLIP model has but open_clip's large towers do
+# (ViT-H/14, ViT-g/14, ViT-bigG/14). Their head width and activation are not the OpenAI
+# convention, so without an architecture such a file is refused rather than misread.
+OPEN_CLIP_ONLY_WIDTHS = {"vision_width": (1280, 1408, 1664), "text_width": (1024, 1280)}
+
+
+class ConfigError(ValueError):
+    """An architecture or preprocessing description that is invalid or contradicts weights."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes and numerics of a CLIP / LongCLIP ViT model.
+
+    ``positional`` is ``"split"`` for LongCLIP's two tables (rows < 20 from
+    ``positional_embedding``, the rest from ``positional_embedding_res``) and ``"plain"`` for
+    one table; by default split for more than 77 positions. MLP widths default to 4x.
+    """
+
+    embed_dim: int
+    image_resolution: int
+    vision_layers: int
+    vision_width: int
+    vision_patch_size: int
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_layers: int
+    vision_head_width: int = OPENAI_HEAD_WIDTH
+    text_head_width: int = OPENAI_HEAD_WIDTH
+    activation: str = "quick_gelu"
+    vision_mlp_width: int = 0  # 0: 4 x vision_width
+    text_mlp_width: int = 0  # 0: 4 x text_width
+    vision_layer_norm_eps: float = 1e-5
+    text_layer_norm_eps: float = 1e-5
+    positional: str = ""  # "": split above 77 positions, else plain
+
+    def __post_init__(self) -> None:
+        if not self.positional:
+            object.__setattr__(self, "positional", "split" if self.context_length > 77 else "plain")
+        if not self.vision_mlp_width:
+            object.__setattr__(self, "vision_mlp_width", 4 * self.vision_width)
+        if not self.text_mlp_width:
+            object.__setattr__(self, "text_mlp_width", 4 * self.text_width)
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation {self.activation!r} is not supported (one of {ACTIVATIONS})"
+            )
+        if self.positional not in POSITIONAL_LAYOUTS:
+            raise ConfigError(f"positional layout must be one of {POSITIONAL_LAYOUTS}")
+        for tower in ("vision", "text"):
+            width, head = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_head_width")
+            if head <= 0 or width % head:
+                raise ConfigError(
+                    f"{tower} width {width} is not a multiple of the head width {head}"
+                )
+
+    @property
+    def vision_heads(self) -> int:
+        return self.vision_width // self.vision_head_width
+
+    @property
+    def text_heads(self) -> int:
+        return self.text_width // self.text_head_width
+
+    @property
+    def is_long(self) -> bool:
+        """True for LongCLIP's split positional tables (``positional_embedding_res``)."""
+        return self.positional == "split"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Fields the tensors determine, and those only a description can give.
+SHAPE_FIELDS = (
+    "embed_dim",
+    "image_resolution",
+    "vision_layers",
+    "vision_width",
+    "vision_patch_size",
+    "context_length",
+    "vocab_size",
+    "text_width",
+    "text_layers",
+    "vision_mlp_width",
+    "text_mlp_width",
+    "positional",
+)
+DESCRIBED_FIELDS = (
+    "vision_head_width",
+    "text_head_width",
+    "activation",
+    "vision_layer_norm_eps",
+    "text_layer_norm_eps",
+)
+
+
+# --- architectures ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A named architecture: what it pins of a :class:`ModelConfig` (any subset of fields),
+    and, for models from a known family, its preprocessing."""
+
+    name: str
+    description: str
+    pins: Mapping[str, Any]
+    preprocess: PreprocessConfig | None = None
+
+
+def _vit(embed: int, res: int, vw: int, patch: int, tw: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "embed_dim": embed,
+        "image_resolution": res,
+        "vision_width": vw,
+        "vision_patch_size": patch,
+        "text_width": tw,
+        **extra,
+    }
+
+
+# open_clip model configs (src/open_clip/model_configs/*.json): "quick_gelu": true selects
+# QuickGELU, otherwise nn.GELU; vision heads are width / head_width (default 64), text heads
+# are given as a count (all 64 wide here).
+_OPEN_CLIP_FAMILIES = {
+    "ViT-B-32": _vit(512, 224, 768, 32, 512),
+    "ViT-B-16": _vit(512, 224, 768, 16, 512),
+    "ViT-L-14": _vit(768, 224, 1024, 14, 768),
+    "ViT-L-14-336": _vit(768, 336, 1024, 14, 768),
+    "ViT-H-14": _vit(1024, 224, 1280, 14, 1024, vision_head_width=80),
+    "ViT-g-14": _vit(1024, 224, 1408, 14, 1024, vision_head_width=88),
+    "ViT-bigG-14": _vit(1280, 224, 1664, 14, 1280, vision_head_width=104),
+}
+
+
+def _build_archs() -> dict[str, Arch]:
+    archs = {
+        "openai": Arch(
+            "openai",
+            "the OpenAI CLIP / LongCLIP convention: QuickGELU, 64-wide heads (the default "
+            "for OpenAI-layout files)",
+            {"activation": "quick_gelu", "vision_head_width": 64, "text_head_width": 64},
+        )
+    }
+    for name, shape in _OPEN_CLIP_FAMILIES.items():
+        head = shape.get("vision_head_width", 64)
+        for suffix, act in (("", "gelu"), ("-quickgelu", "quick_gelu")):
+            label = "GELU (LAION / DataComp weights)" if act == "gelu" else "QuickGELU"
+            archs[name + suffix] = Arch(
+                name + suffix,
+                f"open_clip {name}, {label}, {head}-wide vision heads",
+                {"text_head_width": 64, "vision_head_width": 64, **shape, "activation": act},
+                PreprocessConfig(resize=shape["image_resolution"]),
+            )
+    return archs
+
+
+# --- preprocessing ------------------------------------------------------------------------
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+CROP_ROUNDINGS = ("round", "floor")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Image preprocessing: resize the shorter side to ``resize``, centre crop ``crop``
+    (offsets rounded with ``crop_rounding``), RGB, /255, minus ``mean``, divided by ``std``.
+
+    The default is the reference pipeline (bicubic, ``round``, CLIP's mean/std).
+    """
+
+    resize: int
+    crop: int = 0  # 0: same as resize
+    interpolation: str = "bicubic"
+    crop_rounding: str = "round"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self) -> None:
+        if not self.crop:
+            object.__setattr__(self, "crop", self.resize)
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"interpolation must be one of {INTERPOLATIONS}")
+        if self.crop_rounding not in CROP_ROUNDINGS:
+            raise ConfigError(f"crop_rounding must be one of {CROP_ROUNDINGS}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ConfigError("mean and std need three values (std > 0)")
+        if self.crop > self.resize or self.resize <= 0:
+            raise ConfigError(f"crop {self.crop} must be positive and at most resize")
+
+    @classmethod
+    def reference(cls, resolution: int) -> PreprocessConfig:
+        return cls(resize=resolution)
+
+    def is_reference(self) -> bool:
+        return self == PreprocessConfig.reference(self.crop)
+
+    def fingerprint(self) -> str:
+        """Part of image-cache keys: the bare resolution for the reference pipeline (so
+        existing caches stay valid), else every field."""
+        if self.is_reference():
+            return str(self.crop)
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["mean"], out["std"] = list(self.mean), list(self.std)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessConfig:
+        try:
+            return cls(**{k: tuple(v) if k in ("mean", "std") else v for k, v in data.items()})
+        except TypeError as exc:
+            raise ConfigError(f"invalid preprocessing description: {exc}") from exc
+
+
+ARCHS: dict[str, Arch] = _build_archs()
+
+
+# --- inference from tensors -----------------------------------------------------------------
+
+
+def _count_layers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    return sum(1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
+
+
+def shapes_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The :data:`SHAPE_FIELDS` of an OpenAI-layout state dict.
+
+    Raises:
+        ValueError: ResNet image towers, missing keys, a non-square patch grid.
+    """
+    if any(k.startswith(("visual.layer1.", "visual.attnpool.")) for k in state_dict):
+        raise ValueError(
+            "this is a ResNet-tower CLIP checkpoint (keys 'visual.layer1.*', "
+            "'visual.attnpool.*'); only ViT image towers are supported"
+        )
+    required = [
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "visual.proj",
+        "text_projection",
+        "token_embedding.weight",
+        "positional_embedding",
+        "ln_final.weight",
+    ]
+    missing = [k for k in required if k not in state_dict]
+    if missing:
+        raise ValueError(f"not a CLIP/LongCLIP ViT state dict: missing keys {missing}")
+    conv = state_dict["visual.conv1.weight"]
+    patch = conv.shape[-1]
+    rows = state_dict["visual.positional_embedding"].shape[0]
+    grid = round(math.sqrt(rows - 1))
+    if grid * grid + 1 != rows:
+        raise ValueError("visual.positional_embedding does not hold a square grid plus a class row")
+
+    def mlp(prefix: str, width: int) -> int:
+        key = f"{prefix}resblocks.0.mlp.c_fc.weight"
+        return state_dict[key].shape[0] if key in state_dict else 4 * width
+
+    vision_width, text_width = conv.shape[0], state_dict["ln_final.weight"].shape[0]
+    return {
+        "embed_dim": state_dict["text_projection"].shape[1],
+        "image_resolution": patch * grid,
+        "vision_layers": _count_layers(state_dict, "visual.transformer.resblocks."),
+        "vision_width": vision_width,
+        "vision_patch_size": patch,
+        "context_length": state_dict["positional_embedding"].shape[0],
+        "vocab_size": state_dict["token_embedding.weight"].shape[0],
+        "text_width": text_width,
+        "text_layers": _count_layers(state_dict, "transformer.resblocks."),
+        "vision_mlp_width": mlp("visual.transformer.", vision_width),
+        "text_mlp_width": mlp("transformer.", text_width),
+        "positional": "split" if "positional_embedding_res" in state_dict else "plain",
+    }
+
+
+def config_from_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    pins: Mapping[str, Any] | None = None,
+    *,
+    source: str = "the checkpoint",
+    pinned_by: str = "the architecture",
+) -> ModelConfig:
+    """The architecture of an OpenAI-layout state dict.
+
+    Shapes come from the tensors; activation, head widths and LayerNorm epsilon from
+    ``pins`` (default: the OpenAI/LongCLIP convention). Every pinned value the tensors can
+    check must agree with them.
+
+    Raises:
+        ValueError: unsupported layout or missing keys.
+        ConfigError: ``pins`` contradict the tensors, or a shape that only open_clip's large
+            towers have with no architecture given.
+    """
+    shapes = shapes_from_state_dict(state_dict)
+    pins = dict(pins or {})
+    wrong = [
+        f"{k}: {pinned_by} says {pins[k]}, the weights have {shapes[k]}"
+        for k in SHAPE_FIELDS
+        if k in pins and pins[k] != shapes[k]
+    ]
+    if wrong:
+        raise ConfigError(f"{source}: the weights contradict {pinned_by}: " + "; ".join(wrong))
+    if not pins:
+        for key, widths in OPEN_CLIP_ONLY_WIDTHS.items():
+            if shapes[key] in widths:
+                raise ConfigError(
+                    f"{source}: {key.replace('_', ' ')} {shapes[key]} is an open_clip "
+                    "architecture (ViT-H/g/bigG) whose head width and activation the file "
+                    "does not record; pass --arch (e.g. ViT-H-14, see `specs models --archs`)"
+                )
+    described = {k: pins[k] for k in DESCRIBED_FIELDS if k in pins}
+    unknown = sorted(set(pins) - set(SHAPE_FIELDS) - set(DESCRIBED_FIELDS))
+    if unknown:
+        raise ConfigError(f"{pinned_by}: unknown fields {unknown}")
+    try:
+        config = ModelConfig(**shapes, **described)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc} ({pinned_by})") from exc
+    _check_consistency(config, state_dict)
+    return config
+
+
+def _check_consistency(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse sizes the model cannot run with, naming the tensor they come from.
+
+    Shapes that merely disagree with the inferred config are caught when the weights are
+    loaded; these are the ones that would load and then fail (or index out of range) later.
+    """
+    from specs_metric.tokenizer import VOCAB_SIZE
+
+    if config.vocab_size != VOCAB_SIZE:
+        raise ValueError(
+            f"token_embedding.weight has {config.vocab_size} rows, but the CLIP BPE "
+            f"tokenizer has {VOCAB_SIZE} ids: this checkpoint uses another vocabulary"
+        )
+    sizes = {
+        "text_projection (embedding size)": config.embed_dim,
+        "visual.conv1.weight (vision width)": config.vision_width,
+        "visual.conv1.weight (patch size)": config.vision_patch_size,
+        "visual.positional_embedding (patch grid)": config.image_resolution,
+        "ln_final.weight (text width)": config.text_width,
+        "visual.transformer.resblocks (layers)": config.vision_layers,
+        "transformer.resblocks (layers)": config.text_layers,
+    }
+    for what, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{what} is {size}; it must be at least 1")
+    conv = state_dict["visual.conv1.weight"]
+    if conv.dim() != 4 or conv.shape[2] != conv.shape[3]:
+        raise ValueError(
+            f"visual.conv1.weight has shape {tuple(conv.shape)}; expected (width, 3, p, p)"
+        )
+    positions = state_dict["positional_embedding"]
+    if positions.dim() != 2 or positions.shape[1] != config.text_width:
+        raise ValueError(
+            f"positional_embedding has shape {tuple(positions.shape)}; expected "
+            f"(context, {config.text_width})"
+        )
+    if config.context_length < 2:
+        raise ValueError(
+            f"positional_embedding has {config.context_length} rows; a caption needs at "
+            "least 2 (start and end tokens)"
+        )
+    res = state_dict.get("positional_embedding_res")
+    if res is not None and tuple(res.shape) != tuple(positions.shape):
+        raise ValueError(
+            f"positional_embedding_res has shape {tuple(res.shape)} but positional_embedding "
+            f"has {tuple(positions.shape)}; the two tables must match"
+        )
+    for key, value in state_dict.items():
+        if not (value.is_floating_point() and not value.is_complex()):
+            raise ValueError(f"{key} holds {value.dtype} values; model weights must be floats")
+
+
+def check_against(config: ModelConfig, pins: Mapping[str, Any], *, source: str, by: str) -> None:
+    """Raise :class:`ConfigError` if ``pins`` disagree with a complete ``config``."""
+    wrong = [
+        f"{k}: {by} says {v}, {source} has {getattr(config, k)}"
+        for k, v in pins.items()
+        if getattr(config, k) != v
+    ]
+    if wrong:
+        raise ConfigError(f"{source} contradicts {by}: " + "; ".join(wrong))
+
+
+# --- reading architectures --------------------------------------------------------------------
+
+
+def _pins_from_open_clip(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Pins of an open_clip model config (``embed_dim``, ``vision_cfg``, ``text_cfg``)."""
+    vision, text = data.get("vision_cfg", {}), data.get("text_cfg", {})
+    if not isinstance(vision.get("layers", 0), int):
+        raise ConfigError("open_clip config: only ViT image towers are supported")
+    if vision.get("timm_model_name") or text.get("hf_model_name"):
+        raise ConfigError("open_clip config: timm / HF towers are not supported")
+    pins: dict[str, Any] = {
+        "activation": "quick_gelu" if data.get("quick_gelu") else "gelu",
+        "vision_head_width": vision.get("head_width", 64),
+    }
+    if "embed_dim" in data:
+        pins["embed_dim"] = data["embed_dim"]
+    for ours, theirs in (
+        ("image_resolution", "image_size"),
+        ("vision_width", "width"),
+        ("vision_layers", "layers"),
+        ("vision_patch_size", "patch_size"),
+    ):
+        if theirs in vision:
+            pins[ours] = vision[theirs]
+    if "mlp_ratio" in vision and "width" in vision:
+        pins["vision_mlp_width"] = int(vision["width"] * vision["mlp_ratio"])
+    for ours, theirs in (
+        ("context_length", "context_length"),
+        ("vocab_size", "vocab_size"),
+        ("text_width", "width"),
+        ("text_layers", "layers"),
+    ):
+        if theirs in text:
+            pins[ours] = text[theirs]
+    if "width" in text:
+        heads = text.get("heads", 8)
+        if text["width"] % heads:
+            raise ConfigError(f"open_clip config: text width {text['width']} / {heads} heads")
+        pins["text_head_width"] = text["width"] // heads
+    return pins
+
+
+def read_arch(name_or_path: str | Path) -> Arch:
+    """An architecture from a name in :data:`ARCHS` or a JSON file.
+
+    The file may be a flat dict of :class:`ModelConfig` fields, an open_clip model config
+    (or an ``open_clip_config.json`` holding one under ``model_cfg``), or an HF
+    ``config.json``.
+    """
+    key = str(name_or_path)
+    if key in ARCHS:
+        return ARCHS[key]
+    path = Path(key).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"--arch {key!r} is neither an architecture name ({', '.join(ARCHS)}) nor a JSON file"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable JSON architecture ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an architecture file holds a JSON object")
+    return arch_from_json(data, str(path))
+
+
+def arch_from_json(data: Mapping[str, Any], name: str) -> Arch:
+    """See :func:`read_arch`."""
+    preprocess = None
+    if "model_cfg" in data:  # open_clip_config.json
+        pre = data.get("preprocess_cfg") or {}
+        data = data["model_cfg"]
+        resolution = data.get("vision_cfg", {}).get("image_size", 224)
+        preprocess = open_clip_preprocess(pre, resolution)
+    if "vision_cfg" in data or "text_cfg" in data:
+        return Arch(name, "open_clip model config", _pins_from_open_clip(data), preprocess)
+    if "vision_config" in data or "text_config" in data:
+        from specs_metric.hf import config_from_hf
+
+        return Arch(name, "HF CLIP config.json", config_from_hf(data).to_dict())
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{name}: unknown model-config fields {unknown}")
+    return Arch(name, "model config", dict(data))
+
+
+def open_clip_preprocess(pre: Mapping[str, Any], resolution: int) -> PreprocessConfig:
+    """open_clip's ``preprocess_cfg``: resize shorter side + centre crop ("shortest"), with
+    its mean/std and interpolation. Other resize modes are refused."""
+    mode = pre.get("resize_mode", "shortest")
+    if mode != "shortest":
+        raise ConfigError(f"open_clip resize_mode {mode!r} is not supported (only 'shortest')")
+    size = pre.get("size", resolution)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return PreprocessConfig(
+        resize=int(size),
+        interpolation=pre.get("interpolation", "bicubic"),
+        mean=tuple(pre.get("mean", CLIP_MEAN)),
+        std=tuple(pre.get("std", CLIP_STD)),
+    )
+
+
+# Metadata keys of safetensors files written by this package.
+CONFIG_METADATA_KEY = "specs_model_config"
+PREPROCESS_METADATA_KEY = "specs_preprocess"
+
+
+def config_metadata(
+    config: ModelConfig, preprocess: PreprocessConfig | None = None
+) -> dict[str, str]:
+    """safetensors metadata recording a model's config (and preprocessing)."""
+    out = {CONFIG_METADATA_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+    if preprocess is not None:
+        out[PREPROCESS_METADATA_KEY] = json.dumps(preprocess.to_dict(), sort_keys=True)
+    return out
+
+
+def check_preprocess_size(pre: PreprocessConfig, config: ModelConfig) -> PreprocessConfig:
+    """Check a preprocessing crop against the model's input size."""
+    if pre.crop != config.image_resolution:
+        raise ConfigError(
+            f"preprocessing crops {pre.crop} px but the model takes {config.image_resolution}"
+        )
+    return pre
