@@ -320,6 +320,8 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
         str(world),
         "--workers",
         "0",
+        "--chunk-rows",
+        "16",  # ranks get whole chunks: 4 and 3 of them
         "--no-progress",
         "--device",
         "cpu",
