@@ -451,3 +451,20 @@ def test_duplicate_ids_are_counted_and_warned(world, tmp_path, capsys):
     ]
     summary = _strict_json(out.with_name("out.jsonl.summary.json").read_text())
     assert summary["n_duplicate_ids"] == 3 and summary["n_rows"] == 7
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_lone_surrogates_in_input_rows_do_not_stop_the_output(world, tmp_path, suffix):
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"id": "s\\ud800", "image": "im0.png", "caption": "x\\ud800y"}\n'
+        '{"id": 2, "image": "im1.png", "caption": "fine"}\n'
+    )
+    out = tmp_path / f"out{suffix}"
+    assert main(_args(world, src, out, "--workers", "0")) == 0
+    out.read_bytes().decode("utf-8")  # valid UTF-8 throughout
+    rows = list(read_output(out))
+    assert len(rows) == 2 and math.isfinite(rows[1]["score"])
+    if suffix == ".jsonl":
+        for line in out.read_text().splitlines():
+            _strict_json(line)

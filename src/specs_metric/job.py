@@ -281,7 +281,12 @@ def _finite_or_none(value: object) -> object:
 
 def _json_line(rec: dict) -> str:
     out = {k: _finite_or_none(rec.get(k)) for k in OUTPUT_FIELDS}
-    return json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
+    line = json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (legal in JSON input): write it escaped
+        line = json.dumps(out, ensure_ascii=True, allow_nan=False) + "\n"
+    return line
 
 
 def _warn(message: str) -> None:
@@ -363,7 +368,9 @@ def _write_final(config: JobConfig, world_size: int, total: int) -> None:
     as_csv = config.output.suffix.lower() == ".csv"
     rows = 0
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as out:
+        # CSV has no escapes: a lone surrogate from the input is written as \ud800
+        errors = "backslashreplace" if as_csv else "strict"
+        with open(tmp, "w", encoding="utf-8", errors=errors, newline="") as out:
             writer = csv.DictWriter(out, fieldnames=OUTPUT_FIELDS) if as_csv else None
             if writer:
                 writer.writeheader()
