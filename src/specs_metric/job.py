@@ -313,7 +313,7 @@ def _resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
     """
     if not path.exists():
         return 0
-    count, chunk_end, ends = 0, 0, {0: 0}
+    count, keep_rows, keep_bytes = 0, 0, 0
     with open(path, "rb") as fh:
         offset = 0
         for line in fh:
@@ -326,10 +326,10 @@ def _resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
                 break
             count += 1
             if count % chunk_rows == 0 or count == shard_rows:
-                chunk_end, ends = count, {count: offset}
+                keep_rows, keep_bytes = count, offset
     with open(path, "r+b") as fh:
-        fh.truncate(ends[chunk_end])
-    return chunk_end
+        fh.truncate(keep_bytes)
+    return keep_rows
 
 
 def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
