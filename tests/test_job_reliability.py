@@ -242,7 +242,7 @@ def test_worker_dies_with_the_killed_job(world, tmp_path):
 
 def test_second_job_on_the_same_output_is_refused(world, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
-    _corpus(src, 300, seed=3)
+    _corpus(src, 160, seed=3)
     out = tmp_path / "out.jsonl"
     proc = subprocess.Popen(
         [sys.executable, "-m", "specs_metric", *_args(world, src, out, "--workers", "0")],
@@ -262,7 +262,7 @@ def test_second_job_on_the_same_output_is_refused(world, tmp_path, capsys):
         proc.send_signal(signal.SIGCONT)
     _, first_err = proc.communicate(timeout=300)
     assert proc.returncode == 0, first_err.decode()[-2000:]
-    assert len(list(read_output(out))) == 300
+    assert len(list(read_output(out))) == 160
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.jsonl")) == [
         "out.jsonl", "out.jsonl.job.json", "out.jsonl.summary.json",
     ]  # fmt: skip
