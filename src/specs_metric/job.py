@@ -186,7 +186,6 @@ class _ChunkStream(IterableDataset):
         chunk.pixels[content_hash] = preprocess(image, self.resolution)
         return content_hash, None
 
-
     def _known(self, content_hash: str, chunk: _Chunk) -> bool:
         """Whether this chunk already has the image's pixels or a sound cached embedding."""
         if content_hash in chunk.pixels or content_hash in chunk.cached:
