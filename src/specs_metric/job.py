@@ -200,7 +200,6 @@ class _ChunkStream(IterableDataset):
         chunk.pixels[content_hash] = preprocess(image, self.resolution)
         return content_hash, None
 
-
     def _known(self, content_hash: str, chunk: _Chunk) -> bool:
         """Whether this chunk already has the image's pixels or a sound cached embedding."""
         if content_hash in chunk.pixels or content_hash in chunk.cached:
@@ -295,7 +294,12 @@ def _finite_or_none(value: object) -> object:
 
 def _json_line(rec: dict) -> str:
     out = {k: _finite_or_none(rec.get(k)) for k in OUTPUT_FIELDS}
-    return json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
+    line = json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (legal in JSON input): write it escaped
+        line = json.dumps(out, ensure_ascii=True, allow_nan=False) + "\n"
+    return line
 
 
 def _warn(message: str) -> None:
@@ -322,7 +326,7 @@ def _resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
     """
     if not path.exists():
         return 0
-    count, chunk_end, ends = 0, 0, {0: 0}
+    count, keep_rows, keep_bytes = 0, 0, 0
     with open(path, "rb") as fh:
         offset = 0
         for line in fh:
@@ -335,10 +339,10 @@ def _resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
                 break
             count += 1
             if count % chunk_rows == 0 or count == shard_rows:
-                chunk_end, ends = count, {count: offset}
+                keep_rows, keep_bytes = count, offset
     with open(path, "r+b") as fh:
-        fh.truncate(ends[chunk_end])
-    return chunk_end
+        fh.truncate(keep_bytes)
+    return keep_rows
 
 
 def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:

@@ -44,7 +44,15 @@ def _integer_ids(parts: Sequence[Path]) -> bool:
 
 
 def _text(value: object) -> str | None:
-    return value if value is None or isinstance(value, str) else json.dumps(value)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return json.dumps(value)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from the input: written as \ud800
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    return value
 
 
 def parquet_schema(fields: Sequence[str], integer_ids: bool) -> pa.Schema:
@@ -57,7 +65,7 @@ def _write_parquet(parts: Sequence[Path], target: Path, fields: Sequence[str]) -
     schema = parquet_schema(fields, integer_ids)
     convert = {name: _text for name in ("image", "caption", "error")}
     if not integer_ids:
-        convert["id"] = lambda v: v if v is None or isinstance(v, str) else json.dumps(v)
+        convert["id"] = _text
     with pq.ParquetWriter(target, schema) as writer:
         batch: list[dict] = []
 
@@ -83,7 +91,9 @@ def write_output(parts: Sequence[Path], target: Path, suffix: str, fields: Seque
     if suffix == ".parquet":
         _write_parquet(parts, target, fields)
         return
-    with open(target, "w", encoding="utf-8", newline="") as out:
+    # CSV has no escapes: a lone surrogate from the input is written as \ud800
+    errors = "backslashreplace" if suffix == ".csv" else "strict"
+    with open(target, "w", encoding="utf-8", errors=errors, newline="") as out:
         writer = csv.DictWriter(out, fieldnames=fields) if suffix == ".csv" else None
         if writer:
             writer.writeheader()
