@@ -158,6 +158,7 @@ def _jsonl_corpus(world: Path) -> list[tuple[str, bytes, object]]:
         ("over-long caption", _line({**g, "caption": "word " * 300}), "302 tokens"),
         ("dict id", _line({**g, "id": {"a": 1}}), r"id must be a string or a number \(got dict"),
         ("bool id", _line({**g, "id": True}), r"got bool"),
+        ("list id", _line({**g, "id": [1]}), r"got list"),
         ("null id", _line({**g, "id": None}), "empty id"),
         ("empty id", _line({**g, "id": " "}), "empty id"),
         ("NaN id", b'{"id": NaN, "image": "g0.png", "caption": "c"}\n', "not a finite number"),
@@ -240,8 +241,9 @@ def test_jsonl_corpus_of_bad_rows(world, tmp_path):
     # ids: as given; none given -> the row number; unusable -> null
     assert result[0]["id"] == "first"
     by_kind = {kind: rec for (kind, _, _), rec in zip(corpus, result, strict=True)}
-    for kind in ("dict id", "bool id", "null id", "empty id", "NaN id", "lone surrogate id"):
+    for kind in ("dict id", "list id", "bool id", "null id", "empty id", "NaN id"):
         assert by_kind[kind]["id"] is None
+    assert by_kind["lone surrogate id"]["id"] is None
     assert by_kind["malformed JSON"]["id"] == [k for k, _, _ in corpus].index("malformed JSON")
     # what cannot be written as UTF-8 is shown escaped
     assert by_kind["lone surrogate caption"]["caption"] == "a \\ud800 b"
