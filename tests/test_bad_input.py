@@ -315,6 +315,22 @@ def test_output_equal_to_input_is_refused(world, tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "link.jsonl"]
 
 
+def test_image_root_that_is_not_utf8(world, tmp_path):
+    # a folder named with a Latin-1 byte (as sys.argv holds it): messages stay writable
+    root = tmp_path / "caf\udce9"
+    root.mkdir()
+    (root / "g0.png").write_bytes((world / "g0.png").read_bytes())
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_line(_good("g0.png", "found")) + _line(_good("nope.png", "missing")))
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(world / "tiny.pt"), "--input", str(src),
+                 "--image-root", str(root), "--output", str(out), "--workers", "0",
+                 "--no-progress"]) == 0
+    found, missing = read_output(out)
+    assert found["error"] is None and found["score"] is not None
+    assert "caf\\udce9/nope.png: image file not found" in missing["error"]
+
+
 # --- the image reader and decoder on their own (the Python API uses them too) -------------
 
 
@@ -376,6 +392,23 @@ def test_extreme_images_are_refused_before_decoding(world, monkeypatch):
         transform.preprocess(Image.new("L", (1, 200_000)), 224)
     # the limit leaves room for ordinary thin images: 1 x 500 is preprocessed
     assert transform.preprocess(Image.new("L", (1, 500)), 224).shape == (3, 224, 224)
+
+
+def test_any_decoder_or_conversion_failure_is_an_image_error(world, monkeypatch):
+    import struct as struct_module
+
+    from PIL import ImageFile
+
+    def crash(self):  # what a decoder bug on crafted data may raise
+        raise struct_module.error("unpack requires a buffer of 4 bytes")
+
+    data = (world / "g0.png").read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFile.ImageFile, "load", crash)
+        with pytest.raises(ImageError, match="g0.png: cannot decode image"):
+            open_image(data, name="g0.png")
+    with pytest.raises(ImageError, match="cannot preprocess"):
+        transform.preprocess(Image.new("La", (7, 5)), 16)  # no conversion to RGB
 
 
 _CHILD = """

@@ -55,7 +55,7 @@ class Row:
     index: int  # 0-based position in the input
     line: int  # 1-based line number in the input file (for messages)
     id: object
-    image: str | None  # as given in the input
+    image: object  # as given in the input (a string, unless the row is an error)
     caption: object
     path: Path | None = None  # resolved image file
     error: str | None = None
@@ -153,12 +153,12 @@ def _make_row(
     image, caption = fields.get("image"), fields.get("caption")
     error = error or id_error or _field_problem(image, caption)
     if error is None and path is None:
-        path = _resolve(image, root)  # type: ignore[arg-type]  # checked: a string
+        path = _resolve(str(image), root)  # a string: checked above
     return Row(
         index,
         line,
         row_id,
-        _printable(image),  # type: ignore[arg-type]
+        _printable(image),
         _printable(caption),
         None if error else path,
         f"line {line}: {error}" if error else None,
