@@ -251,6 +251,10 @@ def test_jsonl_corpus_of_bad_rows(world, tmp_path):
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     n_bad = sum(not isinstance(e, dict) for _, _, e in corpus)
     assert summary["n_rows"] == len(corpus) and summary["n_errors"] == n_bad
+    # the same rows written as CSV
+    out_csv = tmp_path / "out.csv"
+    assert _run(world, src, out_csv, "--long-captions", "error") == 0
+    assert [r["error"] for r in read_output(out_csv)] == [r["error"] for r in result]
 
 
 CSV_CORPUS = [
