@@ -278,6 +278,8 @@ CSV_CORPUS = [
     ("quote then text", 'c13,g1.png,"closed"early\n', "malformed CSV row"),
     ("bad image", "c14,folder.png,a folder\n", "is a directory"),
     ("CRLF", "c15,g3.png,windows line\r\n", _good("g3.png", "windows line", id="c15")),
+    ("line too long", "c18,g0.png," + "w" * MAX_LINE_CHARS + "\n", "longer than"),
+    ("good", "c19,g1.png,after the long line\n", _good("g1.png", "after the long line")),
     ("never closed", 'c16,g0.png,"never closed\n', "never closed"),
     ("swallowed", "c17,g3.png,last\n", _good("g3.png", "last", id="c17")),
 ]
@@ -297,6 +299,17 @@ def test_csv_corpus_of_bad_rows(world, tmp_path):
     result = list(read_output(out))
     _check(world, result, expected)
     assert result[3]["id"] is None  # an empty id is never replaced by a row number
+
+
+def test_csv_quote_running_into_a_line_too_long(tmp_path):
+    src = tmp_path / "in.csv"
+    long = "c3,g0.png," + "w" * MAX_LINE_CHARS + "\n"
+    src.write_text('id,image,caption\nc1,g0.png,"open\nc2,g0.png,x\n' + long + "c4,g0.png,y\n")
+    rows = [(r.line, r.id, r.error) for r in read_rows(src, tmp_path)]
+    assert [line for line, _, _ in rows] == [2, 3, 4, 5]
+    assert [i for _, i, _ in rows] == ["c1", "c2", None, "c4"]
+    assert "runs over line 4" in rows[0][2] and rows[1][2] is None and rows[3][2] is None
+    assert rows[2][2] == f"line 4: line longer than {MAX_LINE_CHARS} characters"
 
 
 def test_csv_without_id_column_numbers_rows(world, tmp_path):
