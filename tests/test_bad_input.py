@@ -158,6 +158,7 @@ def _jsonl_corpus(world: Path) -> list[tuple[str, bytes, object]]:
         ("over-long caption", _line({**g, "caption": "word " * 300}), "302 tokens"),
         ("dict id", _line({**g, "id": {"a": 1}}), r"id must be a string or a number \(got dict"),
         ("bool id", _line({**g, "id": True}), r"got bool"),
+        ("list id", _line({**g, "id": [1]}), r"got list"),
         ("null id", _line({**g, "id": None}), "empty id"),
         ("empty id", _line({**g, "id": " "}), "empty id"),
         ("NaN id", b'{"id": NaN, "image": "g0.png", "caption": "c"}\n', "not a finite number"),
@@ -240,8 +241,9 @@ def test_jsonl_corpus_of_bad_rows(world, tmp_path):
     # ids: as given; none given -> the row number; unusable -> null
     assert result[0]["id"] == "first"
     by_kind = {kind: rec for (kind, _, _), rec in zip(corpus, result, strict=True)}
-    for kind in ("dict id", "bool id", "null id", "empty id", "NaN id", "lone surrogate id"):
+    for kind in ("dict id", "list id", "bool id", "null id", "empty id", "NaN id"):
         assert by_kind[kind]["id"] is None
+    assert by_kind["lone surrogate id"]["id"] is None
     assert by_kind["malformed JSON"]["id"] == [k for k, _, _ in corpus].index("malformed JSON")
     # what cannot be written as UTF-8 is shown escaped
     assert by_kind["lone surrogate caption"]["caption"] == "a \\ud800 b"
@@ -249,6 +251,10 @@ def test_jsonl_corpus_of_bad_rows(world, tmp_path):
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     n_bad = sum(not isinstance(e, dict) for _, _, e in corpus)
     assert summary["n_rows"] == len(corpus) and summary["n_errors"] == n_bad
+    # the same rows written as CSV
+    out_csv = tmp_path / "out.csv"
+    assert _run(world, src, out_csv, "--long-captions", "error") == 0
+    assert [r["error"] for r in read_output(out_csv)] == [r["error"] for r in result]
 
 
 CSV_CORPUS = [
@@ -272,6 +278,8 @@ CSV_CORPUS = [
     ("quote then text", 'c13,g1.png,"closed"early\n', "malformed CSV row"),
     ("bad image", "c14,folder.png,a folder\n", "is a directory"),
     ("CRLF", "c15,g3.png,windows line\r\n", _good("g3.png", "windows line", id="c15")),
+    ("line too long", "c18,g0.png," + "w" * MAX_LINE_CHARS + "\n", "longer than"),
+    ("good", "c19,g1.png,after the long line\n", _good("g1.png", "after the long line")),
     ("never closed", 'c16,g0.png,"never closed\n', "never closed"),
     ("swallowed", "c17,g3.png,last\n", _good("g3.png", "last", id="c17")),
 ]
@@ -293,6 +301,17 @@ def test_csv_corpus_of_bad_rows(world, tmp_path):
     assert result[3]["id"] is None  # an empty id is never replaced by a row number
 
 
+def test_csv_quote_running_into_a_line_too_long(tmp_path):
+    src = tmp_path / "in.csv"
+    long = "c3,g0.png," + "w" * MAX_LINE_CHARS + "\n"
+    src.write_text('id,image,caption\nc1,g0.png,"open\nc2,g0.png,x\n' + long + "c4,g0.png,y\n")
+    rows = [(r.line, r.id, r.error) for r in read_rows(src, tmp_path)]
+    assert [line for line, _, _ in rows] == [2, 3, 4, 5]
+    assert [i for _, i, _ in rows] == ["c1", "c2", None, "c4"]
+    assert "runs over line 4" in rows[0][2] and rows[1][2] is None and rows[3][2] is None
+    assert rows[2][2] == f"line 4: line longer than {MAX_LINE_CHARS} characters"
+
+
 def test_csv_without_id_column_numbers_rows(world, tmp_path):
     src = tmp_path / "in.csv"
     src.write_text("image,caption\ng0.png,first\ng1.png,second\n")
@@ -311,6 +330,22 @@ def test_output_equal_to_input_is_refused(world, tmp_path, capsys, monkeypatch):
         assert "is the input file" in err and err.count("\n") == 1, err
         assert src.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "link.jsonl"]
+
+
+def test_image_root_that_is_not_utf8(world, tmp_path):
+    # a folder named with a Latin-1 byte (as sys.argv holds it): messages stay writable
+    root = tmp_path / "caf\udce9"
+    root.mkdir()
+    (root / "g0.png").write_bytes((world / "g0.png").read_bytes())
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(_line(_good("g0.png", "found")) + _line(_good("nope.png", "missing")))
+    out = tmp_path / "out.jsonl"
+    assert main(["score", "--model", str(world / "tiny.pt"), "--input", str(src),
+                 "--image-root", str(root), "--output", str(out), "--workers", "0",
+                 "--no-progress"]) == 0
+    found, missing = read_output(out)
+    assert found["error"] is None and found["score"] is not None
+    assert "caf\\udce9/nope.png: image file not found" in missing["error"]
 
 
 # --- the image reader and decoder on their own (the Python API uses them too) -------------
@@ -374,6 +409,23 @@ def test_extreme_images_are_refused_before_decoding(world, monkeypatch):
         transform.preprocess(Image.new("L", (1, 200_000)), 224)
     # the limit leaves room for ordinary thin images: 1 x 500 is preprocessed
     assert transform.preprocess(Image.new("L", (1, 500)), 224).shape == (3, 224, 224)
+
+
+def test_any_decoder_or_conversion_failure_is_an_image_error(world, monkeypatch):
+    import struct as struct_module
+
+    from PIL import ImageFile
+
+    def crash(self):  # what a decoder bug on crafted data may raise
+        raise struct_module.error("unpack requires a buffer of 4 bytes")
+
+    data = (world / "g0.png").read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(ImageFile.ImageFile, "load", crash)
+        with pytest.raises(ImageError, match="g0.png: cannot decode image"):
+            open_image(data, name="g0.png")
+    with pytest.raises(ImageError, match="cannot preprocess"):
+        transform.preprocess(Image.new("La", (7, 5)), 16)  # no conversion to RGB
 
 
 _CHILD = """

@@ -195,9 +195,9 @@ class _ChunkStream(IterableDataset):
             return content_hash, None
         try:
             image = open_image(data, name=str(path), resolution=self.resolution)
+            chunk.pixels[content_hash] = preprocess(image, self.resolution)
         except ImageError as exc:
             return None, str(exc)
-        chunk.pixels[content_hash] = preprocess(image, self.resolution)
         return content_hash, None
 
     def _known(self, content_hash: str, chunk: _Chunk) -> bool:

@@ -62,7 +62,7 @@ class Row:
     index: int  # 0-based position in the input
     line: int  # 1-based line number in the input file (for messages)
     id: object
-    image: str | None  # as given in the input
+    image: object  # as given in the input (a string, unless the row is an error)
     caption: object
     path: Path | None = None  # resolved image file
     error: str | None = None
@@ -168,12 +168,12 @@ def _make_row(
     image, caption = fields.get("image"), fields.get("caption")
     error = error or id_error or _field_problem(image, caption)
     if error is None and path is None:
-        path = resolve_image(image, root)  # type: ignore[arg-type]  # checked: a string
+        path = resolve_image(str(image), root)  # a string: checked above
     return Row(
         index,
         line,
         row_id,
-        _printable(image),  # type: ignore[arg-type]
+        _printable(image),
         _printable(caption),
         None if error else path,
         f"line {line}: {error}" if error else None,
@@ -205,14 +205,8 @@ def _jsonl_rows(path: Path, root: Path) -> Iterator[Row]:
             if len(text) > MAX_LINE_CHARS and not text.endswith("\n"):
                 while text and not text.endswith("\n"):  # skip the rest, unread
                     text = fh.readline(1 << 16)
-                yield _make_row(
-                    index,
-                    line_no,
-                    {},
-                    root,
-                    f"line longer than {MAX_LINE_CHARS} characters",
-                    index,
-                )
+                error = f"line longer than {MAX_LINE_CHARS} characters"
+                yield _make_row(index, line_no, {}, root, error, index)
                 index += 1
                 continue
             if not text.strip():
@@ -223,10 +217,8 @@ def _jsonl_rows(path: Path, root: Path) -> Iterator[Row]:
             except (ValueError, RecursionError) as exc:
                 obj, error = {}, error or f"malformed JSON line ({exc})"
             if not isinstance(obj, dict):
-                obj, error = (
-                    {},
-                    error or (f"malformed JSON line (not a JSON object: got {_type_name(obj)})"),
-                )
+                got = _type_name(obj)
+                obj, error = {}, error or f"malformed JSON line (not a JSON object: got {got})"
             yield _make_row(index, line_no, obj, root, error, index)
             index += 1
 
@@ -235,14 +227,16 @@ class _CsvLines:
     """The physical lines fed to ``csv.reader``, numbered.
 
     Remembers the lines of the record being read, so that a malformed record (a quote that
-    swallowed the rows after it) can be read again from its second line.
+    swallowed the rows after it) can be read again from its second line. A line longer than
+    :data:`MAX_LINE_CHARS` is skipped unread and raises :class:`_LineTooLong` (again when
+    read again).
     """
 
     def __init__(self, fh) -> None:
         self.fh = fh
         self.number = 0
-        self.pending: deque[tuple[int, str]] = deque()
-        self.record: list[tuple[int, str]] = []
+        self.pending: deque[tuple[int, str | None]] = deque()
+        self.record: list[tuple[int, str | None]] = []  # text None: a line too long
 
     def __iter__(self) -> _CsvLines:
         return self
@@ -251,16 +245,18 @@ class _CsvLines:
         if self.pending:
             item = self.pending.popleft()
         else:
-            text = self.fh.readline(MAX_LINE_CHARS + 1)
+            text: str | None = self.fh.readline(MAX_LINE_CHARS + 1)
             if not text:
                 raise StopIteration
             self.number += 1
             if len(text) > MAX_LINE_CHARS and not text.endswith(("\n", "\r")):
                 while text and not text.endswith(("\n", "\r")):
                     text = self.fh.readline(1 << 16)
-                raise _LineTooLong(self.number)
+                text = None
             item = (self.number, text)
         self.record.append(item)
+        if item[1] is None:
+            raise _LineTooLong(item[0])
         return item[1]
 
     def start_record(self) -> None:
@@ -303,9 +299,14 @@ def _csv_header(reader, path: Path) -> list[str]:
 
 def _csv_error(exc: Exception, lines: _CsvLines) -> tuple[int, str]:
     """(line, message) of a record the reader refused."""
-    line = lines.record[0][0] if lines.record else lines.number
+    line = lines.record[0][0]
     if isinstance(exc, _LineTooLong):
-        return line, f"line {exc.line} is longer than {MAX_LINE_CHARS} characters"
+        if line == exc.line:
+            return line, f"line longer than {MAX_LINE_CHARS} characters"
+        return line, (
+            f"malformed CSV row (a quoted field opened here runs over line {exc.line}, "
+            f"which is longer than {MAX_LINE_CHARS} characters; an unbalanced quote?)"
+        )
     if "unexpected end of data" in str(exc):
         return line, "malformed CSV row (a quoted field opened here is never closed)"
     return line, f"malformed CSV row ({exc}; an unbalanced quote?)"
@@ -345,7 +346,7 @@ def _csv_rows(path: Path, root: Path) -> Iterator[Row]:
             except (csv.Error, _LineTooLong) as exc:
                 line, error = _csv_error(exc, lines)
                 try:  # what the first line alone says of the row (its id)
-                    values = next(csv.reader([lines.record[0][1]])) if lines.record else []
+                    values = next(csv.reader([lines.record[0][1] or ""]), [])
                 except csv.Error:
                     values = []
                 reread = True

@@ -47,7 +47,12 @@ class ImageError(ValueError):
 def _describe(source: ImageSource) -> str:
     if isinstance(source, bytes):
         return f"<{len(source)} image bytes>"
-    return str(source)
+    return _printable(str(source))
+
+
+def _printable(name: str) -> str:
+    """A name that can be written as UTF-8 (a path with bytes that are not UTF-8: escaped)."""
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _file_kind(mode: int) -> str:
@@ -101,7 +106,7 @@ def read_image_bytes(
             that cannot name a file (a NUL byte), empty, or larger than ``max_bytes``.
     """
     limit = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
-    name = name or str(path)
+    name = _printable(name or str(path))
     try:
         # stat first: a FIFO or a device is refused without being opened at all
         _check_regular(name, os.stat(path), limit)
@@ -190,7 +195,7 @@ def open_image(
     """
     if isinstance(source, Image.Image):
         return source
-    name = name or _describe(source)
+    name = _printable(name) if name else _describe(source)
     if isinstance(source, bytes):
         if not source:
             raise ImageError(f"{name}: empty image data")
@@ -212,7 +217,7 @@ def open_image(
         raise
     except UnidentifiedImageError as exc:
         raise ImageError(f"{name}: not a recognised image file") from exc
-    except (OSError, SyntaxError, ValueError, MemoryError) as exc:
+    except Exception as exc:  # OSError, SyntaxError, ...: any decoder failure on crafted data
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
 
 
@@ -267,13 +272,21 @@ def preprocess(image: Image.Image, resolution: int | PreprocessConfig = 224) -> 
         >>> from PIL import Image
         >>> preprocess(Image.new("RGB", (50, 30), (255, 0, 0)), resolution=16).shape
         torch.Size([3, 16, 16])
+
+    Raises:
+        ImageError: a size too extreme to resize, or a mode with no RGB conversion.
     """
     pre = resolution if isinstance(resolution, PreprocessConfig) else None
     if pre is None:
         pre = PreprocessConfig.reference(int(resolution))
-    image = resize_shorter_side(image, pre.resize, pre.interpolation)
-    image = center_crop(image, pre.crop, pre.crop_rounding)
-    return to_normalized_tensor(image, pre.mean, pre.std)
+    try:
+        image = resize_shorter_side(image, pre.resize, pre.interpolation)
+        image = center_crop(image, pre.crop, pre.crop_rounding)
+        return to_normalized_tensor(image, pre.mean, pre.std)
+    except ImageError:
+        raise
+    except (OSError, ValueError, MemoryError) as exc:  # e.g. a mode that has no RGB conversion
+        raise ImageError(f"image (mode {image.mode}): cannot preprocess ({exc})") from exc
 
 
 def load_and_preprocess(
