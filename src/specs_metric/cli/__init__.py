@@ -15,7 +15,7 @@ import sys
 from specs_metric import __version__
 
 # Top-level commands, in the order ``specs --help`` lists them.
-COMMANDS = ["score", "models", "convert", "prepare", "train", "compare", "synth"]
+COMMANDS = ["score", "models", "convert", "prepare", "train", "compare", "synth", "explain"]
 # Sub-commands of ``specs bench``.
 BENCH_COMMANDS: list[str] = ["human", "intrinsic", "retrieval", "zeroshot"]
 
