@@ -204,9 +204,17 @@ class _Sequences:
         self.tokenizer, self.context = tokenizer, context
         self.items: list[list[int]] = []
         self._index: dict[tuple[int, ...], int] = {}
+        self._texts: dict[str, list[int]] = {}
+
+    def full_ids(self, text: str) -> list[int]:
+        """Token ids before truncation (each distinct text tokenised once)."""
+        ids = self._texts.get(text)
+        if ids is None:
+            ids = self._texts[text] = self.tokenizer.token_ids(text)
+        return ids
 
     def add(self, text: str) -> int:
-        ids = self.tokenizer.token_ids(text)
+        ids = self.full_ids(text)
         if len(ids) > self.context:
             ids = ids[: self.context - 1] + [EOT_ID]
         key = tuple(ids)
@@ -233,16 +241,16 @@ def plan_caption(
     """
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"unknown attribution {attribution!r}; choose one of {ATTRIBUTIONS}")
-    n_tokens = len(tokenizer.token_ids(caption))
+    seqs = _Sequences(tokenizer, context)
+    n_tokens = len(seqs.full_ids(caption))
     if n_tokens > context and long_captions == "error":
         raise CaptionTooLongError(
             f"caption has {n_tokens} tokens, more than the context length {context}"
         )
     segments = [s for s in segmenter(caption) if s.strip()]
-    seqs = _Sequences(tokenizer, context)
     full = seqs.add(caption)
     prefixes = prefix_texts(caption, segments)
-    within = [len(tokenizer.token_ids(p)) <= context for p in prefixes]
+    within = [len(seqs.full_ids(p)) <= context for p in prefixes]
     picks: list[tuple[int, int, int] | None] = []
     if attribution == "leave-one-out":
         for ok, text in zip(within, leave_one_out_texts(caption, segments), strict=True):
