@@ -275,6 +275,22 @@ class Scorer:
         image_emb, index = self._unique_image_embeddings(images)
         return apply_scale(cosine_matrix(image_emb[index], self.embed_texts(captions)), scale)
 
+    def explain(
+        self,
+        images: Sequence[ImageSource],
+        captions: Sequence[str],
+        segmenter="sentence",
+        attribution: str = "prefix",
+        scale: str = "specs",
+    ) -> list:
+        """Per-segment scores and deltas of 1:1 pairs: see :func:`specs_metric.explain.explain`.
+
+        Returns one :class:`~specs_metric.explain.Explanation` per pair.
+        """
+        from specs_metric.explain import explain
+
+        return explain(self, images, captions, segmenter, attribution, scale)
+
 
 def load(
     name_or_path: str | os.PathLike[str],

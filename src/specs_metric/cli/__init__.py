@@ -17,9 +17,19 @@ from pathlib import Path
 from specs_metric import __version__
 
 # Top-level commands, in the order ``specs --help`` lists them.
-COMMANDS = ["score", "models", "convert", "prepare", "train", "compare", "sweep", "synth"]
+COMMANDS = [
+    "score",
+    "models",
+    "convert",
+    "prepare",
+    "train",
+    "compare",
+    "sweep",
+    "explain",
+    "synth",
+]
 # Sub-commands of ``specs bench``.
-BENCH_COMMANDS: list[str] = ["human", "intrinsic", "retrieval", "zeroshot"]
+BENCH_COMMANDS: list[str] = ["human", "intrinsic", "retrieval", "zeroshot", "details"]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -40,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"specs_metric.cli.{name}").register(sub)
     if BENCH_COMMANDS:
-        bench = sub.add_parser("bench", help="benchmarks: intrinsic, human, retrieval, zeroshot")
+        bench = sub.add_parser(
+            "bench", help="benchmarks: intrinsic, human, retrieval, zeroshot, details"
+        )
         bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
         for name in BENCH_COMMANDS:
             importlib.import_module(f"specs_metric.cli.bench_{name}").register(bench_sub)

@@ -1,0 +1,554 @@
+"""Per-detail attribution: how much each segment of a caption moves its score.
+
+A caption is cut into segments: ``sentence`` (default), or the training segmenters
+``clause`` and ``chunk`` (:mod:`specs_metric.training.segment`), or any callable
+``caption -> list[str]``. With ``s(t)`` the score of text ``t`` against the image:
+
+* ``prefix`` (default): segment ``k`` gets the score of the prefix ``p_k`` (the caption
+  through segment ``k``) and ``delta_k = s(p_k) - s(p_{k-1})``, where ``p_0`` is the empty
+  caption (its tokens are SOT, EOT).
+* ``leave-one-out``: segment ``k`` gets the score of the caption without it, ``w_k``, and
+  ``delta_k = s(caption) - s(w_k)``: the full score minus the score without the segment,
+  negated so that, as for ``prefix``, a positive delta means the segment raises the score.
+* ``neutral``: the prefix score, and ``delta_k = s(p_k) - s(p_{k-1} + " " + neutral)``:
+  segment ``k`` against a neutral sentence at the same place, which removes the drift a
+  prefix delta has because the score saturates as the caption grows. The neutral sentence
+  (:data:`NEUTRAL_SENTENCE`, ``"This is an image."``) is true of every image and states no
+  detail of it.
+
+Texts. Each segment is located in the caption by matching its non-whitespace characters,
+in order, against the caption's; ``p_k = caption[:end_k]`` and
+``w_k = caption[:start_k] + caption[end_k:]`` (the tokenizer collapses the whitespace
+left behind). So ``p_k`` is exactly the caption's text up to the end of segment ``k``, and
+the last prefix is the caption itself up to trailing text outside every segment. When a
+segmenter rewrites its text so that a segment cannot be found (the ``chunk`` segmenter's
+tokenised quotes), all texts of that caption are the segments joined by single spaces.
+
+Context. A segment whose prefix has more tokens (SOT and EOT included) than the context is
+marked ``beyond_context`` with null score and delta; the caption's own score is that of the
+truncated caption, as ``specs score`` computes it.
+
+Cost and exactness. All texts of a caption are one chain for
+:func:`~specs_metric.bench.intrinsic.encode_chains`: the longest text runs once, keeping
+each layer's keys and values, and every other text computes only its tokens after the
+prefix it shares with it, found by comparing token ids (nothing is assumed about how BPE
+treats a segment boundary). A ``prefix`` caption costs one forward pass plus a one-token
+query per segment; every score equals scoring that text alone up to float rounding.
+
+Example:
+    >>> from specs_metric.factory import build_model
+    >>> from specs_metric.scorer import Scorer
+    >>> from PIL import Image
+    >>> scorer = Scorer(build_model(tiny_state_dict()), device="cpu")
+    >>> image = Image.new("RGB", (32, 32), (200, 30, 30))
+    >>> caption = "A red square. It is large. The background is white."
+    >>> [ex] = scorer.explain([image], [caption])
+    >>> [seg.text for seg in ex.segments]
+    ['A red square.', 'It is large.', 'The background is white.']
+    >>> alone = scorer.score([image] * 2, ["A red square. It is large.", caption])
+    >>> bool(abs(ex.segments[1].score - alone[0]) < 1e-5), bool(abs(ex.score - alone[1]) < 1e-5)
+    (True, True)
+    >>> empty = scorer.score([image], [""])[0]
+    >>> bool(abs(ex.segments[0].delta - (ex.segments[0].score - empty)) < 1e-5)
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from specs_metric import __version__
+from specs_metric.bench.intrinsic import encode_chains
+from specs_metric.rows import read_rows
+from specs_metric.scores import apply_scale, check_scale, cosine_similarity
+from specs_metric.tokenizer import EOT_ID, CaptionTooLongError, Tokenizer
+from specs_metric.training.segment import SEGMENTERS, Segmenter, get_segmenter
+from specs_metric.transform import ImageError, ImageSource, open_image, preprocess
+
+ATTRIBUTIONS = ("prefix", "leave-one-out", "neutral")
+DEFAULT_SEGMENTER = "sentence"
+NEUTRAL_SENTENCE = "This is an image."
+# Captions encoded together (one chain each).
+DEFAULT_CHAINS_PER_BATCH = 8
+
+
+@dataclass
+class SegmentScore:
+    """One segment: its text, score and delta (``None`` beyond the context)."""
+
+    text: str
+    score: float | None
+    delta: float | None
+    beyond_context: bool = False
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "score": self.score,
+            "delta": self.delta,
+            "beyond_context": self.beyond_context,
+        }
+
+
+@dataclass
+class Explanation:
+    """A caption's score, cosine, token count and per-segment attribution."""
+
+    score: float
+    cosine: float
+    tokens: int  # SOT and EOT included, before truncation
+    truncated: bool
+    segments: list[SegmentScore] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "score": self.score,
+            "cosine": self.cosine,
+            "tokens": self.tokens,
+            "truncated": self.truncated,
+            "segments": [s.to_dict() for s in self.segments],
+        }
+
+
+# --------------------------------------------------------------------------------------
+# Texts of one caption
+# --------------------------------------------------------------------------------------
+
+
+def resolve_segmenter(segmenter: str | Segmenter) -> Segmenter:
+    """A segmenter by name (one of :data:`SEGMENTERS`) or the callable itself."""
+    if callable(segmenter):
+        return segmenter
+    return get_segmenter(segmenter)
+
+
+def locate_segments(caption: str, segments: Sequence[str]) -> list[tuple[int, int]] | None:
+    """Character spans ``(start, end)`` of ``segments`` in ``caption``, in order.
+
+    Whitespace is ignored on both sides; ``None`` when a segment's characters do not
+    follow in the caption.
+
+    Example:
+        >>> locate_segments("A cat.  It  sleeps.", ["A cat.", "It sleeps."])
+        [(0, 6), (8, 19)]
+        >>> locate_segments("A cat.", ["A dog."]) is None
+        True
+    """
+    spans = []
+    pos = 0
+    for seg in segments:
+        chars = [c for c in seg if not c.isspace()]
+        if not chars:
+            return None
+        start = None
+        for c in chars:
+            while pos < len(caption) and caption[pos].isspace():
+                pos += 1
+            if pos == len(caption) or caption[pos] != c:
+                return None
+            if start is None:
+                start = pos
+            pos += 1
+        spans.append((start, pos))
+    return spans
+
+
+def prefix_texts(caption: str, segments: Sequence[str]) -> list[str]:
+    """``p_1 .. p_n``: the caption through each segment (see the module docstring)."""
+    spans = locate_segments(caption, segments)
+    if spans is None:
+        return [" ".join(segments[: k + 1]) for k in range(len(segments))]
+    return [caption[:end] for _, end in spans]
+
+
+def leave_one_out_texts(caption: str, segments: Sequence[str]) -> list[str]:
+    """``w_1 .. w_n``: the caption without each segment (see the module docstring)."""
+    spans = locate_segments(caption, segments)
+    if spans is None:
+        return [" ".join(segments[:k] + segments[k + 1 :]) for k in range(len(segments))]
+    return [caption[:start] + caption[end:] for start, end in spans]
+
+
+@dataclass
+class CaptionPlan:
+    """The token sequences of one caption (one chain) and how segments read their scores.
+
+    ``picks[k]`` is ``(score, plus, minus)``: indices into ``sequences`` with the segment's
+    score ``s[score]`` and delta ``s[plus] - s[minus]``; ``None`` beyond the context.
+    """
+
+    segments: list[str]
+    sequences: list[list[int]]
+    full: int  # index of the caption itself
+    picks: list[tuple[int, int, int] | None]
+    tokens: int
+    truncated: bool
+
+
+class _Sequences:
+    """Distinct token sequences of a chain (the context's truncation applied)."""
+
+    def __init__(self, tokenizer: Tokenizer, context: int) -> None:
+        self.tokenizer, self.context = tokenizer, context
+        self.items: list[list[int]] = []
+        self._index: dict[tuple[int, ...], int] = {}
+        self._texts: dict[str, list[int]] = {}
+
+    def full_ids(self, text: str) -> list[int]:
+        """Token ids before truncation (each distinct text tokenised once)."""
+        ids = self._texts.get(text)
+        if ids is None:
+            ids = self._texts[text] = self.tokenizer.token_ids(text)
+        return ids
+
+    def add(self, text: str) -> int:
+        ids = self.full_ids(text)
+        if len(ids) > self.context:
+            ids = ids[: self.context - 1] + [EOT_ID]
+        key = tuple(ids)
+        if key not in self._index:
+            self._index[key] = len(self.items)
+            self.items.append(ids)
+        return self._index[key]
+
+
+def plan_caption(
+    caption: str,
+    segmenter: Segmenter,
+    attribution: str,
+    tokenizer: Tokenizer,
+    context: int,
+    long_captions: str = "truncate",
+    neutral: str = NEUTRAL_SENTENCE,
+) -> CaptionPlan:
+    """Segments and token sequences of one caption.
+
+    Raises:
+        CaptionTooLongError: the caption exceeds the context and ``long_captions`` is
+            ``"error"``.
+    """
+    if attribution not in ATTRIBUTIONS:
+        raise ValueError(f"unknown attribution {attribution!r}; choose one of {ATTRIBUTIONS}")
+    seqs = _Sequences(tokenizer, context)
+    n_tokens = len(seqs.full_ids(caption))
+    if n_tokens > context and long_captions == "error":
+        raise CaptionTooLongError(
+            f"caption has {n_tokens} tokens, more than the context length {context}"
+        )
+    segments = [s for s in segmenter(caption) if s.strip()]
+    full = seqs.add(caption)
+    prefixes = prefix_texts(caption, segments)
+    within = [len(seqs.full_ids(p)) <= context for p in prefixes]
+    picks: list[tuple[int, int, int] | None] = []
+    if attribution == "leave-one-out":
+        for ok, text in zip(within, leave_one_out_texts(caption, segments), strict=True):
+            picks.append((w := seqs.add(text), full, w) if ok else None)
+    else:
+        previous = [""] + prefixes[:-1]
+        for ok, text, before in zip(within, prefixes, previous, strict=True):
+            if not ok:
+                picks.append(None)
+                continue
+            p = seqs.add(text)
+            if attribution == "prefix":
+                base = seqs.add(before)
+            else:
+                base = seqs.add(f"{before} {neutral}" if before else neutral)
+            picks.append((p, p, base))
+    return CaptionPlan(segments, seqs.items, full, picks, n_tokens, n_tokens > context)
+
+
+def finish(plan: CaptionPlan, cosines: np.ndarray, scale: str = "specs") -> Explanation:
+    """The explanation of a plan from the cosines of its sequences with the image."""
+    scores = apply_scale(np.asarray(cosines, dtype=np.float64), scale)
+    segments = []
+    for text, pick in zip(plan.segments, plan.picks, strict=True):
+        if pick is None:
+            segments.append(SegmentScore(text, None, None, True))
+        else:
+            i, plus, minus = pick
+            segments.append(
+                SegmentScore(text, float(scores[i]), float(scores[plus] - scores[minus]))
+            )
+    return Explanation(
+        float(scores[plan.full]), float(cosines[plan.full]), plan.tokens, plan.truncated, segments
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------
+
+
+def explain_embedded(
+    scorer,
+    image_embeddings: torch.Tensor,
+    plans: Sequence[CaptionPlan],
+    scale: str = "specs",
+    chains_per_batch: int = DEFAULT_CHAINS_PER_BATCH,
+) -> list[Explanation]:
+    """Explanations of plans, given each one's raw image embedding (N, D)."""
+    out = []
+    for start in range(0, len(plans), chains_per_batch):
+        batch = plans[start : start + chains_per_batch]
+        with torch.inference_mode(), scorer.forward_context():
+            texts = encode_chains(scorer.model, [p.sequences for p in batch])
+        for plan, img, emb in zip(batch, image_embeddings[start:], texts, strict=False):
+            emb = emb.float().cpu()
+            cos = cosine_similarity(img.expand(len(emb), -1), emb)
+            out.append(finish(plan, cos, scale))
+    return out
+
+
+def explain(
+    scorer,
+    images: Sequence[ImageSource],
+    captions: Sequence[str],
+    segmenter: str | Segmenter = DEFAULT_SEGMENTER,
+    attribution: str = "prefix",
+    scale: str = "specs",
+    neutral: str = NEUTRAL_SENTENCE,
+    chains_per_batch: int = DEFAULT_CHAINS_PER_BATCH,
+) -> list[Explanation]:
+    """Per-segment attribution of 1:1 pairs ``(images[i], captions[i])``.
+
+    Args:
+        scorer: a :class:`~specs_metric.scorer.Scorer`.
+        images: paths, encoded bytes or PIL images.
+        captions: the captions (strings).
+        segmenter: ``sentence`` (default), ``clause``, ``chunk`` or a callable.
+        attribution: ``prefix`` (default), ``leave-one-out`` or ``neutral``.
+        scale: score scale of scores and deltas (see :mod:`specs_metric.scores`).
+        neutral: the neutral sentence of ``attribution="neutral"``.
+        chains_per_batch: captions encoded together.
+
+    Raises:
+        CaptionTooLongError: with the scorer's ``long_captions="error"``.
+    """
+    check_scale(scale)
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    seg = resolve_segmenter(segmenter)
+    plans = [
+        plan_caption(
+            c,
+            seg,
+            attribution,
+            scorer.tokenizer,
+            scorer.context_length,
+            scorer.long_captions,
+            neutral,
+        )
+        for c in captions
+    ]
+    image_emb, index = scorer._unique_image_embeddings(images)
+    return explain_embedded(scorer, image_emb[index], plans, scale, chains_per_batch)
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+OUTPUT_FIELDS = (
+    "id",
+    "image",
+    "caption",
+    "score",
+    "cosine",
+    "tokens",
+    "truncated",
+    "segments",
+    "error",
+)
+
+
+@dataclass
+class ExplainConfig:
+    """Settings of one ``specs explain`` run."""
+
+    input: Path
+    output: Path
+    image_root: Path | None = None
+    segmenter: str = DEFAULT_SEGMENTER
+    attribution: str = "prefix"
+    scale: str = "specs"
+    neutral: str = NEUTRAL_SENTENCE
+    chunk_rows: int = 64  # rows prepared and written together
+    batch_size: int = 64  # images per image batch
+    chains_per_batch: int = DEFAULT_CHAINS_PER_BATCH
+    memory_cache_size: int = 20000  # image embeddings kept in memory
+    show_progress: bool = True
+
+
+class _Images:
+    """Image embeddings (or the error) per resolved path, an LRU in memory."""
+
+    def __init__(self, scorer, batch_size: int, capacity: int) -> None:
+        self.scorer, self.batch_size, self.capacity = scorer, batch_size, capacity
+        self.memory: OrderedDict[Path, torch.Tensor | str] = OrderedDict()
+        self.encoded = 0
+
+    def lookup(self, paths: Sequence[Path]) -> list[torch.Tensor | str]:
+        todo: dict[Path, torch.Tensor] = {}
+        for path in dict.fromkeys(paths):
+            if path in self.memory:
+                continue
+            try:
+                todo[path] = preprocess(open_image(path), self.scorer.resolution)
+            except ImageError as exc:
+                self._remember(path, str(exc))
+        keys = list(todo)
+        for start in range(0, len(keys), self.batch_size):
+            chunk = keys[start : start + self.batch_size]
+            emb = self.scorer.encode_pixels(torch.stack([todo[k] for k in chunk]))
+            self.encoded += len(chunk)
+            for key, value in zip(chunk, emb, strict=True):
+                self._remember(key, value)
+        out = [self.memory[p] for p in paths]
+        for p in paths:
+            self.memory.move_to_end(p)
+        return out
+
+    def _remember(self, key: Path, value: torch.Tensor | str) -> None:
+        self.memory[key] = value
+        while len(self.memory) > self.capacity:
+            self.memory.popitem(last=False)
+
+
+def _explain_chunk(
+    scorer, rows: list, config: ExplainConfig, segmenter: Segmenter, images: _Images
+) -> list[dict]:
+    records = []
+    todo: list[tuple[dict, CaptionPlan, Path, int]] = []
+    for row in rows:
+        rec = {k: None for k in OUTPUT_FIELDS}
+        rec.update(id=row.id, image=row.image, caption=row.caption, error=row.error)
+        records.append(rec)
+        if row.error is not None:
+            continue
+        try:
+            plan = plan_caption(
+                row.caption,
+                segmenter,
+                config.attribution,
+                scorer.tokenizer,
+                scorer.context_length,
+                scorer.long_captions,
+                config.neutral,
+            )
+        except CaptionTooLongError as exc:
+            rec["error"] = f"line {row.line}: {exc}"
+            n = len(scorer.tokenizer.token_ids(row.caption))
+            rec.update(tokens=n, truncated=True)
+            continue
+        todo.append((rec, plan, row.path, row.line))
+    embeddings = images.lookup([t[2] for t in todo])
+    ready = []
+    for (rec, plan, _, line), emb in zip(todo, embeddings, strict=True):
+        if isinstance(emb, str):
+            rec["error"] = f"line {line}: {emb}"
+            rec.update(tokens=plan.tokens, truncated=plan.truncated)
+        else:
+            ready.append((rec, plan, emb))
+    if ready:
+        stacked = torch.stack([e for _, _, e in ready])
+        results = explain_embedded(
+            scorer, stacked, [p for _, p, _ in ready], config.scale, config.chains_per_batch
+        )
+        for (rec, _, _), ex in zip(ready, results, strict=True):
+            rec.update(ex.to_dict())
+    return records
+
+
+def summarize_records(records: Sequence[dict]) -> dict:
+    """Counts and mean score of explain records."""
+    scored = [r for r in records if r.get("error") is None]
+    segs = [s for r in scored for s in r["segments"]]
+    mean = float(np.mean([r["score"] for r in scored])) if scored else math.nan
+    return {
+        "n_rows": len(records),
+        "n_scored": len(scored),
+        "n_errors": len(records) - len(scored),
+        "n_segments": len(segs),
+        "n_beyond_context": sum(bool(s["beyond_context"]) for s in segs),
+        "mean": mean,
+    }
+
+
+def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
+    """Explain every row of ``config.input`` into ``config.output`` (JSONL).
+
+    Rows are written to ``<output>.part`` as each chunk finishes, which becomes the output
+    when the run completes. Bad rows become row errors naming their line, as in
+    ``specs score``.
+
+    Returns:
+        The summary (also written to ``<output>.summary.json``) and the records.
+    """
+    check_scale(config.scale)
+    if config.attribution not in ATTRIBUTIONS:
+        raise ValueError(
+            f"unknown attribution {config.attribution!r}; choose one of {ATTRIBUTIONS}"
+        )
+    if isinstance(config.segmenter, str) and config.segmenter not in SEGMENTERS:
+        raise ValueError(
+            f"unknown segmenter {config.segmenter!r}; choose one of {', '.join(SEGMENTERS)}"
+        )
+    started = time.perf_counter()
+    segmenter = resolve_segmenter(config.segmenter)
+    rows = list(read_rows(config.input, config.image_root))
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    part = config.output.with_name(config.output.name + ".part")
+    images = _Images(scorer, config.batch_size, config.memory_cache_size)
+    records: list[dict] = []
+    bar = tqdm(
+        total=len(rows),
+        unit="row",
+        file=sys.stderr,
+        disable=not config.show_progress,
+        desc="explaining",
+    )
+    with open(part, "w", encoding="utf-8") as out:
+        for start in range(0, len(rows), config.chunk_rows):
+            chunk = _explain_chunk(
+                scorer, rows[start : start + config.chunk_rows], config, segmenter, images
+            )
+            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chunk))
+            out.flush()
+            records += chunk
+            bar.update(len(chunk))
+    bar.close()
+    os.replace(part, config.output)
+    summary = summarize_records(records)
+    summary.update(
+        {
+            "segmenter": config.segmenter if isinstance(config.segmenter, str) else "custom",
+            "attribution": config.attribution,
+            "scale": config.scale,
+            "model": scorer.name,
+            "checkpoint_sha256": scorer.checkpoint_sha256,
+            "version": __version__,
+            "precision": scorer.precision,
+            "device": str(scorer.device),
+            "images_encoded": images.encoded,
+            "seconds": round(time.perf_counter() - started, 3),
+            "output": str(config.output),
+        }
+    )
+    if config.attribution == "neutral":
+        summary["neutral"] = config.neutral
+    summary_path = config.output.with_name(config.output.name + ".summary.json")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary, records
