@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from specs_metric.scorer import Scorer, load
-from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
+from specs_metric.scores import apply_scale, check_scale, corpus_from_mean, pair_cosines
 from specs_metric.transform import ImageSource
 
 
@@ -25,9 +25,7 @@ def _pairwise_cosine(scorer: Scorer, images, captions: Sequence[str]) -> torch.T
         img = scorer.encode_pixels(images)
     else:
         img = scorer.embed_images(list(images))
-    txt = scorer.embed_texts(list(captions))
-    img, txt = img.double(), txt.double()
-    return (img * txt).sum(-1) / (img.norm(dim=-1) * txt.norm(dim=-1))
+    return pair_cosines(img, scorer.embed_texts(list(captions)))
 
 
 def specs_score(

@@ -168,8 +168,3 @@ def embed_texts(scorer: Scorer, texts: Sequence[str], info: DistInfo | None = No
         raise ValueError("; ".join(failures))
     return gather_rows(local, len(texts), info)
 
-
-def normalize(embeddings: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm, in float64 (the precision of the project's cosines)."""
-    x = embeddings.double()
-    return x / x.norm(dim=1, keepdim=True)

@@ -38,10 +38,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from specs_metric.bench.embed import embed_images, embed_texts, normalize
+from specs_metric.bench.embed import embed_images, embed_texts
 from specs_metric.distributed import DistInfo
 from specs_metric.rows import IMAGE_EXTENSIONS
 from specs_metric.scorer import Scorer
+from specs_metric.scores import unit_rows
 from specs_metric.transform import ImageError, ImageSource
 
 DEFAULT_KS = (1, 5, 10)
@@ -523,8 +524,8 @@ def retrieval_ranks(
         ``(i2t, t2i)``: (n_images,) rank of the best-ranked own caption of each image, and
         (n_captions,) rank of each caption's own image.
     """
-    img = normalize(torch.as_tensor(image_emb)).numpy()
-    txt = normalize(torch.as_tensor(text_emb)).numpy()
+    img = unit_rows(torch.as_tensor(image_emb)).numpy()
+    txt = unit_rows(torch.as_tensor(text_emb)).numpy()
     caption_image = np.asarray(caption_image, dtype=np.int64)
     n_img, n_txt = len(img), len(txt)
     t2i = np.empty(n_txt, dtype=np.int64)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specs_metric.bench.embed import embed_images, embed_texts, normalize
+from specs_metric.bench.embed import embed_images, embed_texts
 from specs_metric.bench.retrieval import (
     bad_image_error,
     image_source,
@@ -35,6 +35,7 @@ from specs_metric.bench.templates import get_classes
 from specs_metric.distributed import DistInfo
 from specs_metric.rows import IMAGE_EXTENSIONS
 from specs_metric.scorer import Scorer
+from specs_metric.scores import unit_rows
 from specs_metric.transform import ImageError, ImageSource
 
 DEFAULT_KS = (1, 5)
@@ -281,8 +282,8 @@ def class_embeddings(
     """(C, D) float64 unit-norm class embeddings: the normalised mean of the normalised
     embeddings of a class's prompts."""
     emb = embed_texts(scorer, prompts(class_names, templates), info)
-    per_prompt = normalize(emb).view(len(class_names), len(templates), -1)
-    return normalize(per_prompt.mean(dim=1))
+    per_prompt = unit_rows(emb).view(len(class_names), len(templates), -1)
+    return unit_rows(per_prompt.mean(dim=1))
 
 
 def topk_accuracy(
@@ -367,7 +368,7 @@ def evaluate_zeroshot(
     keep = images.ok
     if not bool(keep.any()):
         raise ImageError("no image could be read")
-    scores = (normalize(images.embeddings[keep]) @ weights.T).numpy()
+    scores = (unit_rows(images.embeddings[keep]) @ weights.T).numpy()
     labels = data.labels[keep.numpy()]
     ranks = target_ranks(scores, labels)
     per_class = per_class_accuracy(ranks, labels, len(data.class_names))
