@@ -2,7 +2,7 @@
 
 Text batches are sorted by token length and cut to their longest sequence: attention is
 causal and pooling happens at the EOT token, so padding after it never changes the result
-(guide §2). Images are preprocessed exactly as the reference does.
+(:mod:`specs_metric.model`). Images are preprocessed exactly as the reference does.
 """
 
 from __future__ import annotations

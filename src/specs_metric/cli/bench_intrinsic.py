@@ -1,4 +1,5 @@
-"""``specs bench intrinsic``: positive / negative / average rates of guide §6."""
+"""``specs bench intrinsic``: positive / negative / average rates (README, "The intrinsic
+specificity benchmark")."""
 
 from __future__ import annotations
 

@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune a LongCLIP checkpoint with the SPECS objective",
         description=(
             "Train on a set built by `specs prepare`. Defaults are the released SPECS recipe "
-            "(guide §4). Launch with torchrun for several processes or nodes: --batch-size is "
-            "per process. See docs/training.md."
+            "(docs/training.md). Launch with torchrun for several processes or nodes: "
+            "--batch-size is per process."
         ),
     )
     p.add_argument(

@@ -1,11 +1,12 @@
 """Training examples for the specificity objective, decoded in DataLoader workers.
 
-One example (guide §4, as the reference's collate function builds it) is the image, the full
-caption ``C`` (the ``caption`` column), and for an index ``i`` drawn uniformly from
-``0 .. len(captions) - 2``: the base ``B = captions[i]``, the detail ``D = captions[i + 1]``
-and the negative ``N = neg_captions[i]``. Rows with fewer than two cumulative captions are
-left out, as the reference filters them when loading. Texts longer than the context are
-truncated with a final EOT, like the reference's ``tokenize(..., truncate=True)``.
+One example (docs/training.md, "Objective"; as the reference's collate function builds it)
+is the image, the full caption ``C`` (the ``caption`` column), and for an index ``i``
+drawn uniformly from ``0 .. len(captions) - 2``: the base ``B = captions[i]``, the detail
+``D = captions[i + 1]`` and the negative ``N = neg_captions[i]``. Rows with fewer than two
+cumulative captions are left out, as the reference filters them when loading. Texts longer
+than the context are truncated with a final EOT, like the reference's
+``tokenize(..., truncate=True)``.
 
 Unlike the reference, which draws ``i`` from the Python ``random`` state of whichever
 process runs the collate function, ``i`` comes from a generator seeded with

@@ -8,7 +8,7 @@ Each kept row gets
 - ``captions``: cumulative captions ``c_1 .. c_n`` (``c_{k+1}`` = ``c_k`` + one segment),
 - ``neg_captions``: ``n_1 .. n_{n-1}`` with ``n_k`` = ``c_k`` + a segment of another image.
 
-Negatives follow the reference data preparation (guide §5) with a seeded
+Negatives follow the reference data preparation (docs/training.md, "Negatives") with a seeded
 :class:`random.Random`: rows are visited in input order; for each segment index ``i`` of a
 row (all but its last segment) a random row with a different image is drawn (again until the
 image differs and it has a segment; the reference would crash on a row without segments) and
@@ -276,7 +276,7 @@ def draw_negative_details(
     shuffle_fraction: float = DEFAULT_SHUFFLE_FRACTION,
     seed: int = 42,
 ) -> list[list[str] | None]:
-    """Negative detail segments for every row (guide §5).
+    """Negative detail segments for every row (docs/training.md, "Negatives").
 
     Args:
         segments: detail segments of each row (rows with a readable image, in order).

@@ -1,9 +1,10 @@
 """Fine-tuning LongCLIP with the specificity objective (or CLIP pre-training).
 
 :func:`train` runs the loop for a :class:`TrainConfig`; ``specs train`` is a thin wrapper.
-Defaults are the released SPECS recipe (guide §4): lc = 1, ld = 8, ln = 0.8, adaptive
-margin, AdamW (lr 1e-5, weight decay 0.01 on every parameter), cosine schedule with 40
-warm-up steps, 6 epochs, batch 100 per process x 4 accumulation steps, mixed precision.
+Defaults are the released SPECS recipe (docs/training.md, "Objective" and "Schedule and
+optimisation"): lc = 1, ld = 8, ln = 0.8, adaptive margin, AdamW (lr 1e-5, weight decay
+0.01 on every parameter), cosine schedule with 40 warm-up steps, 6 epochs, batch 100 per
+process x 4 accumulation steps, mixed precision.
 
 Behaviour worth knowing (see docs/training.md):
 
