@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from specs_metric.bench.human import DEFAULT_MODEL, FORMATS
+from specs_metric.cli.common import add_model_options, load_scorer
 
 
 def _candidates(text: str | None) -> dict[str, str] | None:
@@ -56,8 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
     p.add_argument("--level", type=float, default=0.95, help="confidence level (0.95)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_model_options(p)
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
     p.add_argument("--out", type=Path, default=Path("bench_human"), help="report folder")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
@@ -110,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_metrics(
         sets,
         metrics,
-        device=args.device,
-        precision=args.precision,
+        loader=lambda model: load_scorer(args, model),
         batch_size=args.batch_size,
         on_result=progress,
     )

@@ -1,17 +1,24 @@
-"""Options shared by the commands that load a scoring model."""
+"""Options shared by the commands that load a model (light: imports no torch)."""
 
 from __future__ import annotations
 
 import argparse
 
+from specs_metric.runtime import INFERENCE_PRECISIONS
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device`` (resolved by :func:`specs_metric.runtime.resolve_device`)."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """``--device``, ``--precision``, ``--full-precision-weights``, ``--long-captions``."""
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    add_device_option(p)
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16"],
+        choices=INFERENCE_PRECISIONS,
         help="fp32 = exact reference numerics (default); bf16 / fp16 (CUDA) = fast "
         "(bf16 on a CPU without AMX or AVX-512-BF16 falls back to fp32)",
     )

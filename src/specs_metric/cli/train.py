@@ -7,9 +7,12 @@ import logging
 import os
 import sys
 
+from specs_metric.cli.common import add_device_option
+from specs_metric.runtime import TRAINING_AUTOCAST
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from specs_metric.training.trainer import OBJECTIVES, PRECISIONS, TrainConfig
+    from specs_metric.training.trainer import OBJECTIVES, TrainConfig
 
     d = TrainConfig(init="", data="", output="")
     p = subparsers.add_parser(
@@ -58,9 +61,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=TRAINING_AUTOCAST,
         default=d.precision,
-        help="auto: fp16 autocast on CUDA, fp32 on CPU; bf16 works on CPU too",
+        help="training autocast; auto: fp16 (with gradient scaling) on CUDA, fp32 on CPU; "
+        "bf16 works on CPU too",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
@@ -70,7 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--image-root", default=None, help="folder for relative image paths")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader workers")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
+    add_device_option(p)
     p.add_argument(
         "--local-loss",
         action="store_true",
