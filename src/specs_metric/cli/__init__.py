@@ -3,6 +3,12 @@
 ``register(subparsers)`` adds the command's parser and sets ``func`` (called with the parsed
 namespace, returning an exit code). Commands under ``specs bench`` register on the bench
 sub-parsers instead.
+
+Start-up stays fast because command modules load lazily: :data:`COMMANDS` and
+:data:`BENCH_COMMANDS` name each command, its module and its help line, so ``specs --help``
+imports no command module (and no torch), and a command line imports only the module of the
+command it names. To add a command, write ``cli/<name>.py`` with ``register`` and add a row
+to the table.
 """
 
 from __future__ import annotations
@@ -11,31 +17,96 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 
-from specs_metric import __version__
-
-# Top-level commands, in the order ``specs --help`` lists them.
-COMMANDS = ["score", "models", "convert", "prepare", "train", "compare", "synth"]
+# (command, module under specs_metric.cli, help line), in the order ``specs --help`` lists
+# them. The help line is the one the module's ``register`` gives (a test keeps them equal).
+COMMANDS: list[tuple[str, str, str]] = [
+    ("score", "score", "score image-caption rows (JSONL, CSV or clipscore-style JSON)"),
+    ("models", "models", "list named models and where they come from"),
+    ("convert", "convert",
+     "convert a checkpoint (OpenAI CLIP -> LongCLIP; any -> .safetensors or .pt)"),
+    ("prepare", "prepare", "build a training set (captions, cumulative captions, negatives)"),
+    ("train", "train", "fine-tune a LongCLIP checkpoint with the SPECS objective"),
+    ("compare", "compare", "compare two `specs score` outputs of the same rows (B - A)"),
+    ("synth", "synth",
+     "generate synthetic scenes with known facts (sDCI layout + graded captions)"),
+]  # fmt: skip
 # Sub-commands of ``specs bench``.
-BENCH_COMMANDS: list[str] = ["human", "intrinsic", "retrieval", "zeroshot"]
+BENCH_COMMANDS: list[tuple[str, str, str]] = [
+    ("human", "bench_human",
+     "correlation of SPECS, CLIP-S and text metrics with human judgments"),
+    ("intrinsic", "bench_intrinsic",
+     "intrinsic specificity: do added details raise and wrong details lower the score?"),
+    ("retrieval", "bench_retrieval", "image-text retrieval Recall@1/5/10 in both directions"),
+    ("zeroshot", "bench_zeroshot",
+     "zero-shot classification top-1/top-5 accuracy with prompt templates"),
+]  # fmt: skip
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``specs`` argument parser."""
+def _chosen(argv: Sequence[str] | None) -> list[str] | None:
+    """The positional words of ``argv`` (the command path), or None for "load everything"."""
+    if argv is None:
+        return None
+    return [a for a in argv if not a.startswith("-")]
+
+
+def _add_commands(
+    sub: argparse._SubParsersAction, table: list[tuple[str, str, str]], chosen: str | None,
+    load_all: bool,
+) -> None:
+    for name, module, help_line in table:
+        if load_all or name == chosen:
+            importlib.import_module(f"specs_metric.cli.{module}").register(sub)
+        else:  # listed in the help, never parsed: the command line names another command
+            sub.add_parser(name, help=help_line, add_help=False)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("specs-metric")
+    except PackageNotFoundError:  # running from a source tree
+        return "0.0.0+local"
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``specs`` argument parser.
+
+    Args:
+        argv: the command line it will parse: only the module of the command it names is
+            imported (none for ``specs --help``). ``None`` builds every command's parser.
+    """
+    words = _chosen(argv)
+    load_all = words is None
     parser = argparse.ArgumentParser(
         prog="specs",
         description="SPECS: reference-free, specificity-aware scoring of long image captions.",
     )
-    parser.add_argument("--version", action="version", version=f"specs-metric {__version__}")
+    parser.add_argument("--version", action="version", version=f"specs-metric {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"specs_metric.cli.{name}").register(sub)
+    _add_commands(sub, COMMANDS, words[0] if words else None, load_all)
     if BENCH_COMMANDS:
         bench = sub.add_parser("bench", help="benchmarks: intrinsic, human, retrieval, zeroshot")
         bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-        for name in BENCH_COMMANDS:
-            importlib.import_module(f"specs_metric.cli.bench_{name}").register(bench_sub)
+        in_bench = bool(words) and words[0] == "bench" and len(words) > 1
+        _add_commands(bench_sub, BENCH_COMMANDS, words[1] if in_bench else None, load_all)
     return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions reported in one line. The package's own are looked up only in modules
+    already imported (an error cannot come from a module that never loaded), so that
+    handling them imports nothing heavy."""
+    found: list[type[BaseException]] = [FileNotFoundError, ValueError]
+    for module, name in (
+        ("specs_metric.checkpoint", "CheckpointError"),
+        ("specs_metric.pretrained", "ModelNotAvailableError"),
+    ):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,27 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     cannot be downloaded, a bad value) print one line and exit with status 2; set
     ``SPECS_DEBUG=1`` for the traceback.
     """
-    from specs_metric.checkpoint import CheckpointError
-    from specs_metric.distributed import is_initialized, shutdown
-    from specs_metric.pretrained import ModelNotAvailableError
-
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    group_was_open = is_initialized()  # a caller's group is the caller's to close
+    from specs_metric.runtime import leave_process_group, process_group_open
+
+    group_was_open = process_group_open()  # a caller's group is the caller's to close
     succeeded = False
     try:
         code = int(args.func(args) or 0)
         succeeded = True
         return code
-    except (CheckpointError, ModelNotAvailableError, FileNotFoundError, ValueError) as exc:
-        if os.environ.get("SPECS_DEBUG") == "1":
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()) or os.environ.get("SPECS_DEBUG") == "1":
             raise
         print(f"specs {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
         # Under torchrun, ranks leave together so that none aborts on a closed connection.
         if not group_was_open:
-            shutdown(wait=succeeded)
+            leave_process_group(wait=succeeded)
 
 
 if __name__ == "__main__":  # pragma: no cover
