@@ -168,3 +168,12 @@ def embed_texts(scorer: Scorer, texts: Sequence[str], info: DistInfo | None = No
         raise ValueError("; ".join(failures))
     return gather_rows(local, len(texts), info)
 
+
+def bad_image_error(errors: list[tuple[int, str]], total: int) -> ImageError:
+    """One error for the images that failed, naming the first few."""
+    shown = "; ".join(msg for _, msg in errors[:3])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return ImageError(
+        f"{len(errors)} of {total} images cannot be read: {shown}{more}. "
+        "Use --skip-bad-images to leave them out."
+    )

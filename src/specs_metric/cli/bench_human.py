@@ -66,7 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from specs_metric.bench.human import (
-        DataFormatError,
         evaluate,
         iter_score_rows,
         parse_metrics,
@@ -85,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             candidates=_candidates(args.candidates),
             aggregate=args.aggregate,
         )
-    except (DataFormatError, ValueError) as err:
+    except ValueError as err:  # DataError included
         print(f"specs bench human: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
