@@ -17,6 +17,8 @@ import pyarrow as pa
 
 from specs_metric.errors import DataError
 
+_SPLIT_HINT = "; choose one with --split"
+
 
 def read_arrow(path: Path) -> pa.Table:
     """An Arrow IPC file in the stream format (what ``datasets`` writes) or the file format."""
@@ -76,3 +78,33 @@ f"{where}: dataset has splits {available} and none is {default!r}{hint}")
 def read_files(files: list[Path]) -> pa.Table:
     """The Arrow files of a split as one table (memory-mapped)."""
     return pa.concat_tables([read_arrow(f) for f in files])
+
+
+def source_files(
+    path: Path, split: str | None, suffixes: tuple[str, ...], default: str = "test"
+) -> tuple[list[Path], str]:
+    """The files holding a data set's rows, and how messages describe them.
+
+    ``path`` is a file (itself), a ``datasets`` folder (the Arrow files of ``split``), or a
+    folder of ``{split}<suffix>`` files (the first suffix of ``suffixes`` present wins).
+    Without ``split``, ``default`` is taken when present, else the only split.
+    """
+    if path.is_file():
+        return [path], str(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: no such file or directory")
+    splits = dataset_splits(path)
+    if splits is not None:
+        chosen = choose_split(splits, split, default, path, _SPLIT_HINT)
+        return split_files(path / chosen), f"{path} [{chosen}]"
+    if is_dataset_folder(path):
+        return split_files(path), str(path)
+    by_split = {p.stem: p for s in reversed(suffixes) for p in path.glob(f"*{s}")}
+    if not by_split:
+        names = " / ".join(f"{{split}}{s}" for s in suffixes)
+        raise DataError(
+            f"{path}: no datasets folder (dataset_dict.json, state.json, *.arrow) and no "
+            f"{names} file"
+        )
+    chosen = choose_split(sorted(by_split), split, default, path, _SPLIT_HINT)
+    return [by_split[chosen]], str(by_split[chosen])

@@ -16,17 +16,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from specs_metric import hf_datasets
 from specs_metric.errors import DataError
-from specs_metric.hf_datasets import (
-    choose_split,
-    dataset_splits,
-    is_dataset_folder,
-    read_arrow,
-    split_files,
-)
+from specs_metric.hf_datasets import read_arrow
 from specs_metric.transform import ImageSource
-
-SPLIT_HINT = "; choose one with --split"
 
 
 def _csv_records(path: Path) -> list[dict]:
@@ -74,25 +67,7 @@ def _file_records(path: Path) -> list[dict]:
 
 def source_files(path: Path, split: str | None = None) -> tuple[list[Path], str]:
     """The files of a table source, and how messages describe it."""
-    if path.is_file():
-        return [path], str(path)
-    if not path.is_dir():
-        raise DataError(f"{path}: no such file or directory")
-    splits = dataset_splits(path)
-    if splits is not None:
-        chosen = choose_split(splits, split, "test", path, SPLIT_HINT)
-        return split_files(path / chosen), f"{path} [{chosen}]"
-    if is_dataset_folder(path):
-        return split_files(path), str(path)
-    suffixes = (".parquet", ".jsonl", ".csv")
-    by_split = {p.stem: p for s in reversed(suffixes) for p in path.glob(f"*{s}")}
-    if not by_split:
-        raise DataError(
-            f"{path}: no datasets folder (dataset_dict.json, state.json, *.arrow) and no "
-            "{split}.parquet / .jsonl / .csv file"
-        )
-    chosen = choose_split(sorted(by_split), split, "test", path, SPLIT_HINT)
-    return [by_split[chosen]], str(by_split[chosen])
+    return hf_datasets.source_files(path, split, (".parquet", ".jsonl", ".csv"))
 
 
 def read_records(

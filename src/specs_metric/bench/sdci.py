@@ -31,19 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from specs_metric.errors import DataError
-from specs_metric.hf_datasets import (
-    choose_split,
-    dataset_splits,
-    is_dataset_folder,
-    read_arrow,
-    split_files,
-)
+from specs_metric.hf_datasets import read_arrow, source_files
 
 REQUIRED_COLUMNS = ("image", "captions", "neg_captions")
 
 
 SdciFormatError = DataError  # the former name of this reader's layout error
-_SPLIT_HINT = "; choose one with --split"
 
 
 @dataclass(frozen=True)
@@ -74,30 +67,7 @@ class SdciRow:
 
 def _resolve_source(path: Path, split: str | None) -> tuple[list[Path], str]:
     """The files holding the rows, and a description for messages."""
-    if path.is_file():
-        return [path], str(path)
-    if not path.is_dir():
-        raise DataError(f"{path}: no such file or directory")
-    splits = dataset_splits(path)
-    if splits is not None:
-        chosen = choose_split(splits, split, "test", path, _SPLIT_HINT)
-        return split_files(path / chosen), f"{path} [{chosen}]"
-    if is_dataset_folder(path):
-        return split_files(path), str(path)
-    available = sorted(
-        {p.stem for p in path.glob("*.parquet")} | {p.stem for p in path.glob("*.jsonl")}
-    )
-    if not available:
-        raise DataError(
-            f"{path}: found no datasets folder (dataset_dict.json / state.json / *.arrow), "
-            "no {split}.parquet and no {split}.jsonl"
-        )
-    chosen = choose_split(available, split, "test", path, _SPLIT_HINT)
-    for suffix in (".parquet", ".jsonl"):
-        candidate = path / f"{chosen}{suffix}"
-        if candidate.is_file():
-            return [candidate], str(candidate)
-    raise AssertionError("unreachable")  # pragma: no cover
+    return source_files(path, split, (".parquet", ".jsonl"))
 
 
 def _read_records(file: Path) -> tuple[list[dict], pa.ChunkedArray | None]:
