@@ -15,7 +15,7 @@ This script runs the same recipe, sized for an accelerator:
   description) plus the sentence-level grounding loss (true segment vs the false segment of
   its negative, and optionally in-batch: each true segment picks its image), for
   ``--minutes`` in all, with a cosine schedule over time. Every ``--eval-every`` seconds it
-  prints the intrinsic rates (guide §6) of the evaluation world and saves the model (fp16
+  prints the intrinsic rates (README) of the evaluation world and saves the model (fp16
   safetensors) to ``--save``.
 
 The models it writes are starting points: ``grounding_experiments.py finetune --init``
@@ -43,14 +43,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from grounding_experiments import cell_labels, parse_head, parse_loss, segments
-from synthetic_replication import Settings
 
 from specs_metric.bench.intrinsic import image_rates
 from specs_metric.checkpoint import save_state_dict
 from specs_metric.model import LongCLIP
 from specs_metric.synth import generate
+from specs_metric.synth.pretrain import Settings, cell_labels, parse_head, parse_loss, segments
 from specs_metric.tokenizer import EOT_ID, SOT_ID, default_tokenizer
+from specs_metric.training.loss import clip_loss
 from specs_metric.transform import MEAN, STD, open_image, preprocess
 
 CONTEXT = 248
@@ -262,7 +262,7 @@ def pad(seqs: list[np.ndarray], device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def intrinsic(model: LongCLIP, data: dict, device: torch.device) -> tuple[float, float]:
-    """Positive and negative rate (%) of the evaluation world (guide §6)."""
+    """Positive and negative rate (%) of the evaluation world."""
     model.eval()
     world = World(data)
     images = F.normalize(model.encode_image(normalize(data["pixels"].to(device))).float(), dim=-1)
@@ -382,7 +382,6 @@ def train(args: argparse.Namespace) -> None:
     # Phase 2: CLIP loss + sentence-level grounding.
     opt = torch.optim.AdamW(model.parameters(), lr=variant.lr, weight_decay=0.01)
     phase_start, step, clip_budget = time.perf_counter(), 0, budget - parse_budget
-    target = torch.arange(args.batch, device=device)
     while (elapsed := time.perf_counter() - phase_start) < clip_budget:
         for group in opt.param_groups:
             group["lr"] = variant.lr * schedule(elapsed, clip_budget, step)
@@ -394,8 +393,7 @@ def train(args: argparse.Namespace) -> None:
             texts = F.normalize(model.encode_text(batches.descriptions(idx)).float(), dim=-1)
             segs = F.normalize(model.encode_text(seg_rows).float(), dim=-1)
         scale = model.logit_scale.exp()
-        logits = scale * images @ texts.T
-        loss_clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss_clip = clip_loss(images, texts, scale)
         s_true = scale * (segs[:n_pairs] * images[owner]).sum(-1)
         s_false = scale * (segs[n_pairs:] * images[owner]).sum(-1)
         loss_ground = F.softplus(s_false - s_true).mean()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One borrowed-GPU session, end to end, within a fixed wall-clock budget:
-#   1. CUDA checks (benchmarks/cuda_check.py) and the GPU speed benchmark, while the
+#   1. CUDA checks (the test module tests/test_cuda.py) and the GPU speed benchmark, while the
 #      demo pre-training data is generated on the CPU cores;
 #   2. demo pre-training (benchmarks/demo_pretraining.py), three variants sharing the GPU
 #      until the budget is spent.
@@ -28,9 +28,17 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_availa
 python3 benchmarks/demo_pretraining.py prepare --out /tmp/demo --scenes-per-shard "$SCENES" \
     --shards "$SHARDS" --workers 10 > /tmp/checks/prepare.log 2>&1 &
 prepare=$!
-timeout 150 python3 benchmarks/cuda_check.py --out /tmp/checks --device "$DEVICE" \
-    > /tmp/checks/cuda_check.log 2>&1
-echo "cuda_check rc=$? after $(( $(date +%s) - start )) s"
+# The checks write /tmp/checks/cuda_check.json as they go; without pytest on the machine
+# the module runs as a script (the same checks and report).
+if python3 -c "import pytest" 2>/dev/null; then
+    SPECS_CUDA_DEVICE="$DEVICE" SPECS_CUDA_REPORT=/tmp/checks timeout 150 \
+        python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py \
+        > /tmp/checks/cuda_check.log 2>&1
+else
+    timeout 150 python3 tests/test_cuda.py --out /tmp/checks --device "$DEVICE" \
+        > /tmp/checks/cuda_check.log 2>&1
+fi
+echo "cuda checks rc=$? after $(( $(date +%s) - start )) s"
 timeout 150 python3 benchmarks/speed.py --device "$DEVICE" --images "$IMAGES" --rounds 3 \
     --stream-rows 0 --stream-full-rows 0 --json /tmp/checks/speed-cuda.json \
     > /tmp/checks/speed.log 2>&1

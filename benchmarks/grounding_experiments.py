@@ -2,7 +2,7 @@
 
 Runs K-P and the two tower probes of that page, on a synthetic world generated here (seed 0).
 Each command trains from random weights with the replication's model shape
-(``synthetic_replication.Settings``) and prints its progress:
+(``specs_metric.synth.pretrain.Settings``) and prints its progress:
 
 * ``pretrain``: contrastive pre-training on (image, full description) plus, with
   ``--grounding W``, a sentence-level loss: for each image ``--pairs`` of its true segments
@@ -10,11 +10,12 @@ Each command trains from random weights with the replication's model shape
   ``softplus(s(false) - s(true))`` on logit-scaled cosines; ``--in-batch W`` adds a loss
   asking each true segment to pick its image among the batch's; ``--vision-parse N`` first
   trains the image tower for N steps to parse scenes from its embedding (per cell: colour or
-  empty, shape, size, texture; the background colour). Intrinsic rates (guide §6) of the
+  empty, shape, size, texture; the background colour). Intrinsic rates (README) of the
   first ``--eval-scenes`` test scenes are printed every ``--eval-every`` steps.
 * ``finetune``: the replication's two fine-tuning arms (contrastive baseline and SPECS, 400
   steps of batch 32) from ``--init`` on this world's train split, then each arm and the
-  starting model on all test scenes (intrinsic rates and Kendall tau-b, as the replication).
+  starting model on all test scenes (intrinsic rates and Kendall tau-b, as the replication);
+  ``--export-demo DIR`` writes the two arms as the demo pair into DIR.
 * ``negatives``: the negative rate of ``--model`` on the test split, broken down by what its
   false detail gets wrong (fact kind; whether the objects it names are in the scene; for
   relations between present objects, the stated relation), parsing each false segment with
@@ -52,32 +53,35 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from synthetic_replication import (
-    ASSETS,
-    DEMO_FILES,
-    EXAMPLES,
-    REPO,
-    Settings,
-    evaluate,
-    export_model,
-    finetune_arms,
-    training_table,
-    write_examples,
-)
 
 from specs_metric.bench.intrinsic import image_rates
 from specs_metric.checkpoint import save_state_dict
 from specs_metric.model import LongCLIP
 from specs_metric.scorer import load
 from specs_metric.synth import Scene, generate, parse_segment
-from specs_metric.synth.world import COLOUR_NAMES, SHAPES, SIZES, TEXTURES
-from specs_metric.tokenizer import default_tokenizer
+from specs_metric.synth.pretrain import (
+    DEMO_FILES,
+    Settings,
+    cell_labels,
+    evaluate,
+    export_demo,
+    finetune_arms,
+    parse_head,
+    parse_loss,
+    segments,
+    token_batch,
+    training_table,
+)
+from specs_metric.synth.world import COLOUR_NAMES, SHAPES
+from specs_metric.training.loss import clip_loss
+from specs_metric.training.trainer import lr_factor
 from specs_metric.transform import open_image, preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+WARMUP = 20  # warm-up updates of the package's cosine schedule (lr_factor)
 
 BATCH = 64
 TEST_SCENES = 400  # test split size for --scenes >= 2000
-CELLS = 9
-CELL_CLASSES = (len(COLOUR_NAMES) + 1, len(SHAPES), len(SIZES), len(TEXTURES))
 
 
 def world(root: Path, scenes: int, seed: int) -> Path:
@@ -94,30 +98,8 @@ def load_split(data: Path, split: str) -> tuple[list[dict], torch.Tensor]:
     return rows, torch.stack(pixels)
 
 
-def token_batch(texts: list[str]) -> torch.Tensor:
-    tok = default_tokenizer()
-    ids = [tok.token_ids(t)[:248] for t in texts]
-    out = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
-    for i, seq in enumerate(ids):
-        out[i, : len(seq)] = torch.tensor(seq)
-    return out
-
-
-def segments(row: dict) -> tuple[list[str], list[str | None]]:
-    """True segment ``k`` of a scene and the false segment of its negative ``n_k``."""
-    c, negs = row["captions"], row["neg_captions"]
-    true = [c[0]] + [c[k][len(c[k - 1]) + 1 :] for k in range(1, len(c))]
-    false = [None] + [negs[k - 1][len(c[k - 1]) + 1 :] for k in range(1, len(c))]
-    return true, false
-
-
-def cosine_lr(step: int, steps: int, warmup: int = 20) -> float:
-    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-
-@torch.no_grad()
 def intrinsic(model: LongCLIP, rows: list[dict], pixels: torch.Tensor) -> tuple[float, float]:
-    """Positive and negative rate (%) of guide §6, each caption encoded on its own."""
+    """Positive and negative rate (%), each caption encoded on its own."""
     model.eval()
     images = F.normalize(model.encode_image(pixels), dim=-1)
     pos, neg = [], []
@@ -136,41 +118,6 @@ def rates_line(label: str, rates: tuple[float, float]) -> str:
     return f"{label}: positive {rates[0]:.1f} negative {rates[1]:.1f}"
 
 
-def cell_labels(row: dict) -> tuple[torch.Tensor, int]:
-    """Per cell (colour or empty, shape, size, texture; -100 = no object) and background."""
-    scene = json.loads(row["scene"])
-    labels = torch.full((CELLS, 4), -100, dtype=torch.long)
-    labels[:, 0] = len(COLOUR_NAMES)  # empty
-    for o in scene["objects"]:
-        labels[o["cell"]] = torch.tensor(
-            [
-                COLOUR_NAMES.index(o["colour"]),
-                SHAPES.index(o["shape"]),
-                SIZES.index(o["size"]),
-                TEXTURES.index(o["texture"]),
-            ]
-        )
-    return labels, COLOUR_NAMES.index(scene["background"])
-
-
-def parse_head(model: LongCLIP) -> torch.nn.Linear:
-    """Linear scene parser on the image embedding (per-cell classes, then the background)."""
-    return torch.nn.Linear(model.config.embed_dim, CELLS * sum(CELL_CLASSES) + len(COLOUR_NAMES))
-
-
-def parse_loss(out: torch.Tensor, cells: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the parse head's output ``out`` against the scene labels."""
-    width = sum(CELL_CLASSES)
-    per_cell = out[:, : CELLS * width].reshape(len(out), CELLS, width)
-    loss = F.cross_entropy(out[:, CELLS * width :], background)
-    offset = 0
-    for j, n in enumerate(CELL_CLASSES):
-        logits = per_cell[..., offset : offset + n].reshape(-1, n)
-        loss = loss + F.cross_entropy(logits, cells[..., j].reshape(-1))
-        offset += n
-    return loss
-
-
 def vision_parse(model: LongCLIP, rows, pixels, steps: int, rng) -> None:
     """Train the image tower to parse scenes linearly from its embedding."""
     labels = [cell_labels(r) for r in rows]
@@ -182,7 +129,7 @@ def vision_parse(model: LongCLIP, rows, pixels, steps: int, rng) -> None:
     start = time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = 1e-3 * cosine_lr(step, steps)
+            group["lr"] = 1e-3 * lr_factor(step + 1, WARMUP, steps)
         idx = torch.from_numpy(rng.choice(len(rows), BATCH, replace=False))
         out = head(model.encode_image(pixels[idx]))
         loss = parse_loss(out, cells[idx], background[idx])
@@ -215,14 +162,12 @@ def pretrain(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     for step in range(args.steps):
         for group in opt.param_groups:
-            group["lr"] = args.lr * cosine_lr(step, args.steps)
+            group["lr"] = args.lr * lr_factor(step + 1, WARMUP, args.steps)
         idx = rng.choice(len(train_rows), BATCH, replace=False)
         images = F.normalize(model.encode_image(train_px[idx]), dim=-1)
         texts = token_batch([train_rows[i]["captions"][-1] for i in idx])
         scale = model.logit_scale.exp()
-        logits = scale * images @ F.normalize(model.encode_text(texts), dim=-1).T
-        target = torch.arange(BATCH)
-        loss_clip = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss_clip = clip_loss(images, model.encode_text(texts), scale)
         loss, loss_ground = loss_clip, torch.tensor(0.0)
         if args.grounding or args.in_batch:
             true, false, owner = [], [], []
@@ -283,10 +228,9 @@ def finetune(args: argparse.Namespace) -> None:
         print(f"{arm}: {evaluate(model, data)}", flush=True)
     print(f"starting model: {evaluate(args.init, data)}")
     if args.export_demo:
-        for arm, name in DEMO_FILES.items():
-            export_model(arms[arm][0], ASSETS / name)
-        write_examples(Settings(seed=args.seed), out, EXAMPLES)
-        print(f"exported {', '.join(DEMO_FILES.values())} to {ASSETS} and examples to {EXAMPLES}")
+        models = {arm: model for arm, (model, _) in arms.items()}
+        export_demo(models, args.export_demo, Settings(seed=args.seed), out)
+        print(f"exported {', '.join(DEMO_FILES.values())} and examples/ to {args.export_demo}")
 
 
 def false_detail_kind(segment: str, scene: Scene) -> str:
@@ -304,7 +248,7 @@ def false_detail_kind(segment: str, scene: Scene) -> str:
 
 
 def negatives(args: argparse.Namespace) -> None:
-    """The negative rate (``s(c_k) > s(n_k)``, guide §6) by kind of false detail."""
+    """The negative rate (``s(c_k) > s(n_k)``) by kind of false detail."""
     data = world(args.root, args.scenes, args.seed)
     rows = pq.read_table(data / "test.parquet").to_pylist()
     scorer = load(args.model, device="cpu")
@@ -418,8 +362,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--export-demo",
-        action="store_true",
-        help="finetune: bundle both arms as the demo models and refresh examples/",
+        type=Path,
+        metavar="DIR",
+        help="finetune: write both arms as the demo models (fp16) and a fresh examples/ into "
+        "DIR (copy them to src/specs_metric/assets/ and examples/ to update the bundle)",
     )
     p.add_argument("--init", type=Path, help="finetune: the pre-trained model")
     p.add_argument("--model", default="specs-synth-demo", help="negatives: the model to break down")

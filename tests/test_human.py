@@ -361,6 +361,35 @@ def test_cli_end_to_end(tmp_path, ckpts, capsys):
     assert "cider-d" in (out / "report.md").read_text()
 
 
+def test_cli_takes_the_shared_model_options(tmp_path, ckpts, monkeypatch, capsys):
+    # `bench human` once defined its own --device/--precision and lost these two options.
+    import specs_metric.scorer as scorer_module
+
+    calls = []
+    real_load = scorer_module.load
+
+    def spy(name, **kwargs):
+        calls.append(kwargs)
+        return real_load(name, **kwargs)
+
+    monkeypatch.setattr(scorer_module, "load", spy)
+    data = _write_jsonl(tmp_path / "graded.jsonl", _generic_rows(tmp_path, n_images=2))
+    args = ["bench", "human", "--data", str(data), "--format", "generic", "--metrics",
+            f"specs@{ckpts['a']}", "--n-boot", "10", "--no-plots", "--device", "cpu",
+            "--full-precision-weights", "--long-captions", "error"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    assert calls == [{"device": "cpu", "precision": "fp32", "reference_rounding": False,
+                      "long_captions": "error"}]  # fmt: skip
+    # and honoured: a caption over the 248-token context is now an error, not truncated
+    long_rows = _generic_rows(tmp_path, n_images=2)
+    long_rows[0]["caption"] = "a red square " * 200
+    data = _write_jsonl(tmp_path / "long.jsonl", long_rows)
+    args[args.index(str(tmp_path / "graded.jsonl"))] = str(data)
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "o2")]) == 2
+    assert "248" in capsys.readouterr().err
+
+
 def test_cli_bad_data_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "x.png"}\n')

@@ -1,4 +1,4 @@
-"""Intrinsic benchmark: guide §6 rates, prefix-sharing text encoding, sDCI reading, CLI."""
+"""Intrinsic benchmark: the three rates, prefix-sharing text encoding, sDCI reading, CLI."""
 
 from __future__ import annotations
 

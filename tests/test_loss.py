@@ -1,5 +1,5 @@
 """SpecificityLoss against values computed by hand and by a plain-Python transcription of
-guide §4 (math module, loops, no torch ops)."""
+docs/training.md "Objective" (math module, loops, no torch ops)."""
 
 from __future__ import annotations
 

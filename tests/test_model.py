@@ -1,8 +1,8 @@
 """Model numerics against an independent, reference-style forward pass.
 
-The independent pass follows guide §2 literally: full 248-token padding, the masked sum of
-the two positional tables, ``nn.MultiheadAttention`` in (L, N, D) layout with an additive
--inf causal mask, and fp16-rounded Conv/Linear/projection weights.
+The independent pass follows the reference encoders literally: full 248-token padding, the
+masked sum of the two positional tables, ``nn.MultiheadAttention`` in (L, N, D) layout with
+an additive -inf causal mask, and fp16-rounded Conv/Linear/projection weights.
 """
 
 from __future__ import annotations

@@ -13,14 +13,8 @@ import torch
 from PIL import Image
 
 from factories import make_state_dict
-from specs_metric.bench.retrieval import (
-    RetrievalDataError,
-    evaluate_retrieval,
-    read_retrieval,
-    recall_from_similarity,
-    retrieval_ranks,
-    target_ranks,
-)
+from specs_metric.bench.ranking import recall_from_similarity, retrieval_ranks, target_ranks
+from specs_metric.bench.retrieval import RetrievalDataError, evaluate_retrieval, read_retrieval
 from specs_metric.cli import main
 from specs_metric.scorer import load
 from specs_metric.transform import ImageError

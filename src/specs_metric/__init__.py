@@ -14,7 +14,22 @@ try:
 except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+local"
 
-from specs_metric.metric import SPECSScore, specs_score  # noqa: E402
-from specs_metric.scorer import Scorer, load  # noqa: E402
-
 __all__ = ["SPECSScore", "Scorer", "load", "specs_score", "__version__"]
+
+# The public names load on first use, so that importing the package (e.g. for the
+# command line's ``specs --help``) does not import torch.
+_LAZY = {"SPECSScore": "metric", "specs_score": "metric", "Scorer": "scorer", "load": "scorer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        value = getattr(import_module(f"specs_metric.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'specs_metric' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -2,8 +2,10 @@
 
 :class:`SPECSScore` follows the torchmetrics protocol (``update``, ``compute``, ``reset``)
 without depending on torchmetrics. Every pair is scored and clamped on its own scale
-*before* averaging, as guide §1 defines the corpus score. Under DDP, ``compute`` sums the
-state over all processes, so every rank gets the score of the whole evaluation set.
+*before* averaging (the corpus score of :func:`specs_metric.scores.corpus_score`); only
+the ``torchmetrics`` scale clamps the mean instead, like torchmetrics' ``CLIPScore``.
+Under DDP, ``compute`` sums the state over all processes, so every rank gets the score of
+the whole evaluation set.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from specs_metric.scorer import Scorer, load
-from specs_metric.scores import apply_scale, check_scale
+from specs_metric.scores import apply_scale, check_scale, corpus_from_mean, pair_cosines
 from specs_metric.transform import ImageSource
 
 
@@ -23,9 +25,7 @@ def _pairwise_cosine(scorer: Scorer, images, captions: Sequence[str]) -> torch.T
         img = scorer.encode_pixels(images)
     else:
         img = scorer.embed_images(list(images))
-    txt = scorer.embed_texts(list(captions))
-    img, txt = img.double(), txt.double()
-    return (img * txt).sum(-1) / (img.norm(dim=-1) * txt.norm(dim=-1))
+    return pair_cosines(img, scorer.embed_texts(list(captions)))
 
 
 def specs_score(
@@ -86,7 +86,8 @@ class SPECSScore:
         self.count += len(scores)
 
     def compute(self) -> float:
-        """Mean score over all pairs (of all processes under DDP)."""
+        """Mean score over all pairs (of all processes under DDP); on the ``torchmetrics``
+        scale the mean is clamped at 0, as torchmetrics' ``CLIPScore`` does."""
         state = torch.stack([self.total, torch.tensor(float(self.count), dtype=torch.float64)])
         if self.sync_on_compute and dist.is_available() and dist.is_initialized():
             backend = dist.get_backend()
@@ -99,4 +100,4 @@ class SPECSScore:
         total, count = state.tolist()
         if count == 0:
             raise RuntimeError("SPECSScore.compute() called before any update()")
-        return total / count
+        return corpus_from_mean(total / count, self.scale)

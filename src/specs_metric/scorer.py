@@ -2,7 +2,7 @@
 
 Text batches are sorted by token length and cut to their longest sequence: attention is
 causal and pooling happens at the EOT token, so padding after it never changes the result
-(guide §2). Images are preprocessed exactly as the reference does.
+(:mod:`specs_metric.model`). Images are preprocessed exactly as the reference does.
 """
 
 from __future__ import annotations
@@ -21,22 +21,16 @@ from specs_metric.factory import model_from_checkpoint
 from specs_metric.loading import read_checkpoint
 from specs_metric.model import LongCLIP, cast_matmul_weights
 from specs_metric.numerics import strict_fp32
+from specs_metric.runtime import INFERENCE_PRECISIONS as PRECISIONS
+from specs_metric.runtime import resolve_device
 from specs_metric.scores import apply_scale, check_scale, cosine_matrix, cosine_similarity
 from specs_metric.tokenizer import Tokenizer, default_tokenizer
 from specs_metric.transform import ImageSource, load_and_preprocess
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Rows x trimmed length per text batch. Small batches stay in the CPU caches: on 2 cores
 # (B/32 shapes) 2048 ran about 2x faster than 16384 in fp32.
 DEFAULT_TOKEN_BUDGET = 2048
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def length_batches(lengths: Sequence[int], token_budget: int, max_rows: int) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""Score scales computed from the image-caption cosine similarity (guide §1).
+"""Score scales computed from the image-caption cosine similarity (README "Score scales").
 
 - ``specs`` (default): ``max(0, (cos + 1) / 2)``, in [0, 1];
 - ``clip-s``: ``2.5 * max(cos, 0)`` (CLIPScore, Hessel et al. 2021);
@@ -68,19 +68,23 @@ def corpus_score(cosine: np.ndarray, scale: str = "specs") -> float:
     return corpus_from_mean(float(per_pair.mean()), scale)
 
 
+def unit_rows(embeddings: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, in float64: the one normalisation behind every cosine
+    of the project (its device is kept)."""
+    x = embeddings.double()
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def pair_cosines(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of paired embeddings (N, D) x (N, D) -> float64 CPU tensor (N,)."""
+    return (unit_rows(images.detach().cpu()) * unit_rows(texts.detach().cpu())).sum(-1)
+
+
 def cosine_similarity(images: torch.Tensor, texts: torch.Tensor) -> np.ndarray:
     """Row-wise cosine of paired embeddings (N, D) x (N, D) -> float64 (N,)."""
-    a = images.detach().double().cpu()
-    b = texts.detach().double().cpu()
-    a = a / a.norm(dim=-1, keepdim=True)
-    b = b / b.norm(dim=-1, keepdim=True)
-    return (a * b).sum(-1).numpy()
+    return pair_cosines(images, texts).numpy()
 
 
 def cosine_matrix(images: torch.Tensor, texts: torch.Tensor) -> np.ndarray:
     """All-pairs cosine (N_images, N_texts) in float64."""
-    a = images.detach().double().cpu()
-    b = texts.detach().double().cpu()
-    a = a / a.norm(dim=-1, keepdim=True)
-    b = b / b.norm(dim=-1, keepdim=True)
-    return (a @ b.T).numpy()
+    return (unit_rows(images.detach().cpu()) @ unit_rows(texts.detach().cpu()).T).numpy()

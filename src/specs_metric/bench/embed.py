@@ -172,7 +172,11 @@ def embed_texts(scorer: Scorer, texts: Sequence[str], info: DistInfo | None = No
     return gather_rows(local, len(texts), info)
 
 
-def normalize(embeddings: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm, in float64 (the precision of the project's cosines)."""
-    x = embeddings.double()
-    return x / x.norm(dim=1, keepdim=True)
+def bad_image_error(errors: list[tuple[int, str]], total: int) -> ImageError:
+    """One error for the images that failed, naming the first few."""
+    shown = "; ".join(msg for _, msg in errors[:3])
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return ImageError(
+        f"{len(errors)} of {total} images cannot be read: {shown}{more}. "
+        "Use --skip-bad-images to leave them out."
+    )

@@ -30,11 +30,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from specs_metric.errors import DataError
+from specs_metric.hf_datasets import read_arrow, source_files
+
 REQUIRED_COLUMNS = ("image", "captions", "neg_captions")
 
 
-class SdciFormatError(ValueError):
-    """The data does not follow the sDCI layout (the message names the file and row)."""
+SdciFormatError = DataError  # the former name of this reader's layout error
 
 
 @dataclass(frozen=True)
@@ -63,77 +65,16 @@ class SdciRow:
     neg_captions: list[str]
 
 
-def _read_arrow(path: Path) -> pa.Table:
-    """An Arrow IPC file in either the stream format (``datasets``) or the file format."""
-    with pa.memory_map(str(path), "r") as source:
-        try:
-            return pa.ipc.open_stream(source).read_all()
-        except pa.ArrowInvalid:
-            pass
-    with pa.memory_map(str(path), "r") as source:
-        try:
-            return pa.ipc.open_file(source).read_all()
-        except pa.ArrowInvalid as exc:
-            raise SdciFormatError(f"{path}: not an Arrow IPC file ({exc})") from exc
-
-
-def _dataset_dir_files(directory: Path) -> list[Path]:
-    """Arrow files of one ``datasets`` split folder, in their recorded order."""
-    state = directory / "state.json"
-    if state.is_file():
-        files = json.loads(state.read_text()).get("_data_files", [])
-        names = [f["filename"] for f in files if "filename" in f]
-        if names:
-            return [directory / n for n in names]
-    return sorted(directory.glob("*.arrow"))
-
-
-def _choose_split(available: list[str], split: str | None, where: Path) -> str:
-    if split is None:
-        if "test" in available:
-            return "test"
-        if len(available) == 1:
-            return available[0]
-        raise SdciFormatError(f"{where}: several splits {available}; choose one with --split")
-    if split not in available:
-        raise SdciFormatError(f"{where}: no split {split!r}; available: {available}")
-    return split
-
-
 def _resolve_source(path: Path, split: str | None) -> tuple[list[Path], str]:
     """The files holding the rows, and a description for messages."""
-    if path.is_file():
-        return [path], str(path)
-    if not path.is_dir():
-        raise SdciFormatError(f"{path}: no such file or directory")
-    dict_file = path / "dataset_dict.json"
-    if dict_file.is_file():
-        splits = json.loads(dict_file.read_text()).get("splits", [])
-        chosen = _choose_split(list(splits), split, path)
-        return _dataset_dir_files(path / chosen), f"{path} [{chosen}]"
-    if (path / "state.json").is_file() or any(path.glob("*.arrow")):
-        return _dataset_dir_files(path), str(path)
-    available = sorted(
-        {p.stem for p in path.glob("*.parquet")} | {p.stem for p in path.glob("*.jsonl")}
-    )
-    if not available:
-        raise SdciFormatError(
-            f"{path}: found no datasets folder (dataset_dict.json / state.json / *.arrow), "
-            "no {split}.parquet and no {split}.jsonl"
-        )
-    chosen = _choose_split(available, split, path)
-    for suffix in (".parquet", ".jsonl"):
-        candidate = path / f"{chosen}{suffix}"
-        if candidate.is_file():
-            return [candidate], str(candidate)
-    raise AssertionError("unreachable")  # pragma: no cover
+    return source_files(path, split, (".parquet", ".jsonl"))
 
 
 def _read_records(file: Path) -> tuple[list[dict], pa.ChunkedArray | None]:
     """Rows without their ``image`` value, and the ``image`` column (None for JSON lines)."""
     suffix = file.suffix.lower()
     if suffix in (".parquet", ".arrow"):
-        table = pq.read_table(file) if suffix == ".parquet" else _read_arrow(file)
+        table = pq.read_table(file) if suffix == ".parquet" else read_arrow(file)
         images = table.column("image") if "image" in table.column_names else None
         rest = table.drop_columns(["image"]) if images is not None else table
         records = rest.to_pylist()
@@ -150,9 +91,9 @@ def _read_records(file: Path) -> tuple[list[dict], pa.ChunkedArray | None]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise SdciFormatError(f"{file}, line {line_no}: invalid JSON ({exc})") from exc
+                    raise DataError(f"{file}, line {line_no}: invalid JSON ({exc})") from exc
         return records, None
-    raise SdciFormatError(f"{file}: unsupported file type (use .parquet, .arrow or .jsonl)")
+    raise DataError(f"{file}: unsupported file type (use .parquet, .arrow or .jsonl)")
 
 
 def _image_value(value: object, root: Path, explicit_root: bool, where: str) -> str | bytes:
@@ -169,7 +110,7 @@ def _image_value(value: object, root: Path, explicit_root: bool, where: str) -> 
         if explicit_root and not p.exists():
             return str(root / p.name)
         return str(p)
-    raise SdciFormatError(f"{where}: 'image' must be a path, bytes or an Image struct")
+    raise DataError(f"{where}: 'image' must be a path, bytes or an Image struct")
 
 
 def load_image_source(image: str | bytes | ArrowImage) -> str | bytes:
@@ -179,7 +120,7 @@ def load_image_source(image: str | bytes | ArrowImage) -> str | bytes:
 
 def _string_list(value: object, column: str, where: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise SdciFormatError(f"{where}: {column!r} must be a list of strings")
+        raise DataError(f"{where}: {column!r} must be a list of strings")
     return list(value)
 
 
@@ -195,12 +136,12 @@ def read_sdci(
             else its parent).
 
     Raises:
-        SdciFormatError: naming the file and row of the first problem.
+        DataError: naming the file and row of the first problem.
     """
     path = Path(path)
     files, description = _resolve_source(path, split)
     if not files:
-        raise SdciFormatError(f"{description}: no data files")
+        raise DataError(f"{description}: no data files")
     root = Path(image_root) if image_root is not None else (path if path.is_dir() else path.parent)
     explicit_root = image_root is not None
     rows: list[SdciRow] = []
@@ -210,15 +151,15 @@ def read_sdci(
             where = f"{file}, row {i}"
             missing = [c for c in REQUIRED_COLUMNS if c not in rec]
             if missing:
-                raise SdciFormatError(
+                raise DataError(
                     f"{where}: missing column(s) {missing}; found {sorted(rec)}"
                 )
             captions = _string_list(rec["captions"], "captions", where)
             negs = _string_list(rec["neg_captions"], "neg_captions", where)
             if not captions:
-                raise SdciFormatError(f"{where}: 'captions' is empty")
+                raise DataError(f"{where}: 'captions' is empty")
             if len(negs) != len(captions) - 1:
-                raise SdciFormatError(
+                raise DataError(
                     f"{where}: {len(captions)} captions need {len(captions) - 1} neg_captions "
                     f"(n_k = c_(k-1) + a wrong segment), got {len(negs)}"
                 )

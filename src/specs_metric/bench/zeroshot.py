@@ -5,7 +5,7 @@ embedded and L2-normalised, the prompts of a class are averaged and the mean nor
 again: that is the class's embedding. An image is assigned the classes whose embeddings
 have the highest cosine with its own. Top-K accuracy is the percentage of images whose true
 class is within the K best, with the deterministic ranks of
-:func:`specs_metric.bench.retrieval.target_ranks` (ties go to the class listed first).
+:func:`specs_metric.bench.ranking.target_ranks` (ties go to the class listed first).
 
 Data (see ``docs/extrinsic.md``): an ImageFolder-style directory ``root/<class>/<image>``,
 or a table (JSONL, CSV, parquet, ``datasets`` folder) with ``image`` and a label column;
@@ -23,25 +23,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specs_metric.bench.embed import embed_images, embed_texts, normalize
-from specs_metric.bench.retrieval import (
-    bad_image_error,
-    image_source,
-    read_records,
-    recall_at,
-    target_ranks,
-)
+from specs_metric.bench.embed import bad_image_error, embed_images, embed_texts
+from specs_metric.bench.ranking import recall_at, target_ranks
+from specs_metric.bench.records import image_source, read_records
 from specs_metric.bench.templates import get_classes
 from specs_metric.distributed import DistInfo
+from specs_metric.errors import DataError
 from specs_metric.rows import IMAGE_EXTENSIONS
 from specs_metric.scorer import Scorer
+from specs_metric.scores import unit_rows
 from specs_metric.transform import ImageError, ImageSource
 
 DEFAULT_KS = (1, 5)
 
 
-class LabelledDataError(ValueError):
-    """The data cannot be read as labelled images (the message names file and row)."""
+LabelledDataError = DataError  # the former name of this reader's layout error
 
 
 @dataclass
@@ -114,7 +110,7 @@ def _class_index(
     if where == "folders" and len(unknown) == len(found) == len(keys):
         return {k: i for i, k in enumerate(found)}, keys, names
     shown = ", ".join(repr(k) for k in unknown[:5])
-    raise LabelledDataError(
+    raise DataError(
         f"{len(unknown)} label(s) in the {where} are not in the class list: {shown}"
         + (" ..." if len(unknown) > 5 else "")
     )
@@ -132,7 +128,7 @@ def read_image_folder(
             if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS:
                 files.append((folder.name, file))
     if not files:
-        raise LabelledDataError(f"{root}: no images in class folders (root/<class>/<image>)")
+        raise DataError(f"{root}: no images in class folders (root/<class>/<image>)")
     index, keys, names = _class_index([f.name for f in folders], classes, "folders")
     return LabelledSet(
         images=[str(f) for _, f in files],
@@ -161,7 +157,7 @@ def field_value(record: dict, column: str, where: str) -> object:
         ) < len(value):
             value = value[int(part)]
         else:
-            raise LabelledDataError(f"{where}: no field {column!r} (stopped at {part!r})")
+            raise DataError(f"{where}: no field {column!r} (stopped at {part!r})")
     return value
 
 
@@ -175,7 +171,7 @@ def read_labelled_table(
     image_root: str | Path | None = None,
 ) -> LabelledSet:
     """Images with labels from a table (sources as in
-    :func:`specs_metric.bench.retrieval.read_records`).
+    :func:`specs_metric.bench.records.read_records`).
 
     Labels are strings (class keys) or integers (0-based indices into ``classes``, which
     are then required).
@@ -183,44 +179,44 @@ def read_labelled_table(
     try:
         rows, root, description = read_records(path, split, image_root)
     except ValueError as exc:
-        raise LabelledDataError(str(exc)) from exc
+        raise DataError(str(exc)) from exc
     images, raw, ids = [], [], []
     for where, rec in rows:
         if image_column not in rec:
-            raise LabelledDataError(
+            raise DataError(
                 f"{where}: missing column {image_column!r}; found {sorted(rec)}"
             )
         label = field_value(rec, label_column, where)
         if isinstance(label, bool) or not isinstance(label, (str, int)):
-            raise LabelledDataError(f"{where}: label must be a string or an integer, got {label!r}")
+            raise DataError(f"{where}: label must be a string or an integer, got {label!r}")
         if isinstance(label, str) and label.strip().lstrip("-").isdigit():
             if classes is None or label.strip() not in classes[0]:
                 label = int(label)  # CSV cells are strings
         try:
             image = image_source(rec[image_column], root, where)
         except ValueError as exc:
-            raise LabelledDataError(str(exc)) from exc
+            raise DataError(str(exc)) from exc
         images.append(image)
         raw.append((label, where))
         row_id = rec.get("id")
         ids.append(str(row_id) if row_id is not None else where)
     if not images:
-        raise LabelledDataError(f"{description}: no rows")
+        raise DataError(f"{description}: no rows")
     if any(isinstance(label, int) for label, _ in raw):
         if classes is None:
-            raise LabelledDataError(f"{description}: integer labels need a class list (--classes)")
+            raise DataError(f"{description}: integer labels need a class list (--classes)")
         keys, names = classes
         labels = []
         for label, where in raw:
             if isinstance(label, int):
                 if not 0 <= label < len(keys):
-                    raise LabelledDataError(
+                    raise DataError(
                         f"{where}: label {label} is not a class index (0..{len(keys) - 1})"
                     )
                 labels.append(label)
             else:
                 if label not in keys:
-                    raise LabelledDataError(f"{where}: label {label!r} is not in the class list")
+                    raise DataError(f"{where}: label {label!r} is not in the class list")
                 labels.append(keys.index(label))
     else:
         index, keys, names = _class_index([label for label, _ in raw], classes, "labels")
@@ -248,7 +244,7 @@ def read_labelled(
     :func:`specs_metric.bench.templates.get_classes` (default: the labels found)."""
     path = Path(path)
     if not path.exists():
-        raise LabelledDataError(f"{path}: no such file or directory")
+        raise DataError(f"{path}: no such file or directory")
     class_list = get_classes(classes) if classes is not None else None
     if path.is_dir() and _is_image_folder(path):
         return read_image_folder(path, class_list)
@@ -281,8 +277,8 @@ def class_embeddings(
     """(C, D) float64 unit-norm class embeddings: the normalised mean of the normalised
     embeddings of a class's prompts."""
     emb = embed_texts(scorer, prompts(class_names, templates), info)
-    per_prompt = normalize(emb).view(len(class_names), len(templates), -1)
-    return normalize(per_prompt.mean(dim=1))
+    per_prompt = unit_rows(emb).view(len(class_names), len(templates), -1)
+    return unit_rows(per_prompt.mean(dim=1))
 
 
 def topk_accuracy(
@@ -367,7 +363,7 @@ def evaluate_zeroshot(
     keep = images.ok
     if not bool(keep.any()):
         raise ImageError("no image could be read")
-    scores = (normalize(images.embeddings[keep]) @ weights.T).numpy()
+    scores = (unit_rows(images.embeddings[keep]) @ weights.T).numpy()
     labels = data.labels[keep.numpy()]
     ranks = target_ranks(scores, labels)
     per_class = per_class_accuracy(ranks, labels, len(data.class_names))

@@ -3,6 +3,12 @@
 ``register(subparsers)`` adds the command's parser and sets ``func`` (called with the parsed
 namespace, returning an exit code). Commands under ``specs bench`` register on the bench
 sub-parsers instead.
+
+Start-up stays fast because command modules load lazily: :data:`COMMANDS` and
+:data:`BENCH_COMMANDS` name each command, its module and its help line, so ``specs --help``
+imports no command module (and no torch), and a command line imports only the module of the
+command it names. To add a command, write ``cli/<name>.py`` with ``register`` and add a row
+to the table.
 """
 
 from __future__ import annotations
@@ -12,24 +18,39 @@ import errno
 import importlib
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from specs_metric import __version__
-
-# Top-level commands, in the order ``specs --help`` lists them.
-COMMANDS = [
-    "score",
-    "models",
-    "convert",
-    "prepare",
-    "train",
-    "compare",
-    "sweep",
-    "explain",
-    "synth",
-]
+# (command, module under specs_metric.cli, help line), in the order ``specs --help`` lists
+# them. The help line is the one the module's ``register`` gives (a test keeps them equal).
+COMMANDS: list[tuple[str, str, str]] = [
+    ("score", "score",
+     "score image-caption rows (JSONL, CSV, JSON, webdataset shards, parquet, ...)"),
+    ("models", "models", "list named models (and which are cached) or --arch names"),
+    ("convert", "convert",
+     "convert a checkpoint (HF <-> LongCLIP/OpenAI layout; CLIP -> LongCLIP)"),
+    ("prepare", "prepare", "build a training set (captions, cumulative captions, negatives)"),
+    ("train", "train", "fine-tune a LongCLIP checkpoint with the SPECS objective"),
+    ("compare", "compare",
+     "compare two `specs score` outputs: two scoring models or two captioners (B - A)"),
+    ("sweep", "sweep",
+     "score a captioner's checkpoints (one caption file each) and test each step"),
+    ("explain", "explain", "which segments of each caption raise or lower its score"),
+    ("synth", "synth",
+     "generate synthetic scenes with known facts (sDCI layout + graded captions)"),
+]  # fmt: skip
 # Sub-commands of ``specs bench``.
-BENCH_COMMANDS: list[str] = ["human", "intrinsic", "retrieval", "zeroshot", "details"]
+BENCH_COMMANDS: list[tuple[str, str, str]] = [
+    ("human", "bench_human",
+     "correlation of SPECS, CLIP-S and text metrics with human judgments"),
+    ("intrinsic", "bench_intrinsic",
+     "intrinsic specificity: do added details raise and wrong details lower the score?"),
+    ("retrieval", "bench_retrieval", "image-text retrieval Recall@1/5/10 in both directions"),
+    ("zeroshot", "bench_zeroshot",
+     "zero-shot classification top-1/top-5 accuracy with prompt templates"),
+    ("details", "bench_details",
+     "per-sentence attribution on a synthetic world: AUROC of -delta, false vs true"),
+]  # fmt: skip
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -39,23 +60,56 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``specs`` argument parser."""
+def _chosen(argv: Sequence[str] | None) -> list[str] | None:
+    """The positional words of ``argv`` (the command path), or None for "load everything"."""
+    if argv is None:
+        return None
+    return [a for a in argv if not a.startswith("-")]
+
+
+def _add_commands(
+    sub: argparse._SubParsersAction, table: list[tuple[str, str, str]], chosen: str | None,
+    load_all: bool,
+) -> None:
+    for name, module, help_line in table:
+        if load_all or name == chosen:
+            importlib.import_module(f"specs_metric.cli.{module}").register(sub)
+        else:  # listed in the help, never parsed: the command line names another command
+            sub.add_parser(name, help=help_line, add_help=False)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("specs-metric")
+    except PackageNotFoundError:  # running from a source tree
+        return "0.0.0+local"
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``specs`` argument parser.
+
+    Args:
+        argv: the command line it will parse: only the module of the command it names is
+            imported (none for ``specs --help``). ``None`` builds every command's parser.
+    """
+    words = _chosen(argv)
+    load_all = words is None
     parser = OneLineParser(
         prog="specs",
         description="SPECS: reference-free, specificity-aware scoring of long image captions.",
     )
-    parser.add_argument("--version", action="version", version=f"specs-metric {__version__}")
+    parser.add_argument("--version", action="version", version=f"specs-metric {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"specs_metric.cli.{name}").register(sub)
+    _add_commands(sub, COMMANDS, words[0] if words else None, load_all)
     if BENCH_COMMANDS:
         bench = sub.add_parser(
             "bench", help="benchmarks: intrinsic, human, retrieval, zeroshot, details"
         )
         bench_sub = bench.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-        for name in BENCH_COMMANDS:
-            importlib.import_module(f"specs_metric.cli.bench_{name}").register(bench_sub)
+        in_bench = bool(words) and words[0] == "bench" and len(words) > 1
+        _add_commands(bench_sub, BENCH_COMMANDS, words[1] if in_bench else None, load_all)
     return parser
 
 
@@ -115,6 +169,20 @@ def check_output_locations(args: argparse.Namespace) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions reported in one line. The package's own are looked up only in modules
+    already imported (an error cannot come from a module that never loaded), so that
+    handling them imports nothing heavy."""
+    found: list[type[BaseException]] = [FileNotFoundError, ValueError]
+    for module, name in (
+        ("specs_metric.checkpoint", "CheckpointError"),
+        ("specs_metric.pretrained", "ModelNotAvailableError"),
+    ):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``specs`` console script.
 
@@ -123,21 +191,20 @@ def main(argv: list[str] | None = None) -> int:
     and exit with status 2; any other exception is a bug and keeps its traceback. Set
     ``SPECS_DEBUG=1`` for the traceback of every error.
     """
-    from specs_metric.checkpoint import CheckpointError
-    from specs_metric.distributed import is_initialized, shutdown
-    from specs_metric.pretrained import ModelNotAvailableError
-
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    group_was_open = is_initialized()  # a caller's group is the caller's to close
+    from specs_metric.runtime import leave_process_group, process_group_open
+
+    group_was_open = process_group_open()  # a caller's group is the caller's to close
     succeeded = False
     try:
         check_output_locations(args)
         code = int(args.func(args) or 0)
         succeeded = True
         return code
-    except (CheckpointError, ModelNotAvailableError, OSError, ValueError) as exc:
-        if os.environ.get("SPECS_DEBUG") == "1":
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()) or os.environ.get("SPECS_DEBUG") == "1":
             raise
         message = describe_os_error(exc, args) if isinstance(exc, OSError) else str(exc)
         # One line: a message that spans lines (a wrapped library error) is joined.
@@ -147,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Under torchrun, ranks leave together so that none aborts on a closed connection.
         if not group_was_open:
-            shutdown(wait=succeeded)
+            leave_process_group(wait=succeeded)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from specs_metric.bench.human import DEFAULT_MODEL, FORMATS
-from specs_metric.cli.common import add_device_option, positive_int, probability
+from specs_metric.cli.common import add_model_options, load_scorer, positive_int, probability
 from specs_metric.jsonio import dumps
 
 
@@ -56,8 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=positive_int, default=1000, help="bootstrap resamples (1000)")
     p.add_argument("--level", type=probability, default=0.95, help="confidence level (0.95)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
-    add_device_option(p)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    add_model_options(p)
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (64)")
     p.add_argument("--out", type=Path, default=Path("bench_human"), help="report folder")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
@@ -66,7 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from specs_metric.bench.human import (
-        DataFormatError,
         evaluate,
         iter_score_rows,
         parse_metrics,
@@ -85,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             candidates=_candidates(args.candidates),
             aggregate=args.aggregate,
         )
-    except (DataFormatError, ValueError) as err:
+    except ValueError as err:  # DataError included
         print(f"specs bench human: {err}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -109,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
     results = run_metrics(
         sets,
         metrics,
-        device=args.device,
-        precision=args.precision,
+        loader=lambda model: load_scorer(args, model),
         batch_size=args.batch_size,
         on_result=progress,
     )

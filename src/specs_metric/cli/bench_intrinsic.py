@@ -1,4 +1,5 @@
-"""``specs bench intrinsic``: positive / negative / average rates of guide §6."""
+"""``specs bench intrinsic``: positive / negative / average rates (README, "The intrinsic
+specificity benchmark")."""
 
 from __future__ import annotations
 
@@ -71,12 +72,12 @@ def _per_image(rows, scores, rates=None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.bench.sdci import SdciFormatError
+    from specs_metric.errors import DataError
     from specs_metric.transform import ImageError
 
     try:
         return _run(args)
-    except (SdciFormatError, ImageError) as exc:
+    except (DataError, ImageError) as exc:
         print(f"specs bench intrinsic: error: {exc}", file=sys.stderr)
         return 2
 

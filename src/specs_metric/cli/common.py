@@ -1,8 +1,11 @@
-"""Options shared by the commands: validated argument types and the model options."""
+"""Options shared by the commands: validated argument types and the model options (light:
+imports no torch until a value is checked)."""
 
 from __future__ import annotations
 
 import argparse
+
+from specs_metric.runtime import INFERENCE_PRECISIONS
 
 
 def positive_int(text: str) -> int:
@@ -106,7 +109,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16"],
+        choices=INFERENCE_PRECISIONS,
         help="fp32 = exact reference numerics (default); bf16 / fp16 (CUDA) = fast "
         "(bf16 on a CPU without AMX or AVX-512-BF16 falls back to fp32)",
     )

@@ -8,10 +8,11 @@ import os
 import sys
 
 from specs_metric.cli.common import add_device_option, nonnegative_int, positive_int
+from specs_metric.runtime import TRAINING_AUTOCAST
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from specs_metric.training.trainer import OBJECTIVES, PRECISIONS, TrainConfig
+    from specs_metric.training.trainer import OBJECTIVES, TrainConfig
 
     d = TrainConfig(init="", data="", output="")
     p = subparsers.add_parser(
@@ -19,8 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fine-tune a LongCLIP checkpoint with the SPECS objective",
         description=(
             "Train on a set built by `specs prepare`. Defaults are the released SPECS recipe "
-            "(guide §4). Launch with torchrun for several processes or nodes: --batch-size is "
-            "per process. See docs/training.md."
+            "(docs/training.md). Launch with torchrun for several processes or nodes: "
+            "--batch-size is per process."
         ),
     )
     p.add_argument(
@@ -67,9 +68,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--precision",
-        choices=PRECISIONS,
+        choices=TRAINING_AUTOCAST,
         default=d.precision,
-        help="auto: fp16 autocast on CUDA, fp32 on CPU; bf16 works on CPU too",
+        help="training autocast; auto: fp16 (with gradient scaling) on CUDA, fp32 on CPU; "
+        "bf16 works on CPU too",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(

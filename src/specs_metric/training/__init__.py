@@ -2,7 +2,7 @@
 
 - :mod:`~specs_metric.training.segment`: cutting captions into detail segments.
 - :mod:`~specs_metric.training.prepare`: building cumulative captions and negatives.
-- :mod:`~specs_metric.training.loss`: :class:`SpecificityLoss` (guide §4).
+- :mod:`~specs_metric.training.loss`: :class:`SpecificityLoss` (docs/training.md, "Objective").
 - :mod:`~specs_metric.training.data`: the training dataset, decoded in DataLoader workers.
 - :mod:`~specs_metric.training.trainer`: :func:`train` for a :class:`TrainConfig`.
 

@@ -1,11 +1,12 @@
 """Training examples for the specificity objective, decoded in DataLoader workers.
 
-One example (guide §4, as the reference's collate function builds it) is the image, the full
-caption ``C`` (the ``caption`` column), and for an index ``i`` drawn uniformly from
-``0 .. len(captions) - 2``: the base ``B = captions[i]``, the detail ``D = captions[i + 1]``
-and the negative ``N = neg_captions[i]``. Rows with fewer than two cumulative captions are
-left out, as the reference filters them when loading. Texts longer than the context are
-truncated with a final EOT, like the reference's ``tokenize(..., truncate=True)``.
+One example (docs/training.md, "Objective"; as the reference's collate function builds it)
+is the image, the full caption ``C`` (the ``caption`` column), and for an index ``i``
+drawn uniformly from ``0 .. len(captions) - 2``: the base ``B = captions[i]``, the detail
+``D = captions[i + 1]`` and the negative ``N = neg_captions[i]``. Rows with fewer than two
+cumulative captions are left out, as the reference filters them when loading. Texts longer
+than the context are truncated with a final EOT, like the reference's
+``tokenize(..., truncate=True)``.
 
 Unlike the reference, which draws ``i`` from the Python ``random`` state of whichever
 process runs the collate function, ``i`` comes from a generator seeded with
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from specs_metric.tokenizer import EOT_ID, Tokenizer, default_tokenizer
@@ -43,6 +45,20 @@ def truncate_ids(ids: list[int], context_length: int) -> list[int]:
     ids = ids[:context_length]
     ids[-1] = EOT_ID
     return ids
+
+
+def training_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Training preprocessing of one decoded image: converted to RGB *first*, then resized,
+    cropped and normalised like scoring.
+
+    This is the reference's training recipe: its SPECS training script decodes every image
+    file straight to RGB (torchvision's RGB read mode) and only then applies its resize /
+    crop / normalise transform, while its scoring pipeline converts to RGB after resizing
+    (:func:`specs_metric.transform.preprocess`). The two agree on RGB images; on RGBA
+    images (PIL resizes them with premultiplied alpha) and palette images (PIL resizes
+    them with nearest-neighbour) they differ, and training keeps the reference's order.
+    """
+    return preprocess(image.convert("RGB"), resolution)
 
 
 def detail_index(seed: int, epoch: int, row: int, n_captions: int) -> int:
@@ -132,7 +148,7 @@ class SpecificityDataset(Dataset):
         row = int(self.rows[index])
         source = self._image_source(self._cell("image", row))
         try:
-            pixels = preprocess(open_image(source).convert("RGB"), self.resolution)
+            pixels = training_pixels(open_image(source), self.resolution)
         except (ImageError, OSError, ValueError) as exc:
             log.warning("row %d: skipping image: %s", row, exc)
             return None

@@ -8,7 +8,7 @@ Each kept row gets
 - ``captions``: cumulative captions ``c_1 .. c_n`` (``c_{k+1}`` = ``c_k`` + one segment),
 - ``neg_captions``: ``n_1 .. n_{n-1}`` with ``n_k`` = ``c_k`` + a segment of another image.
 
-Negatives follow the reference data preparation (guide §5) with a seeded
+Negatives follow the reference data preparation (docs/training.md, "Negatives") with a seeded
 :class:`random.Random`: rows are visited in input order; for each segment index ``i`` of a
 row (all but its last segment) a random row with a different image is drawn (again until the
 image differs and it has a segment; the reference would crash on a row without segments) and
@@ -38,6 +38,14 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from specs_metric.errors import DataError
+from specs_metric.hf_datasets import (
+    choose_split,
+    dataset_splits,
+    is_dataset_folder,
+    read_files,
+    split_files,
+)
 from specs_metric.tokenizer import Tokenizer, clean_text, default_tokenizer
 from specs_metric.training.segment import DEFAULT_SEGMENTER, Segmenter, get_segmenter
 
@@ -56,7 +64,7 @@ CONTEXT_LENGTH = 248
 OUTPUT_COLUMNS = ("image", "caption", "captions", "neg_captions")
 
 
-class PrepareError(ValueError):
+class PrepareError(DataError):
     """Input that cannot be read at all (the message names the file and the row)."""
 
 
@@ -133,25 +141,15 @@ def read_table(path: str | Path) -> pa.Table:
         return pq.read_table(path)
     if not path.is_dir():
         raise PrepareError(f"{path}: no such file or directory")
-    splits_file = path / "dataset_dict.json"
-    if splits_file.is_file():
-        splits = json.loads(splits_file.read_text())["splits"]
-        split = "train" if "train" in splits else splits[0] if len(splits) == 1 else None
-        if split is None:
-            raise PrepareError(f"{path}: dataset has splits {splits} and none is 'train'")
-        return read_table(path / split)
-    state_file = path / "state.json"
-    if not state_file.is_file():
-        parquet_files = sorted(path.glob("*.parquet"))
-        if parquet_files:
-            return pa.concat_tables([pq.read_table(p) for p in parquet_files])
-        raise PrepareError(f"{path}: not a datasets directory (no state.json or dataset_dict.json)")
-    files = [path / f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
-    tables = []
-    for file in files:
-        with pa.memory_map(str(file)) as source:
-            tables.append(pa.ipc.open_stream(source).read_all())
-    return pa.concat_tables(tables)
+    splits = dataset_splits(path)
+    if splits is not None:
+        return read_table(path / choose_split(splits, None, "train", path))
+    if is_dataset_folder(path):
+        return read_files(split_files(path))
+    parquet_files = sorted(path.glob("*.parquet"))
+    if parquet_files:
+        return pa.concat_tables([pq.read_table(p) for p in parquet_files])
+    raise PrepareError(f"{path}: not a datasets directory (no state.json or dataset_dict.json)")
 
 
 def _caption_of(record: dict, where: str) -> Any:
@@ -276,7 +274,7 @@ def draw_negative_details(
     shuffle_fraction: float = DEFAULT_SHUFFLE_FRACTION,
     seed: int = 42,
 ) -> list[list[str] | None]:
-    """Negative detail segments for every row (guide §5).
+    """Negative detail segments for every row (docs/training.md, "Negatives").
 
     Args:
         segments: detail segments of each row (rows with a readable image, in order).

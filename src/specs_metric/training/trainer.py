@@ -1,9 +1,10 @@
 """Fine-tuning LongCLIP with the specificity objective (or CLIP pre-training).
 
 :func:`train` runs the loop for a :class:`TrainConfig`; ``specs train`` is a thin wrapper.
-Defaults are the released SPECS recipe (guide §4): lc = 1, ld = 8, ln = 0.8, adaptive
-margin, AdamW (lr 1e-5, weight decay 0.01 on every parameter), cosine schedule with 40
-warm-up steps, 6 epochs, batch 100 per process x 4 accumulation steps, mixed precision.
+Defaults are the released SPECS recipe (docs/training.md, "Objective" and "Schedule and
+optimisation"): lc = 1, ld = 8, ln = 0.8, adaptive margin, AdamW (lr 1e-5, weight decay
+0.01 on every parameter), cosine schedule with 40 warm-up steps, 6 epochs, batch 100 per
+process x 4 accumulation steps, mixed precision.
 
 Behaviour worth knowing (see docs/training.md):
 
@@ -47,13 +48,14 @@ from specs_metric.config import config_metadata
 from specs_metric.distributed import DistInfo, init_from_env
 from specs_metric.factory import model_from_checkpoint
 from specs_metric.loading import read_checkpoint
+from specs_metric.runtime import TRAINING_AUTOCAST, resolve_device, resolve_training_autocast
 from specs_metric.training.data import ResumableSampler, SpecificityDataset, collate_examples
 from specs_metric.training.loss import LossOutput, SpecificityLoss, clip_loss
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("specs", "clip")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = TRAINING_AUTOCAST  # training autocast, not the scorer's inference precision
 LOG_COLUMNS = (
     "step", "epoch", "lr", "loss", "contrastive", "detail", "negative", "margin",
     "logit_scale", "images", "skipped_images", "seconds",
@@ -324,17 +326,15 @@ class Trainer:
     def __init__(self, config: TrainConfig) -> None:
         config.validate()
         self.config = config
-        device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(config.device)
         self.dist: DistInfo = init_from_env(device)
         if self.dist.enabled and self.dist.backend == "nccl":
-            device = f"cuda:{self.dist.local_rank}"
-        self.device = torch.device(device)
-        precision = config.precision
-        if precision == "auto":
-            precision = "fp16" if self.device.type == "cuda" else "fp32"
-        if precision == "fp16" and self.device.type != "cuda":
-            raise TrainError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
-        self.precision = precision
+            device = torch.device("cuda", self.dist.local_rank)
+        self.device = device
+        try:
+            self.precision = resolve_training_autocast(config.precision, self.device)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
         self.output = Path(config.output)
         self.is_main = self.dist.is_main
         if config.deterministic:

@@ -1,4 +1,5 @@
-"""CUDA code paths of ``specs_metric`` in one short run (under 90 s on one GPU).
+"""CUDA code paths of ``specs_metric`` in one short run (under 90 s on one GPU): a test
+module, skipped where there is no GPU.
 
 Checks, each against the CPU in fp32 (the reference numerics):
 
@@ -23,21 +24,24 @@ f. training: ``specs prepare`` on the world's train split, then ``specs train`` 
 g. ``specs bench intrinsic`` (``--json``) on the device against the same on the CPU: rates
    equal, or at most one image's per-image rates differ (both are reported); fp16 reported.
 
-Each check catches its own exceptions and records pass / fail, its numbers and any
-traceback; a line is printed as it goes, and ``OUT/cuda_check.json`` is rewritten after
-every check and every expectation, so what finished survives a timeout. The exit code is 0
-whatever the checks find: ``failed`` in the JSON lists the checks that did not pass.
+Each check is one test (``test_check[a]`` ... ``test_check[g]``). A check records pass /
+fail, its numbers and any traceback; a line is printed as it goes, and
+``cuda_check.json`` is rewritten after every check and every expectation, so what finished
+survives a timeout. The report goes to the folder ``$SPECS_CUDA_REPORT`` (else ``$OUT``,
+else a pytest temporary folder); ``failed`` in it lists the checks that did not pass.
 Temporary data lives in a temporary directory. Subprocesses run this checkout's ``src``
 (``PYTHONPATH``).
 
-``--device cpu`` runs the same checks with the CPU as the "accelerator" (a wiring check:
-fp16, which the Scorer and trainer refuse on a CPU, is replaced by bf16; training runs bf16
-and fp32). It took 1 to 3 minutes on 2 cores (75 s on an idle machine).
+The device is ``$SPECS_CUDA_DEVICE`` (default ``cuda``); the module is skipped when it is a
+CUDA device and CUDA is not available, so CI without a GPU skips it at collection.
+``SPECS_CUDA_DEVICE=cpu`` runs the same checks with the CPU as the "accelerator" (a wiring
+check: fp16, which the Scorer and trainer refuse on a CPU, is replaced by bf16; training
+runs bf16 and fp32). It took 1 to 3 minutes on 2 cores (75 s on an idle machine).
 
 Usage:
-    PYTHONPATH=src python benchmarks/cuda_check.py --out runs/cuda-check   # on a GPU machine
-    python benchmarks/cuda_check.py --out /tmp/cuda-check --device cpu     # wiring check
-    python benchmarks/cuda_check.py --out DIR --only b,d                   # some checks only
+    SPECS_CUDA_REPORT=runs/cuda-check python -m pytest -q tests/test_cuda.py   # GPU machine
+    SPECS_CUDA_DEVICE=cpu python -m pytest -q tests/test_cuda.py -k "a or e"   # wiring check
+    python tests/test_cuda.py --out DIR [--device cpu] [--only b,d]   # without pytest
 """
 
 from __future__ import annotations
@@ -62,16 +66,19 @@ from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+try:  # the GPU machine may run this file as a script, without pytest
+    import pytest
+except ImportError:  # pragma: no cover
+    pytest = None
+
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
-# This checkout's package, also where it is not installed (the GPU machine).
-if str(SRC) not in sys.path:
+if __name__ == "__main__" and str(SRC) not in sys.path:  # a script run of this checkout
     sys.path.insert(1, str(SRC))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from speed import B32, make_corpus, reference_loop  # noqa: E402
 
 from specs_metric import fused  # noqa: E402
 from specs_metric.checkpoint import read_state_dict  # noqa: E402
@@ -82,6 +89,8 @@ from specs_metric.model import LongCLIP  # noqa: E402
 from specs_metric.numerics import strict_fp32, tf32_flags  # noqa: E402
 from specs_metric.scorer import Scorer, load  # noqa: E402
 from specs_metric.synth import generate  # noqa: E402
+
+DEVICE = os.environ.get("SPECS_CUDA_DEVICE", "cuda")
 
 DEMO = "specs-synth-demo"
 WORLD_SCENES, WORLD_SEED = 120, 7
@@ -208,7 +217,7 @@ class Report:
         self.path = out / "cuda_check.json"
         self.start = time.perf_counter()
         self.data: dict = {
-            "script": "benchmarks/cuda_check.py",
+            "script": "tests/test_cuda.py",
             "argv": sys.argv[1:],
             "device": str(device),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -403,7 +412,20 @@ def check_synth_parity(c: Check, ctx: Context) -> None:
         compare(c, name, reference, scores, ctx.groups, precision)
 
 
+def _speed_benchmark():
+    """benchmarks/speed.py, the source of the B/32 shapes and the reference-style loop (a
+    script that imports its neighbour ``reference_style``, hence its folder on the path)."""
+    folder = str(REPO / "benchmarks")
+    if folder not in sys.path:
+        sys.path.append(folder)
+    import speed
+
+    return speed
+
+
 def check_b32_parity(c: Check, ctx: Context) -> None:
+    speed = _speed_benchmark()
+    B32, make_corpus, reference_loop = speed.B32, speed.make_corpus, speed.reference_loop
     root = ctx.tmp / "b32"
     root.mkdir()
     corpus = make_corpus(root, 8, 8, seed=0)
@@ -748,6 +770,39 @@ KEYS = {
     "f": "f_training",
     "g": "g_intrinsic",
 }
+
+
+# ----------------------------------------------------------------------------- pytest
+
+if pytest is not None:
+    pytestmark = pytest.mark.skipif(
+        torch.device(DEVICE).type == "cuda" and not torch.cuda.is_available(),
+        reason=f"device {DEVICE}: no CUDA GPU here",
+    )
+
+    @pytest.fixture(scope="module")
+    def report(tmp_path_factory):
+        folder = os.environ.get("SPECS_CUDA_REPORT") or os.environ.get("OUT")
+        out = Path(folder) if folder else tmp_path_factory.mktemp("cuda-check")
+        out.mkdir(parents=True, exist_ok=True)
+        found = Report(out, torch.device(DEVICE))
+        found.write()
+        yield found
+        found.data["complete"] = True
+        found.write()
+
+    @pytest.fixture(scope="module")
+    def context(tmp_path_factory):
+        timeout = float(os.environ.get("SPECS_CUDA_TIMEOUT", "300"))
+        return Context(torch.device(DEVICE), tmp_path_factory.mktemp("cuda-data"), timeout)
+
+    @pytest.mark.parametrize("key", list(CHECKS))
+    def test_check(key, report, context):
+        title, body = CHECKS[key]
+        report.run(KEYS[key], title, lambda c: body(c, context))
+        entry = report.data["checks"][KEYS[key]]
+        failed = [f"{e['name']}: {e['detail']}" for e in entry["expectations"] if not e["ok"]]
+        assert entry["status"] == "pass", entry.get("error") or "; ".join(failed)
 
 
 def main() -> int:
