@@ -73,7 +73,7 @@ from specs_metric import __version__
 from specs_metric.bench.intrinsic import encode_chains
 from specs_metric.rows import read_rows
 from specs_metric.scores import apply_scale, check_scale, cosine_similarity
-from specs_metric.tokenizer import EOT_ID, CaptionTooLongError, Tokenizer
+from specs_metric.tokenizer import CaptionTooLongError, Tokenizer, truncate_ids
 from specs_metric.training.segment import SEGMENTERS, Segmenter, get_segmenter
 from specs_metric.transform import ImageError, ImageSource, open_image, preprocess
 
@@ -214,9 +214,7 @@ class _Sequences:
         return ids
 
     def add(self, text: str) -> int:
-        ids = self.full_ids(text)
-        if len(ids) > self.context:
-            ids = ids[: self.context - 1] + [EOT_ID]
+        ids = truncate_ids(self.full_ids(text), self.context)
         key = tuple(ids)
         if key not in self._index:
             self._index[key] = len(self.items)

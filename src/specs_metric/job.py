@@ -46,10 +46,10 @@ from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_r
 from specs_metric.locking import OutputLock
 from specs_metric.outputs import read_table_output, write_output
 from specs_metric.rows import Row, count_rows, read_rows
-from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer, length_batches
-from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
+from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer
+from specs_metric.scores import apply_scale, check_scale, corpus_from_mean, cosine_similarity
 from specs_metric.sources import SourceOptions, input_identity
-from specs_metric.tokenizer import EOT_ID, default_tokenizer, literal_special_warning
+from specs_metric.tokenizer import Tokenizer, literal_special_warning, truncate_ids
 from specs_metric.transform import ImageError, open_image, preprocess, read_image_bytes
 from specs_metric.workers import die_with_parent
 
@@ -92,6 +92,41 @@ class _Chunk:
     image_hash: list[str] = field(default_factory=list)  # per valid row
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # hash -> pixels to encode
     cached: dict[str, np.ndarray] = field(default_factory=dict)  # hash -> embedding from disk
+    # hash -> image file, for images whose pixels this worker sent with an earlier chunk
+    sent_before: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class FittedCaption:
+    """A caption's ids as the model reads them, with what the output reports about it."""
+
+    ids: list[int] | None  # None when the caption cannot be scored (see error)
+    tokens: int  # SOT and EOT counted, before truncation
+    truncated: bool
+    warning: str | None
+    error: str | None
+
+
+def fit_caption(
+    tokenizer: Tokenizer, caption: str, context_length: int, long_captions: str, label: str
+) -> FittedCaption:
+    """Tokenize one caption for scoring: truncated with EOT last, or an error for an
+    over-long caption under ``long_captions="error"``; literal special tokens warned about."""
+    ids = tokenizer.token_ids(caption)
+    truncated = len(ids) > context_length
+    error = None
+    if truncated and long_captions == "error":
+        error = (
+            f"{label}: caption has {len(ids)} tokens, more than the context length "
+            f"{context_length}"
+        )
+    return FittedCaption(
+        None if error else truncate_ids(ids, context_length),
+        len(ids),
+        truncated,
+        literal_special_warning(ids),
+        error,
+    )
 
 
 class _ChunkStream(IterableDataset):
@@ -107,6 +142,7 @@ class _ChunkStream(IterableDataset):
         resolution: int | PreprocessConfig,
         long_captions: str,
         cache: EmbeddingCache | None,
+        tokenizer: Tokenizer,
     ) -> None:
         self.config = config
         self.start, self.stop = start, stop
@@ -114,6 +150,12 @@ class _ChunkStream(IterableDataset):
         self.resolution = resolution
         self.long_captions = long_captions
         self.cache = cache
+        self.tokenizer = tokenizer
+        # Files whose pixels this process already sent (path -> (size, mtime, hash)): the
+        # main process keeps their embeddings, so later chunks send only the hash. Each
+        # DataLoader worker has its own copy of this stream, hence its own record.
+        self._sent: OrderedDict[Path, tuple[int, int, str]] = OrderedDict()
+        self._sent_capacity = max(1, config.memory_cache_size // max(1, config.num_workers))
 
     def _chunks(self) -> Iterator[list[Row]]:
         chunk: list[Row] = []
@@ -137,7 +179,6 @@ class _ChunkStream(IterableDataset):
                 yield self._prepare(rows)
 
     def _prepare(self, rows: list[Row]) -> _Chunk:
-        tokenizer = default_tokenizer()
         out = _Chunk(rows=[])
         images: dict[object, tuple[str | None, str | None]] = {}  # path -> (hash, error)
         for row in rows:
@@ -153,17 +194,12 @@ class _ChunkStream(IterableDataset):
                 "error": row.error,
             }
             if rec["error"] is None:
-                ids = tokenizer.token_ids(row.caption)
-                rec["warning"] = literal_special_warning(ids)
-                rec["tokens"] = len(ids)
-                rec["truncated"] = len(ids) > self.context_length
-                if rec["truncated"]:
-                    if self.long_captions == "error":
-                        rec["error"] = (
-                            f"{row.label}: caption has {len(ids)} tokens, more "
-                            f"than the context length {self.context_length}"
-                        )
-                    ids = ids[: self.context_length - 1] + [EOT_ID]
+                fitted = fit_caption(
+                    self.tokenizer, row.caption, self.context_length, self.long_captions, row.label
+                )
+                ids = fitted.ids
+                rec["tokens"], rec["truncated"] = fitted.tokens, fitted.truncated
+                rec["warning"], rec["error"] = fitted.warning, fitted.error
             if rec["error"] is None:
                 key = row.path if row.data is None else ("row", row.index)  # bytes: per row
                 if key not in images:
@@ -182,6 +218,10 @@ class _ChunkStream(IterableDataset):
         self, path: Path | None, chunk: _Chunk, data: bytes | None = None, name: str | None = None
     ) -> tuple[str | None, str | None]:
         if data is None:
+            sent = self._sent_hash(path)
+            if sent is not None:
+                chunk.sent_before[sent] = path
+                return sent, None
             try:
                 data = read_image_bytes(path)
             except ImageError as exc:
@@ -198,7 +238,32 @@ class _ChunkStream(IterableDataset):
             chunk.pixels[content_hash] = preprocess(image, self.resolution)
         except ImageError as exc:
             return None, str(exc)
+        if isinstance(path, Path):
+            self._remember_sent(path, content_hash)
         return content_hash, None
+
+    def _sent_hash(self, path: Path | None) -> str | None:
+        """The content hash of a file this process sent pixels of, if it is unchanged."""
+        known = self._sent.get(path) if path is not None else None
+        if known is None:
+            return None
+        try:
+            stat = path.stat()
+        except OSError:
+            return None  # read it again: the reader gives the message
+        if (stat.st_size, stat.st_mtime_ns) != known[:2]:
+            return None
+        self._sent.move_to_end(path)
+        return known[2]
+
+    def _remember_sent(self, path: Path, content_hash: str) -> None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return
+        self._sent[path] = (stat.st_size, stat.st_mtime_ns, content_hash)
+        while len(self._sent) > self._sent_capacity:
+            self._sent.popitem(last=False)
 
     def _known(self, content_hash: str, chunk: _Chunk) -> bool:
         """Whether this chunk already has the image's pixels or a sound cached embedding."""
@@ -231,10 +296,17 @@ class _ImageEmbeddings:
             self.memory.popitem(last=False)
 
     def lookup(
-        self, hashes: list[str], pixels: dict[str, torch.Tensor], cached: dict[str, np.ndarray]
+        self,
+        hashes: list[str],
+        pixels: dict[str, torch.Tensor],
+        cached: dict[str, np.ndarray],
+        sent_before: dict[str, Path] | None = None,
     ) -> np.ndarray:
         """Embeddings of ``hashes`` (rows), from memory, the chunk's cache reads, or encoded
-        from the chunk's pixels (then remembered and written to the disk cache)."""
+        from the chunk's pixels (then remembered and written to the disk cache).
+
+        ``sent_before`` names the files of images whose pixels came with an earlier chunk:
+        one the memory has dropped since is decoded again here (the same pixels)."""
         found: dict[str, np.ndarray] = {}  # this chunk's embeddings, whatever the LRU drops
         todo = []
         for key in dict.fromkeys(hashes):
@@ -245,6 +317,9 @@ class _ImageEmbeddings:
                 found[key] = cached[key]
                 self._remember(key, cached[key])
             elif key in pixels:
+                todo.append(key)
+            elif sent_before and key in sent_before:
+                pixels = {**pixels, key: self.scorer.preprocess(sent_before[key])}
                 todo.append(key)
             else:  # the worker sends pixels for every image it found no embedding of
                 raise RuntimeError(f"image {key}: neither pixels nor an embedding arrived")
@@ -259,25 +334,6 @@ class _ImageEmbeddings:
                     self.disk.put(key, value)
         out = [found[k] for k in hashes]
         return np.stack(out) if out else np.zeros((0, self.scorer.embed_dim), np.float32)
-
-
-def _text_embeddings(scorer: Scorer, tokens: list[list[int]], config: JobConfig) -> np.ndarray:
-    out = np.zeros((len(tokens), scorer.embed_dim), dtype=np.float32)
-    lengths = [len(t) for t in tokens]
-    for rows in length_batches(lengths, config.token_budget, config.max_text_rows):
-        batch = torch.zeros(len(rows), max(lengths[i] for i in rows), dtype=torch.long)
-        for j, i in enumerate(rows):
-            batch[j, : lengths[i]] = torch.tensor(tokens[i])
-        out[rows] = scorer.encode_tokens(batch).numpy()
-    return out
-
-
-def _cosines(image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-    a = image_emb.astype(np.float64)
-    b = text_emb.astype(np.float64)
-    a /= np.linalg.norm(a, axis=1, keepdims=True)
-    b /= np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(axis=1)
 
 
 def _finite_or_none(value: object) -> object:
@@ -513,6 +569,7 @@ def _score_shard(
         scorer.preprocessing,
         scorer.long_captions,
         disk,
+        scorer.tokenizer,
     )
     loader = DataLoader(
         stream,
@@ -536,10 +593,13 @@ def _score_shard(
     with open(part, "a", encoding="utf-8") as out:
         for chunk in loader:
             if chunk.valid:
-                img = images.lookup(chunk.image_hash, chunk.pixels, chunk.cached)
-                txt = _text_embeddings(scorer, chunk.tokens, config)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    cos = _cosines(img, txt)
+                img = images.lookup(
+                    chunk.image_hash, chunk.pixels, chunk.cached, chunk.sent_before
+                )
+                txt = scorer.embed_token_ids(
+                    chunk.tokens, config.token_budget, config.max_text_rows
+                )
+                cos = cosine_similarity(torch.from_numpy(img), txt)
                 scores = apply_scale(cos, config.scale)
                 for pos, c, sc in zip(chunk.valid, cos.tolist(), scores.tolist(), strict=True):
                     chunk.rows[pos]["cosine"] = c

@@ -124,7 +124,8 @@ def prepare_batch(
     """Decode, preprocess and tokenize a batch; adds ``tokens``, ``truncated``, ``error``
     and internal columns, drops the image column. A ``label`` column, when present, names
     the rows in messages; an ``error`` column keeps errors found earlier."""
-    from specs_metric.tokenizer import EOT_ID, default_tokenizer
+    from specs_metric.job import fit_caption
+    from specs_metric.tokenizer import default_tokenizer
 
     tokenizer = default_tokenizer()
     root = Path(image_root) if image_root else Path.cwd()
@@ -148,16 +149,12 @@ def prepare_batch(
             errors[i] = f"{labels[i]}: {problem}" if problem else None
         if errors[i] is not None:
             continue
-        row_ids = tokenizer.token_ids(captions[i])
-        n_tokens[i], truncated[i] = len(row_ids), len(row_ids) > context_length
-        if truncated[i]:
-            if long_captions == "error":
-                errors[i] = (
-                    f"{labels[i]}: caption has {len(row_ids)} tokens, more than the "
-                    f"context length {context_length}"
-                )
-                continue
-            row_ids = row_ids[: context_length - 1] + [EOT_ID]
+        fitted = fit_caption(tokenizer, captions[i], context_length, long_captions, labels[i])
+        n_tokens[i], truncated[i] = fitted.tokens, fitted.truncated
+        if fitted.error:
+            errors[i] = fitted.error
+            continue
+        row_ids = fitted.ids
         pixels[i], hashes[i], problem = _pixels(images[i], root, resolution)
         if problem:
             errors[i] = f"{labels[i]}: {problem}"
@@ -201,7 +198,7 @@ class ScoreActor:
         self.images = _ImageEmbeddings(self.scorer, batch_size, memory_cache_size, None)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from specs_metric.job import _cosines, _text_embeddings
+        from specs_metric.scores import cosine_similarity
 
         errors = table["error"].to_pylist()
         valid = [i for i, e in enumerate(errors) if e is None]
@@ -217,9 +214,11 @@ class ScoreActor:
                 )
                 for i in valid
             }
-            img = self.images.lookup([hashes[i] for i in valid], pixels)
-            txt = _text_embeddings(self.scorer, [ids[i] for i in valid], self.limits)
-            cos = _cosines(img, txt)
+            img = self.images.lookup([hashes[i] for i in valid], pixels, {})
+            txt = self.scorer.embed_token_ids(
+                [ids[i] for i in valid], self.limits.token_budget, self.limits.max_text_rows
+            )
+            cos = cosine_similarity(torch.from_numpy(img), txt)
             cosine[valid] = cos
             score[valid] = apply_scale(cos, self.scale)
         mask = np.isnan(score)

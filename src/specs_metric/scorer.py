@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,13 +24,21 @@ from specs_metric.numerics import strict_fp32
 from specs_metric.runtime import INFERENCE_PRECISIONS as PRECISIONS
 from specs_metric.runtime import resolve_device
 from specs_metric.scores import apply_scale, check_scale, cosine_matrix, cosine_similarity
-from specs_metric.tokenizer import Tokenizer, default_tokenizer
+from specs_metric.tokenizer import EOT_ID, Tokenizer, default_tokenizer, pad_ids
 from specs_metric.transform import ImageSource, load_and_preprocess
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Rows x trimmed length per text batch. Small batches stay in the CPU caches: on 2 cores
 # (B/32 shapes) 2048 ran about 2x faster than 16384 in fp32.
 DEFAULT_TOKEN_BUDGET = 2048
+
+
+def _pooled_length(ids: Sequence[int]) -> int:
+    """Positions up to and including the first EOT (all of them if there is none)."""
+    try:
+        return list(ids).index(EOT_ID) + 1
+    except ValueError:
+        return len(ids)
 
 
 def length_batches(lengths: Sequence[int], token_budget: int, max_rows: int) -> list[np.ndarray]:
@@ -214,14 +222,22 @@ class Scorer:
             out[start : start + len(chunk)] = self.encode_pixels(pixels)
         return out
 
-    def text_batches(
-        self, texts: Sequence[str], token_budget: int = DEFAULT_TOKEN_BUDGET, max_rows: int = 256
-    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """Yield ``(row indices, token ids)`` batches, sorted by length and trimmed."""
-        tokens = self.tokenize(list(texts))
-        lengths = (tokens.argmax(dim=1) + 1).tolist()
+    def embed_token_ids(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        max_rows: int = 256,
+    ) -> torch.Tensor:
+        """Raw text embeddings (N, D) of id lists that fit the context (``[SOT] ... [EOT]``),
+        in length-sorted batches of at most ``token_budget`` tokens and ``max_rows`` rows,
+        each padded only to its longest row. A row's length runs to its first EOT, where
+        the model pools (a literal ``<|endoftext|>`` in a caption ends it there)."""
+        lengths = [_pooled_length(ids) for ids in token_ids]
+        out = torch.empty(len(token_ids), self.embed_dim)
         for rows in length_batches(lengths, token_budget, max_rows):
-            yield rows, tokens[torch.from_numpy(rows)]
+            batch = pad_ids([token_ids[i][: lengths[i]] for i in rows])
+            out[torch.from_numpy(rows)] = self.encode_tokens(batch)
+        return out
 
     def embed_texts(
         self, texts: Sequence[str], token_budget: int = DEFAULT_TOKEN_BUDGET
@@ -229,10 +245,8 @@ class Scorer:
         """Raw text embeddings (N, D), computed in length-sorted, padding-trimmed batches."""
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.empty(len(texts), self.embed_dim)
-        for rows, tokens in self.text_batches(texts, token_budget):
-            out[torch.from_numpy(rows)] = self.encode_tokens(tokens)
-        return out
+        ids, _ = self.tokenizer.fit(list(texts), self.context_length, self.long_captions)
+        return self.embed_token_ids(ids, token_budget)
 
     # --- scores -----------------------------------------------------------------------
     def _unique_image_embeddings(

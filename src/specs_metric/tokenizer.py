@@ -16,6 +16,7 @@ from functools import lru_cache
 from importlib import resources
 
 import ftfy
+import numpy as np
 import regex
 import torch
 
@@ -88,6 +89,21 @@ def clean_text(text: str) -> str:
         text = html.unescape(html.unescape(text))
     text = _WHITESPACE.sub(" ", text.strip()).strip()
     return text.lower()
+
+
+def truncate_ids(ids: list[int], context_length: int) -> list[int]:
+    """Keep the first ``context_length`` ids, the last one replaced by EOT when cut (the
+    reference's ``truncate=True``). The one place the project truncates token ids.
+
+    Example:
+        >>> truncate_ids([SOT_ID, 1, 2, 3, EOT_ID], 4)
+        [49406, 1, 2, 49407]
+    """
+    if len(ids) <= context_length:
+        return ids
+    ids = ids[:context_length]
+    ids[-1] = EOT_ID
+    return ids
 
 
 class Tokenizer:
@@ -192,6 +208,35 @@ class Tokenizer:
         ids, _ = self.batch(texts, context_length, long_captions)
         return ids
 
+    def fit(
+        self,
+        texts: Sequence[str],
+        context_length: int = 248,
+        long_captions: str = "truncate",
+    ) -> tuple[list[list[int]], list[bool]]:
+        """Unpadded id lists that fit the context, and which texts were truncated.
+
+        ``long_captions="truncate"`` cuts with :func:`truncate_ids`; ``"error"`` raises
+        :class:`CaptionTooLongError` for a text over the context.
+        """
+        if long_captions not in LONG_CAPTION_POLICIES:
+            raise ValueError(
+                f"long_captions must be one of {LONG_CAPTION_POLICIES}, got {long_captions!r}"
+            )
+        out: list[list[int]] = []
+        truncated: list[bool] = []
+        for row, text in enumerate(texts):
+            seq = self.token_ids(text)
+            cut = len(seq) > context_length
+            if cut and long_captions == "error":
+                raise CaptionTooLongError(
+                    f"caption {row} has {len(seq)} tokens, more than the context length "
+                    f"{context_length}: {text[:60]!r}..."
+                )
+            out.append(truncate_ids(seq, context_length))
+            truncated.append(cut)
+        return out, truncated
+
     def batch(
         self,
         texts: str | Sequence[str],
@@ -199,28 +244,19 @@ class Tokenizer:
         long_captions: str = "truncate",
     ) -> tuple[torch.Tensor, list[bool]]:
         """Like :meth:`__call__`, also returning which rows were truncated."""
-        if long_captions not in LONG_CAPTION_POLICIES:
-            raise ValueError(
-                f"long_captions must be one of {LONG_CAPTION_POLICIES}, got {long_captions!r}"
-            )
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.zeros(len(texts), context_length, dtype=torch.long)
-        truncated: list[bool] = []
-        for row, text in enumerate(texts):
-            seq = self.token_ids(text)
-            cut = len(seq) > context_length
-            if cut:
-                if long_captions == "error":
-                    raise CaptionTooLongError(
-                        f"caption {row} has {len(seq)} tokens, more than the context length "
-                        f"{context_length}: {text[:60]!r}..."
-                    )
-                seq = seq[:context_length]
-                seq[-1] = EOT_ID
-            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            truncated.append(cut)
-        return out, truncated
+        seqs, truncated = self.fit(texts, context_length, long_captions)
+        return pad_ids(seqs, context_length), truncated
+
+
+def pad_ids(seqs: Sequence[Sequence[int]], length: int | None = None) -> torch.Tensor:
+    """Id lists as a zero-padded LongTensor (N, ``length``; default: the longest list)."""
+    length = max((len(s) for s in seqs), default=1) if length is None else length
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    for row, seq in enumerate(seqs):
+        out[row, : len(seq)] = seq
+    return torch.from_numpy(out)
 
 
 @lru_cache(maxsize=1)

@@ -29,22 +29,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from specs_metric.tokenizer import EOT_ID, Tokenizer, default_tokenizer
+from specs_metric.tokenizer import Tokenizer, default_tokenizer, truncate_ids
 from specs_metric.training.prepare import read_table
 from specs_metric.transform import ImageError, open_image, preprocess
 
 log = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("caption", "base", "detail", "negative")
-
-
-def truncate_ids(ids: list[int], context_length: int) -> list[int]:
-    """Keep the first ``context_length`` ids, the last one replaced by EOT when cut."""
-    if len(ids) <= context_length:
-        return ids
-    ids = ids[:context_length]
-    ids[-1] = EOT_ID
-    return ids
 
 
 def training_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
