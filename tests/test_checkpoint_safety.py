@@ -222,7 +222,7 @@ def test_wrong_vocabulary_is_one_line_in_score(tmp_path, capsys):
 def test_width_that_does_not_split_into_heads_is_refused(tmp_path):
     # 200 // 64 = 3 heads, and 200 is not a multiple of 3.
     message = _load_error(factories.make_state_dict(text_width=200), tmp_path)
-    assert "transformer width 200 does not split into 3 attention heads" in message
+    assert "text width 200 is not a multiple of the head width 64" in message
 
 
 def test_integer_weights_are_refused(tmp_path):

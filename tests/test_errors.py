@@ -64,7 +64,7 @@ BAD_VALUES = [
     (SCORE + ["--workers", "-1"], "argument --workers: expected an integer >= 0, got -1"),
     (SCORE + ["--device", "banana"], "argument --device: unknown device 'banana'"),
     (SCORE + ["--device", "meta"], "argument --device: unsupported device 'meta'"),
-    (SCORE[:3], "the following arguments are required: --output"),
+    (SCORE[:3], "one of the arguments --output --output-dir is required"),
     (TRAIN + ["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
     (TRAIN + ["--grad-accum", "0"], "argument --grad-accum: expected a positive integer"),
     (TRAIN + ["--workers", "-1"], "argument --workers: expected an integer >= 0"),

@@ -379,7 +379,7 @@ def test_cli_takes_the_shared_model_options(tmp_path, ckpts, monkeypatch, capsys
             "--full-precision-weights", "--long-captions", "error"]  # fmt: skip
     assert main([*args, "--out", str(tmp_path / "o")]) == 0
     assert calls == [{"device": "cpu", "precision": "fp32", "reference_rounding": False,
-                      "long_captions": "error"}]  # fmt: skip
+                      "long_captions": "error", "arch": None, "preprocess": "auto"}]  # fmt: skip
     # and honoured: a caption over the 248-token context is now an error, not truncated
     long_rows = _generic_rows(tmp_path, n_images=2)
     long_rows[0]["caption"] = "a red square " * 200

@@ -50,7 +50,7 @@ from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer
 from specs_metric.scores import apply_scale, check_scale, corpus_from_mean, cosine_similarity
 from specs_metric.sources import SourceOptions, input_identity
 from specs_metric.tokenizer import Tokenizer, literal_special_warning, truncate_ids
-from specs_metric.transform import ImageError, open_image, preprocess, read_image_bytes
+from specs_metric.transform import ImageError, decode_pixels, image_bytes
 from specs_metric.workers import die_with_parent
 
 OUTPUT_FIELDS = (
@@ -217,28 +217,25 @@ class _ChunkStream(IterableDataset):
     def _load_image(
         self, path: Path | None, chunk: _Chunk, data: bytes | None = None, name: str | None = None
     ) -> tuple[str | None, str | None]:
-        if data is None:
+        from_file = data is None
+        if from_file:
             sent = self._sent_hash(path)
             if sent is not None:
                 chunk.sent_before[sent] = path
                 return sent, None
-            try:
-                data = read_image_bytes(path)
-            except ImageError as exc:
-                return None, str(exc)
-        else:  # bytes from a shard or table
-            path = name or "image bytes"
-            if not data:
-                return None, f"{path}: image is empty (0 bytes)"
+        shown = str(path) if from_file else (name or "image bytes")
+        try:
+            data = image_bytes(path, data, name)
+        except ImageError as exc:
+            return None, str(exc)
         content_hash = hashlib.sha256(data).hexdigest()
         if self._known(content_hash, chunk):
             return content_hash, None
         try:
-            image = open_image(data, name=str(path), resolution=self.resolution)
-            chunk.pixels[content_hash] = preprocess(image, self.resolution)
+            chunk.pixels[content_hash] = decode_pixels(data, shown, self.resolution)
         except ImageError as exc:
             return None, str(exc)
-        if isinstance(path, Path):
+        if from_file:
             self._remember_sent(path, content_hash)
         return content_hash, None
 

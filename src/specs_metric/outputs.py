@@ -26,6 +26,7 @@ _TYPES = {
     "cosine": pa.float64(),
     "tokens": pa.int64(),
     "truncated": pa.bool_(),
+    "warning": pa.string(),
     "error": pa.string(),
 }
 
@@ -63,7 +64,7 @@ def parquet_schema(fields: Sequence[str], integer_ids: bool) -> pa.Schema:
 def _write_parquet(parts: Sequence[Path], target: Path, fields: Sequence[str]) -> None:
     integer_ids = _integer_ids(parts)
     schema = parquet_schema(fields, integer_ids)
-    convert = {name: _text for name in ("image", "caption", "error")}
+    convert = {name: _text for name in ("image", "caption", "warning", "error")}
     if not integer_ids:
         convert["id"] = _text
     with pq.ParquetWriter(target, schema) as writer:

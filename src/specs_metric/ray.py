@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from specs_metric.config import PreprocessConfig
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
 from specs_metric.scores import apply_scale, check_scale
 
@@ -86,27 +87,21 @@ def _caption_error(caption: object) -> str | None:
     return None
 
 
-def _pixels(value: object, root: Path, resolution: int) -> tuple[bytes, str, str | None]:
-    """``(pixels as float32 bytes, content hash, error)`` of one image cell."""
+def _pixels(
+    value: object, root: Path, preprocessing: int | PreprocessConfig
+) -> tuple[bytes, str, str | None]:
+    """``(pixels as float32 bytes, content hash, error)`` of one image cell, read and
+    decoded as the local job does (bounded reads, size checks before decoding)."""
     from specs_metric.sources.tables import _image_value
-    from specs_metric.transform import ImageError, open_image, preprocess
+    from specs_metric.transform import ImageError, decode_pixels, image_bytes
 
     shown, path, data = _image_value(value, root)
-    if data is None:
-        if path is None:
-            return b"", "", "row has no image"
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return b"", "", f"{path}: image file not found or unreadable"
-    name = str(path or shown or "image bytes")
-    if not data:
-        return b"", "", f"{name}: image file is empty (0 bytes)"
+    name = str(path) if data is None else str(shown or "image bytes")
     try:
-        image = open_image(data, name=name)
+        data = image_bytes(path, data, name)
+        pixels = decode_pixels(data, name, preprocessing).numpy().astype(np.float32)
     except ImageError as exc:
         return b"", "", str(exc)
-    pixels = preprocess(image, resolution).numpy().astype(np.float32)
     return pixels.tobytes(), hashlib.sha256(data).hexdigest(), None
 
 
@@ -118,7 +113,7 @@ def prepare_batch(
     id_column: str,
     image_root: str | None,
     context_length: int,
-    resolution: int,
+    resolution: int | PreprocessConfig,
     long_captions: str,
 ) -> pa.Table:
     """Decode, preprocess and tokenize a batch; adds ``tokens``, ``truncated``, ``error``
@@ -207,7 +202,7 @@ class ScoreActor:
         if valid:
             raw, hashes = table["_pixels"].to_pylist(), table["_hash"].to_pylist()
             ids = table["_ids"].to_pylist()
-            size = self.scorer.resolution
+            size = self.scorer.resolution  # the crop: pixels are (3, size, size)
             pixels = {
                 hashes[i]: torch.from_numpy(
                     np.frombuffer(raw[i], np.float32).reshape(3, size, size).copy()
@@ -291,7 +286,7 @@ def score(
             "id_column": id_column,
             "image_root": os.fspath(image_root) if image_root is not None else None,
             "context_length": probe.context_length,
-            "resolution": probe.resolution,
+            "resolution": probe.preprocessing,
             "long_captions": long_captions,
         },
     )
@@ -349,6 +344,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
     kept and its input not read again; an unfinished one is scored again from its start.
     """
     from specs_metric.job import _job_identity, _job_path, _json_line, _write_final, part_path
+    from specs_metric.rows import count_rows
     from specs_metric.sources import expand, is_plain_file
 
     ray = _ray()
@@ -373,7 +369,9 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
 
     def finish(number: int, handle) -> None:
         handle.close()
-        _write_final(configs[number], 1)
+        config = configs[number]
+        # the output appears only with one row per input row, as in the local job
+        _write_final(config, 1, count_rows(config.input, config.image_root, config.source))
         _job_path(configs[number].output).write_text(
             json.dumps({**identities[number], "complete": True}, indent=1)
         )

@@ -289,6 +289,32 @@ def preprocess(image: Image.Image, resolution: int | PreprocessConfig = 224) -> 
         raise ImageError(f"image (mode {image.mode}): cannot preprocess ({exc})") from exc
 
 
+def image_bytes(
+    path: str | os.PathLike[str] | None, data: bytes | None = None, name: str | None = None
+) -> bytes:
+    """The encoded bytes of an image given as a file (read by :func:`read_image_bytes`) or
+    as bytes from a shard or table (``name`` calls them in messages).
+
+    Raises:
+        ImageError: a file :func:`read_image_bytes` refuses, or empty bytes.
+    """
+    if data is None:
+        if path is None:
+            raise ImageError("row has no image")
+        return read_image_bytes(path)
+    if not data:
+        raise ImageError(f"{name or 'image bytes'}: image is empty (0 bytes)")
+    return data
+
+
+def decode_pixels(
+    data: bytes, name: str, preprocessing: int | PreprocessConfig = 224
+) -> torch.Tensor:
+    """Encoded image bytes -> model pixels (3, R, R), refused in bounded memory when too
+    large (see :func:`open_image`)."""
+    return preprocess(open_image(data, name=name, resolution=preprocessing), preprocessing)
+
+
 def load_and_preprocess(
     source: ImageSource, resolution: int | PreprocessConfig = 224
 ) -> torch.Tensor:

@@ -173,7 +173,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions reported in one line. The package's own are looked up only in modules
     already imported (an error cannot come from a module that never loaded), so that
     handling them imports nothing heavy."""
-    found: list[type[BaseException]] = [FileNotFoundError, ValueError]
+    found: list[type[BaseException]] = [OSError, ValueError]
     for module, name in (
         ("specs_metric.checkpoint", "CheckpointError"),
         ("specs_metric.pretrained", "ModelNotAvailableError"),
