@@ -72,7 +72,7 @@ from tqdm import tqdm
 from specs_metric import __version__
 from specs_metric.bench.intrinsic import encode_chains
 from specs_metric.rows import read_rows
-from specs_metric.scores import apply_scale, check_scale, cosine_similarity
+from specs_metric.scales import apply_scale, check_scale, cosine_similarity
 from specs_metric.tokenizer import EOT_ID, CaptionTooLongError, Tokenizer
 from specs_metric.training.segment import SEGMENTERS, Segmenter, get_segmenter
 from specs_metric.transform import ImageError, ImageSource, open_image, preprocess
@@ -330,7 +330,7 @@ def explain(
         captions: the captions (strings).
         segmenter: ``sentence`` (default), ``clause``, ``chunk`` or a callable.
         attribution: ``prefix`` (default), ``leave-one-out`` or ``neutral``.
-        scale: score scale of scores and deltas (see :mod:`specs_metric.scores`).
+        scale: score scale of scores and deltas (see :mod:`specs_metric.scales`).
         neutral: the neutral sentence of ``attribution="neutral"``.
         chains_per_batch: captions encoded together.
 

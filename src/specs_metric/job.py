@@ -46,8 +46,8 @@ from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_r
 from specs_metric.locking import OutputLock
 from specs_metric.outputs import read_table_output, write_output
 from specs_metric.rows import Row, count_rows, read_rows
+from specs_metric.scales import apply_scale, check_scale, corpus_from_mean
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer, length_batches
-from specs_metric.scores import apply_scale, check_scale, corpus_from_mean
 from specs_metric.sources import SourceOptions, input_identity
 from specs_metric.tokenizer import EOT_ID, default_tokenizer, literal_special_warning
 from specs_metric.transform import ImageError, open_image, preprocess, read_image_bytes

@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from specs_metric.scales import apply_scale, check_scale
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
-from specs_metric.scores import apply_scale, check_scale
 
 if TYPE_CHECKING:
     import ray.data
@@ -428,7 +428,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
 
 def _summary(config: JobConfig, probe, started: float) -> dict:
     from specs_metric.job import summarize
-    from specs_metric.scores import corpus_from_mean
+    from specs_metric.scales import corpus_from_mean
 
     summary = summarize(config.output)
     summary.update(

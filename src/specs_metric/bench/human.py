@@ -26,7 +26,7 @@ from specs_metric.bench.human_readers import (
     read_judgments,
 )
 from specs_metric.bench.text_metrics import TEXT_METRICS, text_metric
-from specs_metric.scores import SCALES
+from specs_metric.scales import SCALES
 
 # The readers' names stay importable from here, the command's entry module.
 __all__ = [
@@ -163,7 +163,7 @@ def model_cosines(
     Returns:
         (cosine per row, NaN where the image failed; seconds; distinct pairs; image errors).
     """
-    from specs_metric.scores import cosine_similarity
+    from specs_metric.scales import cosine_similarity
 
     uniq = _unique(rows, with_references=False)
     first_row_of_image: dict[str, ImageRef] = {}
@@ -219,7 +219,7 @@ def run_metrics(
     so the timing). ``on_result`` is called after each metric, so results can be written as
     they come.
     """
-    from specs_metric.scores import apply_scale
+    from specs_metric.scales import apply_scale
 
     load = loader or _default_loader(device, precision)
     out: dict[str, dict[str, MetricScores]] = {s.name: {} for s in sets}

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from specs_metric.bench.sdci import SdciRow, load_image_source
 from specs_metric.model import LongCLIP
+from specs_metric.scales import cosine_similarity
 from specs_metric.scorer import Scorer
-from specs_metric.scores import cosine_similarity
 
 # Captions whose part after the shared prefix is longer than this are encoded plainly.
 DEFAULT_MAX_SUFFIX = 48

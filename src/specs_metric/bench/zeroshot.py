@@ -30,8 +30,8 @@ from specs_metric.bench.templates import get_classes
 from specs_metric.distributed import DistInfo
 from specs_metric.errors import DataError
 from specs_metric.rows import IMAGE_EXTENSIONS
+from specs_metric.scales import unit_rows
 from specs_metric.scorer import Scorer
-from specs_metric.scores import unit_rows
 from specs_metric.transform import ImageError, ImageSource
 
 DEFAULT_KS = (1, 5)
