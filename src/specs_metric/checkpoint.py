@@ -17,14 +17,12 @@ A small file must not make us allocate much: before anything is decompressed or 
 the sizes a file declares (zip members, compression ratio, tensor extents against their
 storage, safetensors headers) are checked against its size on disk and against
 ``MAX_CHECKPOINT_BYTES`` (64 GiB; the environment variable ``SPECS_MAX_CHECKPOINT_BYTES``
-overrides it).
+overrides it); those checks are :mod:`specs_metric.checkpoint_limits`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import pickle
 import re
@@ -35,165 +33,19 @@ from typing import Any
 
 import torch
 
+from specs_metric.checkpoint_limits import (
+    CheckpointError,
+    check_loaded_tensors,
+    check_safetensors_header,
+    check_zip_directory,
+)
+from specs_metric.torchscript import is_torchscript, read_torchscript
+
 # Keys some CLIP files carry that are not parameters of the model.
 NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 LONG_CONTEXT = 248
 CLIP_CONTEXT = 77
 KEPT_ROWS = 20
-
-
-# Bounds on what a checkpoint may make us allocate. Weights do not compress (a real zip
-# checkpoint is stored, not deflated), so a file whose members expand far beyond its own
-# size is a zip bomb, not a model.
-MAX_CHECKPOINT_BYTES = 64 << 30
-MAX_EXPANSION = 20  # declared uncompressed bytes per byte on disk ...
-EXPANSION_SLACK = 16 << 20  # ... plus this much, for small files with compressible members
-MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a state dict is tiny
-MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read as a supported model (message names the file)."""
-
-
-def max_checkpoint_bytes() -> int:
-    """The absolute cap on the bytes one checkpoint may hold (``SPECS_MAX_CHECKPOINT_BYTES``)."""
-    value = os.environ.get("SPECS_MAX_CHECKPOINT_BYTES")
-    return int(value) if value else MAX_CHECKPOINT_BYTES
-
-
-def _byte_budget(path: Path) -> int:
-    """How many bytes ``path`` may declare in all: bounded by its size and the absolute cap."""
-    return min(max_checkpoint_bytes(), MAX_EXPANSION * path.stat().st_size + EXPANSION_SLACK)
-
-
-def _check_zip_directory(path: Path, archive: zipfile.ZipFile) -> None:
-    """Refuse an archive whose members declare more bytes than the file can honestly hold.
-
-    Reads only the central directory; nothing is decompressed.
-    """
-    budget = _byte_budget(path)
-    total = 0
-    for info in archive.infolist():
-        total += info.file_size
-        if info.file_size > budget or total > budget:
-            raise CheckpointError(
-                f"{path}: archive member {info.filename} declares {info.file_size} bytes "
-                f"({total} in all) from a {path.stat().st_size}-byte file; refusing to "
-                f"expand it (limit {budget} bytes; a zip bomb?)"
-            )
-        if info.filename.endswith(".pkl") and info.file_size > MAX_PICKLE_BYTES:
-            raise CheckpointError(
-                f"{path}: {info.filename} declares {info.file_size} bytes of pickled "
-                f"structure (limit {MAX_PICKLE_BYTES}); refusing to read it"
-            )
-
-
-def _storage_elements(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
-
-
-def check_extent(
-    source: Path, what: str, storage_numel: int, offset: Any, size: Any, stride: Any
-) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """Validate a tensor view before building it: integers, in bounds, no larger than its
-    storage (a stride-0 view of one element could otherwise expand to any size)."""
-    ok = (
-        isinstance(offset, int)
-        and isinstance(size, (tuple, list))
-        and isinstance(stride, (tuple, list))
-        and len(size) == len(stride)
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in stride)
-        and not isinstance(offset, bool)
-        and offset >= 0
-    )
-    if not ok:
-        raise CheckpointError(
-            f"{source}: {what} has an invalid layout (offset {offset!r}, size {size!r}, "
-            f"stride {stride!r})"
-        )
-    numel = math.prod(size)
-    if numel:
-        last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
-        if last >= storage_numel:
-            raise CheckpointError(
-                f"{source}: {what} (size {tuple(size)}, stride {tuple(stride)}, offset "
-                f"{offset}) reaches element {last} of a {storage_numel}-element storage"
-            )
-        if numel > storage_numel:
-            raise CheckpointError(
-                f"{source}: {what} has {numel} elements but its storage only {storage_numel} "
-                "(overlapping strides); refusing to expand it"
-            )
-    return offset, tuple(size), tuple(stride)
-
-
-def _check_loaded_tensors(path: Path, obj: Any) -> None:
-    """Bound the tensors ``torch.load`` built: each within its storage, all within budget."""
-    budget = _byte_budget(path)
-    total = 0
-    stack = [("", obj)]
-    while stack:
-        name, value = stack.pop()
-        if isinstance(value, torch.Tensor):
-            check_extent(
-                path,
-                f"tensor {name or '<root>'}",
-                _storage_elements(value),
-                value.storage_offset(),
-                tuple(value.shape),
-                tuple(value.stride()),
-            )
-            total += value.numel() * value.element_size()
-            if total > budget:
-                raise CheckpointError(
-                    f"{path}: tensors hold more than {budget} bytes (at {name}); refusing them"
-                )
-        elif isinstance(value, dict):
-            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
-        elif isinstance(value, (list, tuple)):
-            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
-
-
-def _check_safetensors_header(path: Path) -> None:
-    """Read the header of a safetensors file and check every declared extent against the file,
-    before the library maps or copies anything."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than its header)")
-        length = int.from_bytes(head, "little")
-        if length > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise CheckpointError(
-                f"{path}: safetensors header declares {length} bytes in a {size}-byte file"
-            )
-        try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: safetensors header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    data_bytes = size - 8 - length
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(v, int) and v >= 0 for v in offsets)
-            or not isinstance(shape, list)
-            or not all(isinstance(v, int) and v >= 0 for v in shape)
-        ):
-            raise CheckpointError(f"{path}: safetensors entry {name!r} is malformed")
-        if offsets[0] > offsets[1] or offsets[1] > data_bytes:
-            raise CheckpointError(
-                f"{path}: tensor {name} declares bytes {offsets[0]}..{offsets[1]} of a "
-                f"{data_bytes}-byte data section"
-            )
 
 
 _TORCH_HINT = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand (\d+)")
@@ -233,7 +85,7 @@ def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") ->
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                _check_zip_directory(path, archive)
+                check_zip_directory(path, archive)
         except zipfile.BadZipFile as exc:
             raise CheckpointError(f"{path}: damaged {what} archive ({exc})") from exc
     try:
@@ -243,7 +95,7 @@ def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") ->
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{path}: not a readable PyTorch {what} ({detail})") from exc
-    _check_loaded_tensors(path, obj)
+    check_loaded_tensors(path, obj)
     return obj
 
 
@@ -310,8 +162,6 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         CheckpointError: missing, empty or unreadable file, a pickle holding anything but
             tensors and containers (refused, not executed), or no tensors inside.
     """
-    from specs_metric.torchscript import is_torchscript, read_torchscript
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -321,7 +171,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        _check_safetensors_header(path)
+        check_safetensors_header(path)
         try:
             return _unwrap(load_file(str(path)), path)
         except (SafetensorError, OSError) as exc:
@@ -329,9 +179,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                _check_zip_directory(path, archive)
+                check_zip_directory(path, archive)
                 if is_torchscript(archive):
-                    return read_torchscript(path, archive)
+                    tensors = read_torchscript(path, archive)
+                    return {k: v for k, v in tensors.items() if k not in NON_PARAMETER_KEYS}
         except (zipfile.BadZipFile, KeyError, StopIteration, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"{path}: damaged checkpoint archive ({exc})") from exc
     return _unwrap(load_weights_only(path), path)

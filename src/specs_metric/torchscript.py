@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from specs_metric.checkpoint import NON_PARAMETER_KEYS, CheckpointError, check_extent
+from specs_metric.checkpoint_limits import CheckpointError, check_extent
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -129,8 +129,8 @@ def is_torchscript(archive: zipfile.ZipFile) -> bool:
 
 
 def read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.Tensor]:
-    """The parameters of a TorchScript archive (already checked by the caller's zip-directory
-    bounds), read without importing or running any of its code."""
+    """The tensors of a TorchScript archive, less its attention masks, read without importing
+    or running any of its code (the caller has checked the zip directory's bounds)."""
     data_pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
     prefix = data_pkl[: -len("data.pkl")]
     try:
@@ -147,6 +147,4 @@ def read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.Te
     out: dict[str, torch.Tensor] = {}
     _flatten_script_object(root, "", out)
     # Tensor attributes that are not parameters (the causal mask) are not part of a state dict.
-    return {
-        k: v for k, v in out.items() if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")
-    }
+    return {k: v for k, v in out.items() if not k.endswith("attn_mask")}
