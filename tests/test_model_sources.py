@@ -80,7 +80,7 @@ def test_models_lists_cached_state(hub_cache, monkeypatch, capsys):
 
 def test_registry_hf_entries_are_checked_against_their_arch():
     for entry in pretrained.REGISTRY.values():
-        from specs_metric.config import ARCHS
+        from specs_metric.archs import ARCHS
 
         assert entry.arch in ARCHS, entry.name
         assert entry.layout in ("openai", "hf")

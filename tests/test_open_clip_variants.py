@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from factories import make_openai_state_dict
+from specs_metric.archs import ARCHS
 from specs_metric.checkpoint import CheckpointError, save_state_dict
 from specs_metric.cli import main
-from specs_metric.config import ARCHS, ConfigError, config_from_state_dict
+from specs_metric.config import ConfigError, config_from_state_dict
 from specs_metric.factory import model_from_checkpoint
 from specs_metric.loading import read_checkpoint
 from specs_metric.tokenizer import default_tokenizer

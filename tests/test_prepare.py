@@ -13,13 +13,13 @@ from PIL import Image
 
 from specs_metric.cli import main
 from specs_metric.tokenizer import default_tokenizer
+from specs_metric.training.examples import read_table
 from specs_metric.training.prepare import (
     PrepareError,
     TokenCounter,
     cumulative_captions,
     draw_negative_details,
     prepare_dataset,
-    read_table,
 )
 
 COLORS = ["red", "green", "blue", "yellow", "white", "black"]

@@ -1,11 +1,13 @@
 """Reading and writing checkpoint files without executing pickled code.
 
-Supported inputs (all yield the flat reference key layout of guide §2):
+Supported inputs, all read into the flat key layout of the reference LongCLIP state dict
+(``visual.conv1.weight``, ``transformer.resblocks.0.attn.in_proj_weight``,
+``positional_embedding``, ``logit_scale``, ...):
 
 - reference LongCLIP / SPECS ``.pt`` files (``torch.save(model.state_dict())``), also wrapped
   in ``{"state_dict": ...}`` / ``{"model": ...}`` or with ``module.`` prefixes (DDP);
 - OpenAI CLIP TorchScript archives: only the tensors are read, by a restricted unpickler
-  that never imports or runs TorchScript code;
+  that never imports or runs TorchScript code (:mod:`specs_metric.torchscript`);
 - ``.safetensors`` files with the same keys.
 
 Plain pickles go through ``torch.load(..., weights_only=True)``, which refuses any object
@@ -15,184 +17,35 @@ A small file must not make us allocate much: before anything is decompressed or 
 the sizes a file declares (zip members, compression ratio, tensor extents against their
 storage, safetensors headers) are checked against its size on disk and against
 ``MAX_CHECKPOINT_BYTES`` (64 GiB; the environment variable ``SPECS_MAX_CHECKPOINT_BYTES``
-overrides it).
+overrides it); those checks are :mod:`specs_metric.checkpoint_limits`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import pickle
 import re
 import tempfile
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from specs_metric.checkpoint_limits import (
+    CheckpointError,
+    check_loaded_tensors,
+    check_safetensors_header,
+    check_zip_directory,
+)
+from specs_metric.torchscript import is_torchscript, read_torchscript
 
 # Keys some CLIP files carry that are not parameters of the model.
 NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size")
 LONG_CONTEXT = 248
 CLIP_CONTEXT = 77
 KEPT_ROWS = 20
-
-
-# Bounds on what a checkpoint may make us allocate. Weights do not compress (a real zip
-# checkpoint is stored, not deflated), so a file whose members expand far beyond its own
-# size is a zip bomb, not a model.
-MAX_CHECKPOINT_BYTES = 64 << 30
-MAX_EXPANSION = 20  # declared uncompressed bytes per byte on disk ...
-EXPANSION_SLACK = 16 << 20  # ... plus this much, for small files with compressible members
-MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a state dict is tiny
-MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read as a supported model (message names the file)."""
-
-
-def max_checkpoint_bytes() -> int:
-    """The absolute cap on the bytes one checkpoint may hold (``SPECS_MAX_CHECKPOINT_BYTES``)."""
-    value = os.environ.get("SPECS_MAX_CHECKPOINT_BYTES")
-    return int(value) if value else MAX_CHECKPOINT_BYTES
-
-
-def _byte_budget(path: Path) -> int:
-    """How many bytes ``path`` may declare in all: bounded by its size and the absolute cap."""
-    return min(max_checkpoint_bytes(), MAX_EXPANSION * path.stat().st_size + EXPANSION_SLACK)
-
-
-def _check_zip_directory(path: Path, archive: zipfile.ZipFile) -> None:
-    """Refuse an archive whose members declare more bytes than the file can honestly hold.
-
-    Reads only the central directory; nothing is decompressed.
-    """
-    budget = _byte_budget(path)
-    total = 0
-    for info in archive.infolist():
-        total += info.file_size
-        if info.file_size > budget or total > budget:
-            raise CheckpointError(
-                f"{path}: archive member {info.filename} declares {info.file_size} bytes "
-                f"({total} in all) from a {path.stat().st_size}-byte file; refusing to "
-                f"expand it (limit {budget} bytes; a zip bomb?)"
-            )
-        if info.filename.endswith(".pkl") and info.file_size > MAX_PICKLE_BYTES:
-            raise CheckpointError(
-                f"{path}: {info.filename} declares {info.file_size} bytes of pickled "
-                f"structure (limit {MAX_PICKLE_BYTES}); refusing to read it"
-            )
-
-
-def _storage_elements(tensor: torch.Tensor) -> int:
-    return tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
-
-
-def _check_extent(
-    source: Path, what: str, storage_numel: int, offset: Any, size: Any, stride: Any
-) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
-    """Validate a tensor view before building it: integers, in bounds, no larger than its
-    storage (a stride-0 view of one element could otherwise expand to any size)."""
-    ok = (
-        isinstance(offset, int)
-        and isinstance(size, (tuple, list))
-        and isinstance(stride, (tuple, list))
-        and len(size) == len(stride)
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in stride)
-        and not isinstance(offset, bool)
-        and offset >= 0
-    )
-    if not ok:
-        raise CheckpointError(
-            f"{source}: {what} has an invalid layout (offset {offset!r}, size {size!r}, "
-            f"stride {stride!r})"
-        )
-    numel = math.prod(size)
-    if numel:
-        last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
-        if last >= storage_numel:
-            raise CheckpointError(
-                f"{source}: {what} (size {tuple(size)}, stride {tuple(stride)}, offset "
-                f"{offset}) reaches element {last} of a {storage_numel}-element storage"
-            )
-        if numel > storage_numel:
-            raise CheckpointError(
-                f"{source}: {what} has {numel} elements but its storage only {storage_numel} "
-                "(overlapping strides); refusing to expand it"
-            )
-    return offset, tuple(size), tuple(stride)
-
-
-def _check_loaded_tensors(path: Path, obj: Any) -> None:
-    """Bound the tensors ``torch.load`` built: each within its storage, all within budget."""
-    budget = _byte_budget(path)
-    total = 0
-    stack = [("", obj)]
-    while stack:
-        name, value = stack.pop()
-        if isinstance(value, torch.Tensor):
-            _check_extent(
-                path,
-                f"tensor {name or '<root>'}",
-                _storage_elements(value),
-                value.storage_offset(),
-                tuple(value.shape),
-                tuple(value.stride()),
-            )
-            total += value.numel() * value.element_size()
-            if total > budget:
-                raise CheckpointError(
-                    f"{path}: tensors hold more than {budget} bytes (at {name}); refusing them"
-                )
-        elif isinstance(value, dict):
-            stack.extend((f"{name}.{k}" if name else str(k), v) for k, v in value.items())
-        elif isinstance(value, (list, tuple)):
-            stack.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
-
-
-def _check_safetensors_header(path: Path) -> None:
-    """Read the header of a safetensors file and check every declared extent against the file,
-    before the library maps or copies anything."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than its header)")
-        length = int.from_bytes(head, "little")
-        if length > min(size - 8, MAX_SAFETENSORS_HEADER):
-            raise CheckpointError(
-                f"{path}: safetensors header declares {length} bytes in a {size}-byte file"
-            )
-        try:
-            header = json.loads(fh.read(length))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: safetensors header is not JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    data_bytes = size - 8 - length
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(v, int) and v >= 0 for v in offsets)
-            or not isinstance(shape, list)
-            or not all(isinstance(v, int) and v >= 0 for v in shape)
-        ):
-            raise CheckpointError(f"{path}: safetensors entry {name!r} is malformed")
-        if offsets[0] > offsets[1] or offsets[1] > data_bytes:
-            raise CheckpointError(
-                f"{path}: tensor {name} declares bytes {offsets[0]}..{offsets[1]} of a "
-                f"{data_bytes}-byte data section"
-            )
 
 
 _TORCH_HINT = re.compile(r"Unsupported global: GLOBAL ([\w.]+)|Unsupported operand (\d+)")
@@ -232,7 +85,7 @@ def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") ->
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                _check_zip_directory(path, archive)
+                check_zip_directory(path, archive)
         except zipfile.BadZipFile as exc:
             raise CheckpointError(f"{path}: damaged {what} archive ({exc})") from exc
     try:
@@ -242,7 +95,7 @@ def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") ->
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{path}: not a readable PyTorch {what} ({detail})") from exc
-    _check_loaded_tensors(path, obj)
+    check_loaded_tensors(path, obj)
     return obj
 
 
@@ -267,140 +120,6 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-# --- TorchScript archives -----------------------------------------------------------------
-
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ShortStorage": torch.int16,
-    "CharStorage": torch.int8,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-
-
-class _ScriptObject:
-    """Stand-in for a TorchScript class: records its attributes, runs nothing."""
-
-    def __init__(self, *args: Any) -> None:
-        self.state: dict[str, Any] = {}
-
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, dict):
-            self.state = dict(state)
-
-
-class _StorageType:
-    def __init__(self, dtype: torch.dtype) -> None:
-        self.dtype = dtype
-
-
-def _identity(*args: Any) -> Any:
-    return args[0] if args else None
-
-
-class _TensorOnlyUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript ``data.pkl``, allowing tensors and inert module records only."""
-
-    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, source: Path) -> None:
-        import io
-
-        super().__init__(io.BytesIO(data))
-        self._archive = archive
-        self._prefix = prefix
-        self._source = source
-
-    def _rebuild_tensor(
-        self, storage: Any, offset: Any, size: Any, stride: Any, *_: Any
-    ) -> torch.Tensor:
-        if not isinstance(storage, torch.Tensor):
-            raise CheckpointError(f"{self._source}: a tensor is built from {type(storage)}")
-        offset, size, stride = _check_extent(
-            self._source, "a tensor", storage.numel(), offset, size, stride
-        )
-        return torch.as_strided(storage, size, stride, offset).clone()
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "__torch__" or module.startswith("__torch__."):
-            return _ScriptObject
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return self._rebuild_tensor
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch.jit._pickle" and name.startswith(("build_", "restore_type_tag")):
-            return _identity
-        raise CheckpointError(
-            f"{self._source}: TorchScript archive refers to {module}.{name}, which is not "
-            "a tensor; refusing to load it"
-        )
-
-    def persistent_load(self, pid: Any) -> torch.Tensor:
-        if not (isinstance(pid, tuple) and len(pid) == 5):
-            raise CheckpointError(f"{self._source}: unexpected persistent id {pid!r:.200}")
-        kind, storage_type, key, _location, numel = pid
-        if (
-            kind != "storage"
-            or not isinstance(storage_type, _StorageType)
-            or not isinstance(key, str)
-            or not isinstance(numel, int)
-        ):
-            raise CheckpointError(f"{self._source}: unexpected persistent id {pid!r:.200}")
-        member = f"{self._prefix}data/{key}"
-        itemsize = torch.empty(0, dtype=storage_type.dtype).element_size()
-        # The directory was checked, so reading a member is bounded; its size must still be
-        # what the pickle declares for this dtype.
-        declared = self._archive.getinfo(member).file_size
-        if declared != numel * itemsize:
-            raise CheckpointError(
-                f"{self._source}: storage {member} holds {declared} bytes, but the archive "
-                f"declares {numel} x {itemsize}-byte elements"
-            )
-        raw = bytearray(self._archive.read(member))
-        if not raw:
-            return torch.empty(0, dtype=storage_type.dtype)
-        return torch.frombuffer(raw, dtype=storage_type.dtype)
-
-
-def _flatten_script_object(obj: _ScriptObject, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    for name, value in obj.state.items():
-        if isinstance(value, torch.Tensor):
-            out[prefix + name] = value
-        elif isinstance(value, _ScriptObject):
-            _flatten_script_object(value, f"{prefix}{name}.", out)
-
-
-def _is_torchscript(archive: zipfile.ZipFile) -> bool:
-    return any(n.endswith("constants.pkl") for n in archive.namelist())
-
-
-def _read_torchscript(path: Path, archive: zipfile.ZipFile) -> dict[str, torch.Tensor]:
-    data_pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-    prefix = data_pkl[: -len("data.pkl")]
-    try:
-        root = _TensorOnlyUnpickler(archive.read(data_pkl), archive, prefix, path).load()
-    except CheckpointError:
-        raise
-    except Exception as exc:  # any failure to parse an untrusted structure is a bad file
-        detail = " ".join(str(exc).split())[:200]
-        raise CheckpointError(
-            f"{path}: malformed TorchScript archive ({type(exc).__name__}: {detail})"
-        ) from exc
-    if not isinstance(root, _ScriptObject):
-        raise CheckpointError(f"{path}: TorchScript archive does not hold a module")
-    out: dict[str, torch.Tensor] = {}
-    _flatten_script_object(root, "", out)
-    # Tensor attributes that are not parameters (the causal mask) are not part of a state dict.
-    return {
-        k: v for k, v in out.items() if k not in NON_PARAMETER_KEYS and not k.endswith("attn_mask")
-    }
 
 
 # --- plain files ---------------------------------------------------------------------------
@@ -452,7 +171,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        _check_safetensors_header(path)
+        check_safetensors_header(path)
         try:
             return _unwrap(load_file(str(path)), path)
         except (SafetensorError, OSError) as exc:
@@ -460,9 +179,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                _check_zip_directory(path, archive)
-                if _is_torchscript(archive):
-                    return _read_torchscript(path, archive)
+                check_zip_directory(path, archive)
+                if is_torchscript(archive):
+                    tensors = read_torchscript(path, archive)
+                    return {k: v for k, v in tensors.items() if k not in NON_PARAMETER_KEYS}
         except (zipfile.BadZipFile, KeyError, StopIteration, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"{path}: damaged checkpoint archive ({exc})") from exc
     return _unwrap(load_weights_only(path), path)
@@ -510,7 +230,8 @@ def save_state_dict(
 
 
 def stretch_positional_embedding(table: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
-    """Knowledge-preserved stretching of a 77-row positional table to 248 rows (guide §2).
+    """Knowledge-preserved stretching of a 77-row positional table to 248 rows (LongCLIP;
+    README, "Exactness and reference quirks").
 
     Rows 0..19 are kept; each later gap between rows ``20+i`` and ``21+i`` is filled with
     four rows interpolated at 0, 1/4, 1/2, 3/4; the last four rows extrapolate from the

@@ -1,4 +1,5 @@
-"""torchrun support: process-group setup from the environment and row sharding."""
+"""torchrun support: process-group setup from the environment, row sharding, and the
+differentiable all-gather of the training loss (:func:`gather_with_grad`)."""
 
 from __future__ import annotations
 
@@ -109,3 +110,35 @@ def all_ranks_agree(info: DistInfo, ok: bool) -> bool:
     flag = torch.tensor([0 if ok else 1], device=device)
     dist.all_reduce(flag)
     return int(flag.item()) == 0
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Concatenate a tensor over ranks (sizes may differ); the gradient flows back to each
+    rank's own rows, summed over the identical loss every rank computes."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        size = torch.tensor([tensor.shape[0]], device=tensor.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        counts = [int(s) for s in sizes]
+        longest = max(counts)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous())
+        rank = dist.get_rank()
+        ctx.offset, ctx.count = sum(counts[:rank]), counts[rank]
+        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.offset : ctx.offset + ctx.count]
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows of ``tensor`` (in rank order), differentiable w.r.t. the local ones."""
+    return _GatherWithGrad.apply(tensor)

@@ -35,6 +35,9 @@ prefix it shares with it, found by comparing token ids (nothing is assumed about
 treats a segment boundary). A ``prefix`` caption costs one forward pass plus a one-token
 query per segment; every score equals scoring that text alone up to float rounding.
 
+Length. The module holds one concept, attribution (texts, plan, encoding, file driver), and
+this docstring is a tenth of it, so it stays in one piece at about 550 lines.
+
 Example:
     >>> from specs_metric.factory import build_model
     >>> from specs_metric.scorer import Scorer
@@ -72,7 +75,7 @@ from tqdm import tqdm
 from specs_metric import __version__
 from specs_metric.bench.intrinsic import encode_chains
 from specs_metric.rows import read_rows
-from specs_metric.scores import apply_scale, check_scale, cosine_similarity
+from specs_metric.scales import apply_scale, check_scale, cosine_similarity
 from specs_metric.tokenizer import CaptionTooLongError, Tokenizer, truncate_ids
 from specs_metric.training.segment import SEGMENTERS, Segmenter, get_segmenter
 from specs_metric.transform import ImageError, ImageSource, open_image, preprocess
@@ -328,7 +331,7 @@ def explain(
         captions: the captions (strings).
         segmenter: ``sentence`` (default), ``clause``, ``chunk`` or a callable.
         attribution: ``prefix`` (default), ``leave-one-out`` or ``neutral``.
-        scale: score scale of scores and deltas (see :mod:`specs_metric.scores`).
+        scale: score scale of scores and deltas (see :mod:`specs_metric.scales`).
         neutral: the neutral sentence of ``attribution="neutral"``.
         chains_per_batch: captions encoded together.
 

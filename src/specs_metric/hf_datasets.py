@@ -4,7 +4,7 @@ A ``DatasetDict`` folder has ``dataset_dict.json`` and one folder per split; a `
 folder has ``state.json`` listing its Arrow files (or just ``*.arrow`` files). The files
 are memory-mapped, so image bytes stay on disk until a row's image is read, and the
 ``datasets`` package is not needed. Used by the training-set reader
-(:func:`specs_metric.training.prepare.read_table`) and the sDCI reader
+(:func:`specs_metric.training.examples.read_table`) and the sDCI reader
 (:mod:`specs_metric.bench.sdci`).
 """
 

@@ -46,8 +46,8 @@ from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_r
 from specs_metric.locking import OutputLock
 from specs_metric.outputs import read_table_output, write_output
 from specs_metric.rows import Row, count_rows, read_rows
+from specs_metric.scales import apply_scale, check_scale, corpus_from_mean, cosine_similarity
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer
-from specs_metric.scores import apply_scale, check_scale, corpus_from_mean, cosine_similarity
 from specs_metric.sources import SourceOptions, input_identity
 from specs_metric.tokenizer import Tokenizer, literal_special_warning, truncate_ids
 from specs_metric.transform import ImageError, decode_pixels, image_bytes

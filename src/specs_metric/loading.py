@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from specs_metric.archs import ARCHS, Arch, arch_from_json, read_arch
 from specs_metric.checkpoint import (
     CLIP_CONTEXT,
     LONG_CONTEXT,
@@ -36,18 +37,14 @@ from specs_metric.checkpoint import (
     read_state_dict,
 )
 from specs_metric.config import (
-    ARCHS,
     CONFIG_METADATA_KEY,
     PREPROCESS_METADATA_KEY,
-    Arch,
     ConfigError,
     ModelConfig,
     PreprocessConfig,
-    arch_from_json,
     check_against,
     check_preprocess_size,
     config_from_state_dict,
-    read_arch,
 )
 from specs_metric.pretrained import REGISTRY, lookup, resolve
 
@@ -167,7 +164,7 @@ def read_checkpoint(
 
     Args:
         name_or_path: registry name, ``hf:org/repo[@rev]``, checkpoint file or HF folder.
-        arch: architecture name (:data:`specs_metric.config.ARCHS`) or JSON file. For an
+        arch: architecture name (:data:`specs_metric.archs.ARCHS`) or JSON file. For an
             OpenAI-layout file it replaces the OpenAI convention; for a file or folder that
             describes itself it must agree with the description.
         preprocess: ``"auto"`` (the model's own: HF ``preprocessor_config.json``, recorded

@@ -2,7 +2,7 @@
 
 :class:`SPECSScore` follows the torchmetrics protocol (``update``, ``compute``, ``reset``)
 without depending on torchmetrics. Every pair is scored and clamped on its own scale
-*before* averaging (the corpus score of :func:`specs_metric.scores.corpus_score`); only
+*before* averaging (the corpus score of :func:`specs_metric.scales.corpus_score`); only
 the ``torchmetrics`` scale clamps the mean instead, like torchmetrics' ``CLIPScore``.
 Under DDP, ``compute`` sums the state over all processes, so every rank gets the score of
 the whole evaluation set.
@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from specs_metric.scales import apply_scale, check_scale, corpus_from_mean, pair_cosines
 from specs_metric.scorer import Scorer, load
-from specs_metric.scores import apply_scale, check_scale, corpus_from_mean, pair_cosines
 from specs_metric.transform import ImageSource
 
 

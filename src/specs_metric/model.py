@@ -342,8 +342,9 @@ class LongCLIP(nn.Module):
         return self.encode_image(pixels), self.encode_text(tokens)
 
 
-# Parameters the reference loader stores in fp16 (guide §2): all Conv2d/Linear weights and
-# biases, attention input projections, and the two output projections.
+# Parameters the reference loader stores in fp16 (README, "Exactness and reference quirks"):
+# all Conv2d/Linear weights and biases, attention input projections, and the two output
+# projections.
 def is_fp16_rounded(key: str) -> bool:
     """True for the state-dict keys the reference loader rounds to fp16."""
     return (

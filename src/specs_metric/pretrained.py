@@ -40,7 +40,7 @@ class PretrainedModel:
     url: str | None = None
     sha256: str | None = None
     package_file: str | None = None  # a file under specs_metric/assets
-    # The architecture (a name in specs_metric.config.ARCHS) an OpenAI-layout file is read
+    # The architecture (a name in specs_metric.archs.ARCHS) an OpenAI-layout file is read
     # with; HF folders describe themselves and are checked against it.
     arch: str = "openai"
     layout: str = "openai"  # "openai": one state-dict file; "hf": a transformers folder

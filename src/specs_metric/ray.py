@@ -31,8 +31,8 @@ import pyarrow as pa
 import torch
 
 from specs_metric.config import PreprocessConfig
+from specs_metric.scales import apply_scale, check_scale
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
-from specs_metric.scores import apply_scale, check_scale
 
 if TYPE_CHECKING:
     import ray.data
@@ -193,7 +193,7 @@ class ScoreActor:
         self.images = _ImageEmbeddings(self.scorer, batch_size, memory_cache_size, None)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from specs_metric.scores import cosine_similarity
+        from specs_metric.scales import cosine_similarity
 
         errors = table["error"].to_pylist()
         valid = [i for i, e in enumerate(errors) if e is None]
@@ -425,7 +425,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
 
 def _summary(config: JobConfig, probe, started: float) -> dict:
     from specs_metric.job import summarize
-    from specs_metric.scores import corpus_from_mean
+    from specs_metric.scales import corpus_from_mean
 
     summary = summarize(config.output)
     summary.update(

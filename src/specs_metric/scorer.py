@@ -23,7 +23,7 @@ from specs_metric.model import LongCLIP, cast_matmul_weights
 from specs_metric.numerics import strict_fp32
 from specs_metric.runtime import INFERENCE_PRECISIONS as PRECISIONS
 from specs_metric.runtime import resolve_device
-from specs_metric.scores import apply_scale, check_scale, cosine_matrix, cosine_similarity
+from specs_metric.scales import apply_scale, check_scale, cosine_matrix, cosine_similarity
 from specs_metric.tokenizer import EOT_ID, Tokenizer, default_tokenizer, pad_ids
 from specs_metric.transform import ImageSource, load_and_preprocess
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from specs_metric.job import JobConfig
-from specs_metric.scores import corpus_from_mean
+from specs_metric.scales import corpus_from_mean
 from specs_metric.sources import SHARD_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, expand
 
 _INPUT_SUFFIXES = SHARD_SUFFIXES + TABLE_SUFFIXES + TEXT_SUFFIXES

@@ -98,11 +98,12 @@ def embed_images(
     batch_size: int = 64,
     num_workers: int = 0,
     show_progress: bool = False,
+    skip_bad_images: bool = True,
 ) -> ImageEmbeddings:
     """Raw embeddings of ``images`` (paths, encoded bytes or PIL images), sharded over ranks.
 
-    Images that cannot be decoded get a zero row and are listed in ``errors`` (the caller
-    decides whether that is fatal); nothing is raised, so no rank is left waiting in a
+    Images that cannot be decoded get a zero row and are listed in ``errors``; nothing is
+    raised before the errors of all ranks are gathered, so no rank is left waiting in a
     collective call while another one has failed.
 
     Args:
@@ -112,6 +113,8 @@ def embed_images(
         batch_size: images per forward pass.
         num_workers: DataLoader processes decoding images (0: decode in this process).
         show_progress: show a progress bar on rank 0.
+        skip_bad_images: keep going past undecodable images (the caller decides what to
+            do with them); False raises :func:`bad_image_error` on every rank instead.
     """
     info = info or DistInfo()
     shard = shard_range(len(images), info.rank, info.world_size)
@@ -140,11 +143,14 @@ def embed_images(
             local_ok[rows] = 1
         bar.update(len(items))
     bar.close()
-    return ImageEmbeddings(
+    result = ImageEmbeddings(
         embeddings=gather_rows(local, len(images), info),
         ok=gather_rows(local_ok, len(images), info).bool(),
         errors=sorted(_gather_objects(errors, info)),
     )
+    if result.errors and not skip_bad_images:
+        raise bad_image_error(result.errors, len(images))
+    return result
 
 
 def embed_texts(scorer: Scorer, texts: Sequence[str], info: DistInfo | None = None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from specs_metric.bench.human_readers import (
     read_judgments,
 )
 from specs_metric.bench.text_metrics import TEXT_METRICS, text_metric
-from specs_metric.scores import SCALES
+from specs_metric.scales import SCALES
 
 # The readers' names stay importable from here, the command's entry module.
 __all__ = [
@@ -134,27 +134,6 @@ def _unique(rows: Sequence[Judgment], with_references: bool) -> _Unique:
     return _Unique(pair_of_row, pairs, list(image_ids), image_of_pair)
 
 
-def _embed_images_safely(scorer, images: Sequence[ImageRef], keys: Sequence[str], batch_size: int):
-    """Image embeddings with NaN rows (and a message) for images that cannot be decoded."""
-    import torch
-
-    from specs_metric.transform import ImageError
-
-    out = torch.full((len(images), scorer.embed_dim), float("nan"))
-    errors: list[str] = []
-    for start in range(0, len(images), batch_size):
-        chunk = list(images[start : start + batch_size])
-        try:
-            out[start : start + len(chunk)] = scorer.embed_images(chunk, batch_size)
-        except ImageError:
-            for k, img in enumerate(chunk):  # find the bad ones, keep the rest
-                try:
-                    out[start + k] = scorer.embed_images([img])[0]
-                except ImageError as err:
-                    errors.append(f"image {keys[start + k]}: {err}")
-    return out, errors
-
-
 def model_cosines(
     scorer, rows: Sequence[Judgment], batch_size: int = 64
 ) -> tuple[np.ndarray, float, int, list[str]]:
@@ -163,7 +142,8 @@ def model_cosines(
     Returns:
         (cosine per row, NaN where the image failed; seconds; distinct pairs; image errors).
     """
-    from specs_metric.scores import cosine_similarity
+    from specs_metric.bench.embed import embed_images
+    from specs_metric.scales import cosine_similarity
 
     uniq = _unique(rows, with_references=False)
     first_row_of_image: dict[str, ImageRef] = {}
@@ -171,7 +151,9 @@ def model_cosines(
         first_row_of_image.setdefault(r.image_key, r.image)
     started = time.perf_counter()
     images = [first_row_of_image[k] for k in uniq.image_keys]
-    image_emb, errors = _embed_images_safely(scorer, images, uniq.image_keys, batch_size)
+    embedded = embed_images(scorer, images, batch_size=batch_size)
+    image_emb = embedded.embeddings.masked_fill(~embedded.ok[:, None], float("nan"))
+    errors = [f"image {uniq.image_keys[i]}: {msg}" for i, msg in embedded.errors]
     text_emb = scorer.embed_texts([r.caption for r in uniq.pairs])
     cos = cosine_similarity(image_emb[uniq.image_of_pair], text_emb)
     seconds = time.perf_counter() - started
@@ -219,7 +201,7 @@ def run_metrics(
     so the timing). ``on_result`` is called after each metric, so results can be written as
     they come.
     """
-    from specs_metric.scores import apply_scale
+    from specs_metric.scales import apply_scale
 
     load = loader or _default_loader(device, precision)
     out: dict[str, dict[str, MetricScores]] = {s.name: {} for s in sets}

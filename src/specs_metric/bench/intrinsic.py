@@ -1,4 +1,5 @@
-"""Intrinsic specificity benchmark (guide §6) with prefix-sharing text encoding.
+"""Intrinsic specificity benchmark (README, "The intrinsic specificity benchmark") with
+prefix-sharing text encoding.
 
 For each image with cumulative captions ``c_1..c_n`` and negatives ``n_2..n_n``
 (``n_k = c_{k-1} + a segment that is wrong for the image``) and ``s`` the cosine of image
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 
 from specs_metric.bench.sdci import SdciRow, load_image_source
 from specs_metric.model import LongCLIP
+from specs_metric.scales import cosine_similarity
 from specs_metric.scorer import Scorer
-from specs_metric.scores import cosine_similarity
 
 # Captions whose part after the shared prefix is longer than this are encoded plainly.
 DEFAULT_MAX_SUFFIX = 48
@@ -433,7 +434,7 @@ def run_intrinsic(
     max_suffix: int = DEFAULT_MAX_SUFFIX,
     on_progress: Callable[[int, list[ChainScores]], None] | None = None,
 ) -> tuple[IntrinsicResult, list[ChainScores]]:
-    """Score every row and compute the guide §6 rates.
+    """Score every row and compute the positive, negative and average rates.
 
     Args:
         scorer: the model to evaluate.

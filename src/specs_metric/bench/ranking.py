@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from specs_metric.scores import unit_rows
+from specs_metric.scales import unit_rows
 
 DEFAULT_KS = (1, 5, 10)
 

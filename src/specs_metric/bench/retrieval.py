@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specs_metric.bench.embed import bad_image_error, embed_images, embed_texts
+from specs_metric.bench.embed import embed_images, embed_texts
 from specs_metric.bench.ranking import DEFAULT_KS, recall_at, retrieval_ranks
 from specs_metric.bench.records import image_key, image_source, read_records
 from specs_metric.distributed import DistInfo
@@ -387,9 +387,8 @@ def evaluate_retrieval(
         batch_size=batch_size,
         num_workers=num_workers,
         show_progress=show_progress,
+        skip_bad_images=skip_bad_images,
     )
-    if images.errors and not skip_bad_images:
-        raise bad_image_error(images.errors, len(data))
     texts = embed_texts(scorer, data.captions, info)
     if not info.is_main:
         return None

@@ -23,15 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specs_metric.bench.embed import bad_image_error, embed_images, embed_texts
+from specs_metric.bench.embed import embed_images, embed_texts
 from specs_metric.bench.ranking import recall_at, target_ranks
 from specs_metric.bench.records import image_source, read_records
 from specs_metric.bench.templates import get_classes
 from specs_metric.distributed import DistInfo
 from specs_metric.errors import DataError
 from specs_metric.rows import IMAGE_EXTENSIONS
+from specs_metric.scales import unit_rows
 from specs_metric.scorer import Scorer
-from specs_metric.scores import unit_rows
 from specs_metric.transform import ImageError, ImageSource
 
 DEFAULT_KS = (1, 5)
@@ -355,9 +355,8 @@ def evaluate_zeroshot(
         batch_size=batch_size,
         num_workers=num_workers,
         show_progress=show_progress,
+        skip_bad_images=skip_bad_images,
     )
-    if images.errors and not skip_bad_images:
-        raise bad_image_error(images.errors, len(data))
     if not info.is_main:
         return None
     keep = images.ok

@@ -101,13 +101,23 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
-def print_table(rows: list[tuple[str, dict]], ks: list[int]) -> None:
-    head = [f"i2t R@{k}" for k in ks] + [f"t2i R@{k}" for k in ks]
+def print_table(rows: list[tuple[str, object]], heads: list[str], values) -> None:
+    """One line per model: its name, then ``values(result)`` under ``heads``."""
     width = max(len("model"), *(len(name) for name, _ in rows))
-    print(f"{'model':<{width}}  " + "  ".join(f"{h:>9}" for h in head))
+    print(f"{'model':<{width}}  " + "  ".join(f"{h:>9}" for h in heads))
     for name, res in rows:
-        values = [res.image_to_text[k] for k in ks] + [res.text_to_image[k] for k in ks]
-        print(f"{name:<{width}}  " + "  ".join(f"{v:>9.2f}" for v in values))
+        print(f"{name:<{width}}  " + "  ".join(f"{v:>9.2f}" for v in values(res)))
+
+
+def embed_options(args: argparse.Namespace) -> dict:
+    """The embedding keywords of ``evaluate_retrieval`` / ``evaluate_zeroshot`` from the
+    shared arguments."""
+    return {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "skip_bad_images": args.skip_bad_images,
+        "show_progress": not args.quiet,
+    }
 
 
 def save_results(args: argparse.Namespace, header: dict, results: list[dict], done: bool) -> None:
@@ -153,14 +163,15 @@ def run(args: argparse.Namespace) -> int:
             data,
             info,
             ks=ks,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            skip_bad_images=args.skip_bad_images,
-            show_progress=not args.quiet,
+            **embed_options(args),
         ),
     )
     if info.is_main:
-        print_table(rows, ks)
+        print_table(
+            rows,
+            [f"i2t R@{k}" for k in ks] + [f"t2i R@{k}" for k in ks],
+            lambda res: [res.image_to_text[k] for k in ks] + [res.text_to_image[k] for k in ks],
+        )
         finish(args)
     return 0
 

@@ -7,9 +7,11 @@ import sys
 
 from specs_metric.cli.bench_retrieval import (
     add_common_arguments,
+    embed_options,
     evaluate_models,
     finish,
     parse_ks,
+    print_table,
     run_meta,
     setup,
 )
@@ -98,19 +100,15 @@ def run(args: argparse.Namespace) -> int:
             templates,
             info,
             ks=ks,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-            skip_bad_images=args.skip_bad_images,
-            show_progress=not args.quiet,
+            **embed_options(args),
         ),
     )
     if not info.is_main:
         return 0
-    width = max(len("model"), *(len(name) for name, _ in rows))
-    heads = [f"top-{k}" for k in ks] + ["per-class"]
-    print(f"{'model':<{width}}  " + "  ".join(f"{h:>9}" for h in heads))
-    for name, res in rows:
-        values = [res.accuracy[k] for k in ks] + [res.mean_per_class]
-        print(f"{name:<{width}}  " + "  ".join(f"{v:>9.2f}" for v in values))
+    print_table(
+        rows,
+        [f"top-{k}" for k in ks] + ["per-class"],
+        lambda res: [res.accuracy[k] for k in ks] + [res.mean_per_class],
+    )
     finish(args)
     return 0

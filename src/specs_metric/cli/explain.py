@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from specs_metric.cli.common import add_model_options, load_scorer
-from specs_metric.scores import SCALES
+from specs_metric.scales import SCALES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

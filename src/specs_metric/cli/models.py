@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.archs:
-        from specs_metric.config import ARCHS
+        from specs_metric.archs import ARCHS
 
         width = max(len(name) for name in ARCHS)
         for arch in ARCHS.values():

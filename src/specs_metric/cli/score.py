@@ -14,8 +14,8 @@ from specs_metric.cli.common import (
     nonnegative_int,
     positive_int,
 )
+from specs_metric.scales import SCALES
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
-from specs_metric.scores import SCALES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

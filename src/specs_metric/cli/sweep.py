@@ -14,7 +14,7 @@ from specs_metric.cli.common import (
     positive_int,
     probability,
 )
-from specs_metric.scores import SCALES
+from specs_metric.scales import SCALES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

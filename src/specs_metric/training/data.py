@@ -30,7 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from specs_metric.tokenizer import Tokenizer, default_tokenizer, truncate_ids
-from specs_metric.training.prepare import read_table
+from specs_metric.training.examples import read_table
 from specs_metric.transform import ImageError, open_image, preprocess
 
 log = logging.getLogger(__name__)

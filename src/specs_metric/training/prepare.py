@@ -17,36 +17,34 @@ its segment ``i`` (or its last one, if it has fewer) is taken. For the first
 words of that segment are shuffled; the rest keep it intact. Cumulative captions grow while
 both the caption and its negative stay within ``context_length`` tokens (SOT and EOT
 included) of the project tokenizer. Rows left without a negative are dropped.
+
+Reading the input rows is :mod:`specs_metric.training.examples`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import multiprocessing
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from specs_metric.errors import DataError
-from specs_metric.hf_datasets import (
-    choose_split,
-    dataset_splits,
-    is_dataset_folder,
-    read_files,
-    split_files,
-)
 from specs_metric.tokenizer import Tokenizer, clean_text, default_tokenizer
+from specs_metric.training.examples import (
+    Example,
+    PrepareError,
+    image_problem,
+    iter_examples,
+    resolve_image,
+)
 from specs_metric.training.segment import DEFAULT_SEGMENTER, Segmenter, get_segmenter
 
 log = logging.getLogger(__name__)
@@ -62,19 +60,6 @@ SKIP_REASONS = (
 DEFAULT_SHUFFLE_FRACTION = 0.9
 CONTEXT_LENGTH = 248
 OUTPUT_COLUMNS = ("image", "caption", "captions", "neg_captions")
-
-
-class PrepareError(DataError):
-    """Input that cannot be read at all (the message names the file and the row)."""
-
-
-@dataclass
-class Example:
-    """One input row: its 1-based row number, its image and its caption."""
-
-    row: int
-    image: Any
-    caption: Any
 
 
 @dataclass
@@ -122,140 +107,6 @@ class PrepareReport:
             "output": str(self.output),
             "segments_per_row": self.segments_per_row,
         }
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_table(path: str | Path) -> pa.Table:
-    """Read a parquet file or a Hugging Face ``datasets`` directory as an Arrow table.
-
-    A ``datasets`` directory (``save_to_disk``) is read from the Arrow files its
-    ``state.json`` lists, memory-mapped, without needing the ``datasets`` package. For a
-    ``DatasetDict`` directory the ``train`` split (or the only split) is used.
-    """
-    path = Path(path)
-    if path.is_file():
-        if path.suffix != ".parquet":
-            raise PrepareError(f"{path}: expected a .parquet file or a datasets directory")
-        return pq.read_table(path)
-    if not path.is_dir():
-        raise PrepareError(f"{path}: no such file or directory")
-    splits = dataset_splits(path)
-    if splits is not None:
-        return read_table(path / choose_split(splits, None, "train", path))
-    if is_dataset_folder(path):
-        return read_files(split_files(path))
-    parquet_files = sorted(path.glob("*.parquet"))
-    if parquet_files:
-        return pa.concat_tables([pq.read_table(p) for p in parquet_files])
-    raise PrepareError(f"{path}: not a datasets directory (no state.json or dataset_dict.json)")
-
-
-def _caption_of(record: dict, where: str) -> Any:
-    if "caption" in record:
-        return record["caption"]
-    conversations = record.get("conversations")
-    if isinstance(conversations, list) and conversations:
-        last = conversations[-1]
-        return last.get("value") if isinstance(last, dict) else None
-    if conversations is not None:
-        return None
-    raise PrepareError(f"{where}: no 'caption' or 'conversations' field")
-
-
-def _check_record(record: Any, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise PrepareError(f"{where}: expected an object, got {type(record).__name__}")
-    if "image" not in record:
-        raise PrepareError(f"{where}: no 'image' field")
-    return record
-
-
-def iter_examples(path: str | Path) -> Iterator[Example]:
-    """Read image/caption rows from ShareGPT4V-style JSON, JSONL, CSV, parquet or a
-    ``datasets`` directory.
-
-    JSON is a list of objects with ``image`` and ``conversations`` (the caption is the value
-    of the last turn) or ``caption``; JSONL and CSV rows have ``image`` and ``caption``.
-
-    Raises:
-        PrepareError: the file cannot be parsed or lacks the needed fields; the message
-            names the file and the row.
-    """
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if path.is_dir() or suffix == ".parquet":
-        table = read_table(path)
-        for column in ("image", "caption"):
-            if column not in table.column_names:
-                raise PrepareError(f"{path}: no {column!r} column (has {table.column_names})")
-        images = table.column("image").to_pylist()
-        captions = table.column("caption").to_pylist()
-        for row, (image, caption) in enumerate(zip(images, captions, strict=True), start=1):
-            yield Example(row, image, caption)
-    elif not path.is_file():
-        raise PrepareError(f"{path}: no such file")
-    elif suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PrepareError(f"{path}: invalid JSON ({exc})") from exc
-        if not isinstance(records, list):
-            raise PrepareError(f"{path}: expected a JSON list of objects")
-        for row, record in enumerate(records, start=1):
-            record = _check_record(record, f"{path} row {row}")
-            yield Example(row, record["image"], _caption_of(record, f"{path} row {row}"))
-    elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for row, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PrepareError(f"{path} line {row}: invalid JSON ({exc})") from exc
-                record = _check_record(record, f"{path} line {row}")
-                yield Example(row, record["image"], _caption_of(record, f"{path} line {row}"))
-    elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as fh:
-            reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
-            missing = {"image", "caption"} - set(reader.fieldnames or ())
-            if missing:
-                raise PrepareError(f"{path}: missing column(s) {sorted(missing)}")
-            for row, record in enumerate(reader, start=1):
-                yield Example(row, record["image"], record["caption"])
-    else:
-        raise PrepareError(
-            f"{path}: unsupported input (use .json, .jsonl, .csv, .tsv, .parquet or a "
-            "datasets directory)"
-        )
-
-
-def resolve_image(image: Any, root: Path) -> str | bytes | None:
-    """A path string (relative paths joined to ``root``) or encoded bytes; None if absent."""
-    if isinstance(image, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, (bytes, bytearray)):
-        return bytes(image)
-    if not isinstance(image, str) or not image.strip():
-        return None
-    path = Path(image)
-    return str(path if path.is_absolute() else root / path)
-
-
-def image_problem(image: str | bytes | None) -> str | None:
-    """``"missing_image"``, ``"unreadable_image"`` or None (header check, like the reference)."""
-    if image is None:
-        return "missing_image"
-    if isinstance(image, str) and not Path(image).is_file():
-        return "missing_image"
-    try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
-            img.size  # noqa: B018 - the header must parse
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        return "unreadable_image"
-    return None
 
 
 # ----------------------------------------------------------------------------- building

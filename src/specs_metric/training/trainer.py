@@ -18,17 +18,19 @@ Behaviour worth knowing (see docs/training.md):
 - ``positional_embedding`` is frozen when the initial checkpoint is an OpenAI CLIP one
   (stretched to 248 positions, as LongCLIP training does) and trained otherwise (the
   reference fine-tunes every parameter of a LongCLIP checkpoint).
+
+The run's RNG state and checkpoint layout are in :mod:`specs_metric.training.state`, its
+logs in :mod:`specs_metric.training.logs`. What is left (about 500 lines) is the loop itself:
+one :class:`Trainer` whose setup, step, checkpointing and resuming share its state.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -36,7 +38,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -45,24 +46,27 @@ from tqdm import tqdm
 
 from specs_metric.checkpoint import save_state_dict, write_torch
 from specs_metric.config import config_metadata
-from specs_metric.distributed import DistInfo, init_from_env
+from specs_metric.distributed import DistInfo, gather_with_grad, init_from_env
 from specs_metric.factory import model_from_checkpoint
 from specs_metric.loading import read_checkpoint
 from specs_metric.runtime import TRAINING_AUTOCAST, resolve_device, resolve_training_autocast
 from specs_metric.training.data import ResumableSampler, SpecificityDataset, collate_examples
+from specs_metric.training.logs import LOG_COLUMNS, CsvLog, tensorboard_writer
 from specs_metric.training.loss import LossOutput, SpecificityLoss, clip_loss
+from specs_metric.training.state import (
+    CHECKPOINT_DIR,
+    STATE_FILE,
+    find_checkpoints,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("specs", "clip")
 PRECISIONS = TRAINING_AUTOCAST  # training autocast, not the scorer's inference precision
-LOG_COLUMNS = (
-    "step", "epoch", "lr", "loss", "contrastive", "detail", "negative", "margin",
-    "logit_scale", "images", "skipped_images", "seconds",
-)
-CHECKPOINT_DIR = "checkpoints"
 MODEL_FILES = ("model.pt", "model.safetensors")
-STATE_FILE = "trainer_state.pt"
 
 
 class TrainError(ValueError):
@@ -176,86 +180,7 @@ def lr_factor(update: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (update - warmup) / span))
 
 
-# ----------------------------------------------------------------------------- distributed
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """Concatenate a tensor over ranks (sizes may differ); the gradient flows back to each
-    rank's own rows, summed over the identical loss every rank computes."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        world = dist.get_world_size()
-        size = torch.tensor([tensor.shape[0]], device=tensor.device)
-        sizes = [torch.zeros_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size)
-        counts = [int(s) for s in sizes]
-        longest = max(counts)
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
-        rank = dist.get_rank()
-        ctx.offset, ctx.count = sum(counts[:rank]), counts[rank]
-        return torch.cat([p[:c] for p, c in zip(parts, counts, strict=True)])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad[ctx.offset : ctx.offset + ctx.count]
-
-
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows of ``tensor`` (in rank order), differentiable w.r.t. the local ones."""
-    return _GatherWithGrad.apply(tensor)
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-def _rng_state() -> dict:
-    state = {
-        "python": random.getstate(),
-        "numpy": _numpy_state_to_tensors(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _numpy_state_to_tensors(state: tuple) -> dict:
-    name, keys, pos, has_gauss, gauss = state
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def _set_rng_state(state: dict) -> None:
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    n = state["numpy"]
-    np.random.set_state(
-        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def find_checkpoints(output: str | Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first."""
-    root = Path(output) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file() and p.suffix != ".tmp"]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
 def _resolve_resume(config: TrainConfig) -> Path | None:
@@ -284,39 +209,6 @@ def _autocast(precision: str, device: torch.device):
     return nullcontext()
 
 
-class _CsvLog:
-    """The per-update CSV log; on resume rows after the resumed step are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        rows = []
-        if resume_step is not None and path.is_file():
-            with path.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        self.fh = path.open("w", newline="")
-        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
-        self.writer.writeheader()
-        self.writer.writerows(rows)
-        self.fh.flush()
-
-    def write(self, row: dict) -> None:
-        self.writer.writerow(row)
-        self.fh.flush()
-
-    def close(self) -> None:
-        self.fh.close()
-
-
-def _tensorboard(output: Path, enabled: bool):
-    if not enabled:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(output / "tensorboard"))
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -340,7 +232,7 @@ class Trainer:
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        _seed_everything(config.seed)
+        seed_everything(config.seed)
 
         # The shared loading path: names, files and HF folders; 77-position CLIP models
         # are stretched to 248 positions there.
@@ -412,7 +304,7 @@ class Trainer:
             "skipped_images": self.skipped_images,
             "world_size": self.dist.world_size,
             "batch_size": self.config.batch_size,
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
 
     def save_checkpoint(self) -> Path:
@@ -457,7 +349,7 @@ class Trainer:
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]
         self.skipped_images = state["skipped_images"]
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
 
     # -- one micro-batch ----------------------------------------------------------------
 
@@ -518,9 +410,9 @@ class Trainer:
             (self.output / "config.json").write_text(
                 json.dumps(dataclasses.asdict(config), indent=2)
             )
-        csv_log = _CsvLog(self.output / "train_log.csv", self.step if resume_from else None) \
+        csv_log = CsvLog(self.output / "train_log.csv", self.step if resume_from else None) \
             if self.is_main else None
-        board = _tensorboard(self.output, config.tensorboard) if self.is_main else None
+        board = tensorboard_writer(self.output, config.tensorboard) if self.is_main else None
         bar = tqdm(total=self.total_steps, initial=self.step, desc="training", unit="step",
                    disable=not (self.is_main and config.progress))
         self._saved_step = self.step if resume_from else None

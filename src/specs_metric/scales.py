@@ -1,10 +1,12 @@
-"""Score scales computed from the image-caption cosine similarity (README "Score scales").
+"""Score scales and the one cosine they are computed from (README "Score scales").
 
 - ``specs`` (default): ``max(0, (cos + 1) / 2)``, in [0, 1];
 - ``clip-s``: ``2.5 * max(cos, 0)`` (CLIPScore, Hessel et al. 2021);
 - ``cosine``: the raw cosine;
 - ``torchmetrics``: ``100 * cos`` per pair; torchmetrics' CLIPScore clamps at 0 only after
   averaging, see :func:`corpus_score`.
+
+Every cosine of the project goes through :func:`unit_rows` (float64, unit L2 rows).
 """
 
 from __future__ import annotations

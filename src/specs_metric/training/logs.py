@@ -1,0 +1,47 @@
+"""The training logs: the per-update CSV (``OUTPUT/train_log.csv``) and, when installed,
+TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+LOG_COLUMNS = (
+    "step", "epoch", "lr", "loss", "contrastive", "detail", "negative", "margin",
+    "logit_scale", "images", "skipped_images", "seconds",
+)
+
+
+class CsvLog:
+    """The per-update CSV log; on resume rows after the resumed step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None) -> None:
+        self.path = path
+        rows = []
+        if resume_step is not None and path.is_file():
+            with path.open(newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+        self.fh = path.open("w", newline="")
+        self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
+        self.writer.writeheader()
+        self.writer.writerows(rows)
+        self.fh.flush()
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def tensorboard_writer(output: Path, enabled: bool):
+    """A TensorBoard ``SummaryWriter`` under ``OUTPUT/tensorboard``, or None (disabled or
+    not installed)."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(output / "tensorboard"))
