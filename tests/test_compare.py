@@ -292,3 +292,14 @@ def test_duplicate_ids_are_refused_in_one_line(tmp_path, capsys):
         assert main(["compare", str(a), str(dup), "--pair-by", pair_by]) == 2
         err = capsys.readouterr().err.strip()
         assert err == f"specs compare: {dup}: id 'x' appears twice (row 3); ids must be unique"
+
+
+def test_error_rows_without_an_id_are_not_duplicates(tmp_path):
+    # `specs score` writes id null for a row whose id could not be used (e.g. an empty id)
+    a = _write_scores(tmp_path / "a.jsonl", [0.1, 0.2, 0.3])
+    b = tmp_path / "b.jsonl"
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    bad = {**rows[0], "id": None, "score": None, "cosine": None, "error": "line 4: empty id"}
+    b.write_text("".join(json.dumps(r) + "\n" for r in [*rows, bad, bad]))
+    report = compare_files(a, b)
+    assert report.n_used == 3 and report.mean_diff == 0.0

@@ -146,6 +146,8 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict]:
                     f"{path}: row {n} lacks {', '.join(sorted(missing))}; "
                     "expected the output of `specs score`"
                 )
+            if rec["id"] is None and rec.get("error"):
+                continue  # an error row whose id could not be kept: nothing to pair
             key = str(rec["id"])
             if key in rows:
                 raise CompareError(
