@@ -35,11 +35,6 @@ def test_help_does_not_import_torch(argv):
     assert _fresh_process(*argv) == {"code": 0, "torch": False}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="specs_metric.pretrained imports specs_metric.checkpoint (and so torch) at module "
-    "level; making that import lazy (outside this change's files) turns this test green",
-)
 def test_models_does_not_import_torch():
     assert _fresh_process("models") == {"code": 0, "torch": False}
 

@@ -22,7 +22,6 @@ overrides it); those checks are :mod:`specs_metric.checkpoint_limits`.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -111,15 +110,6 @@ def write_torch(
         torch.save(obj, path)
     except RuntimeError as exc:
         raise OSError(f"could not write {shown or path} (disk full?): {exc}") from exc
-
-
-def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- plain files ---------------------------------------------------------------------------

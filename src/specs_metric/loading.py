@@ -33,7 +33,6 @@ from specs_metric.checkpoint import (
     LONG_CONTEXT,
     CheckpointError,
     clip_to_longclip,
-    file_sha256,
     read_state_dict,
 )
 from specs_metric.config import (
@@ -46,7 +45,7 @@ from specs_metric.config import (
     check_preprocess_size,
     config_from_state_dict,
 )
-from specs_metric.pretrained import REGISTRY, lookup, resolve
+from specs_metric.pretrained import REGISTRY, file_sha256, lookup, resolve
 
 OPEN_CLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 OPEN_CLIP_CONFIG = "open_clip_config.json"

@@ -16,6 +16,7 @@ the command fails at once with one line instead of retrying.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import logging
 import os
@@ -25,8 +26,6 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-
-from specs_metric.checkpoint import file_sha256
 
 
 @dataclass(frozen=True)
@@ -151,6 +150,15 @@ REGISTRY: dict[str, PretrainedModel] = {
 
 class ModelNotAvailableError(RuntimeError):
     """A named checkpoint is neither cached nor downloadable (e.g. offline)."""
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
