@@ -5,7 +5,7 @@ On a GPU the model is fast and the host decides the speed: reading rows, tokeniz
 decoding images, batching, writing. This benchmark isolates that cost on any machine. It
 builds a near-zero-cost model (width 64, 1 layer per tower, 248 text positions, random
 weights), ``--images`` shared 640x480 JPEGs and ``--rows`` captions of 15-180 words drawn
-Zipf-like from the CLIP vocabulary's whole words, then in one run measures:
+Zipf-like from the CLIP vocabulary's whole ASCII words, then in one run measures:
 
 - the baseline: CPU ms per caption of the reference tokenizer's work
   (``reference_style.ReferenceStyleTokenizer``: ftfy, HTML unescaping, BPE with its cache);
@@ -62,14 +62,15 @@ TINY = ModelConfig(
 
 
 def vocabulary_words(limit: int = 20000) -> list[str]:
-    """Whole words of the CLIP BPE vocabulary, most frequent merges first."""
+    """Whole ASCII words of the CLIP BPE vocabulary, most frequent merges first."""
     raw = resources.files("specs_metric").joinpath("assets/bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.decompress(raw.read_bytes()).decode("utf-8").split("\n")[1:48895]
     words = []
     for line in lines:
         first, second = line.split()
-        if second.endswith("</w>") and (first + second[:-4]).isalpha():
-            words.append(first + second[:-4])
+        word = first + second[:-4]
+        if second.endswith("</w>") and word.isascii() and word.isalpha():
+            words.append(word)
     return words[:limit]
 
 

@@ -245,3 +245,22 @@ def test_train_init_accepts_a_folder(hf_folder, tmp_path):
                  "--no-tensorboard"]) == 0
     trained = read_checkpoint(out / "model.safetensors")
     assert trained.config.activation == "gelu" and trained.config.text_head_width == 32
+
+
+def test_explain_and_sweep_accept_a_folder(hf_folder, tmp_path):
+    colours = _images(tmp_path)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(
+        json.dumps({"id": c, "image": f"{c}.png", "caption": f"A {c} square. It is small."})
+        + "\n" for c in colours))
+    out = tmp_path / "explain.jsonl"
+    assert main(["explain", "--model", str(hf_folder), "--input", str(rows), "--output",
+                 str(out), "--device", "cpu", "--no-progress"]) == 0
+    explained = [json.loads(line) for line in out.read_text().splitlines()]
+    scorer = load(hf_folder, device="cpu")
+    full = scorer.score([tmp_path / f"{c}.png" for c in colours],
+                        [f"A {c} square. It is small." for c in colours])
+    assert [r["score"] for r in explained] == pytest.approx(full.tolist(), abs=1e-5)
+    assert all(len(r["segments"]) == 2 for r in explained)
+    assert main(["sweep", "--model", str(hf_folder), "--out", str(tmp_path / "sweep"),
+                 str(rows), "--device", "cpu", "--no-progress", "--no-plots"]) == 0
