@@ -122,8 +122,8 @@ def stage_split(model: Path, rows: Path, out: Path) -> dict[str, float]:
         (scorer_module.Scorer, "encode_tokens", "model"),
         (scorer_module.Scorer, "encode_pixels", "model"),
         (job, "count_rows", "read rows"),
-        (job, "_json_line", "write"),
-        (job, "_write_final", "write"),
+        (job, "json_line", "write"),
+        (job, "write_final", "write"),
         (job, "summarize", "write"),
     ]
     originals = []

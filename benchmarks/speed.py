@@ -54,9 +54,10 @@ from PIL import Image
 from reference_style import ReferenceStyleCLIP
 
 from specs_metric.factory import build_model
-from specs_metric.job import JobConfig, read_output, run_job
+from specs_metric.job import JobConfig, run_job
 from specs_metric.model import LongCLIP, ModelConfig
 from specs_metric.numerics import strict_fp32, tf32_flags
+from specs_metric.results import read_output
 from specs_metric.scorer import Scorer
 from specs_metric.tokenizer import default_tokenizer
 

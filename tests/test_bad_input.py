@@ -26,7 +26,7 @@ import specs_metric
 from factories import make_state_dict
 from specs_metric import transform
 from specs_metric.cli import main
-from specs_metric.job import read_output
+from specs_metric.results import read_output
 from specs_metric.rows import MAX_LINE_CHARS, read_rows
 from specs_metric.transform import MAX_IMAGE_BYTES, ImageError, open_image, read_image_bytes
 from subprocesses import child_env

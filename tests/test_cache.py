@@ -14,7 +14,7 @@ from PIL import Image
 from factories import make_state_dict
 from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.cli import main
-from specs_metric.job import read_output
+from specs_metric.results import read_output
 
 
 def _setup(tmp_path: Path) -> tuple[Path, Path]:

@@ -83,10 +83,10 @@ if __name__ == "__main__" and str(SRC) not in sys.path:  # a script run of this 
 from specs_metric import fused  # noqa: E402
 from specs_metric.checkpoint import read_state_dict  # noqa: E402
 from specs_metric.factory import build_model  # noqa: E402
-from specs_metric.job import read_output  # noqa: E402
 from specs_metric.metric import SPECSScore  # noqa: E402
 from specs_metric.model import LongCLIP  # noqa: E402
 from specs_metric.numerics import strict_fp32, tf32_flags  # noqa: E402
+from specs_metric.results import read_output  # noqa: E402
 from specs_metric.scorer import Scorer, load  # noqa: E402
 from specs_metric.synth import generate  # noqa: E402
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from factories import make_state_dict
 from specs_metric.cli import main
-from specs_metric.job import read_output
+from specs_metric.results import read_output
 from specs_metric.sources import expand
 from subprocesses import child_env
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from factories import make_state_dict
 from specs_metric.cli import main
-from specs_metric.job import read_output
 from specs_metric.locking import OutputLock
+from specs_metric.results import read_output
 from subprocesses import child_env, torchrun
 
 N_IMAGES = 12

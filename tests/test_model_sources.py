@@ -116,7 +116,7 @@ def test_score_marks_rows_with_a_literal_endoftext(tmp_path, capsys):
     assert rows[1]["warning"] is None and rows[2]["warning"] is None
     # cut at the literal token, as the reference does: the score of the text before it
     assert rows[0]["cosine"] == pytest.approx(rows[1]["cosine"], abs=1e-6)
-    from specs_metric.job import summarize
+    from specs_metric.results import summarize
 
     assert summarize(out)["n_warnings"] == 1
 

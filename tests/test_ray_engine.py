@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specs_metric.cli import main
-from specs_metric.job import read_output
+from specs_metric.results import read_output
 from test_datasets import N_PAIRS, _jsonl, _same, _score, _table, world  # noqa: F401
 
 ray = pytest.importorskip("ray")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specs_metric.job import read_output
+from specs_metric.results import read_output
 
 PAIR_BY = ("id", "image")
 

@@ -22,11 +22,9 @@ threads, which changes the rounding of matrix products):
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections import OrderedDict
@@ -44,7 +42,15 @@ from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.config import PreprocessConfig
 from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_range
 from specs_metric.locking import OutputLock
-from specs_metric.outputs import read_table_output, write_output
+from specs_metric.results import (
+    JobError,
+    job_path,
+    json_line,
+    part_path,
+    resume_point,
+    summarize,
+    write_final,
+)
 from specs_metric.rows import Row, count_rows, read_rows
 from specs_metric.scales import apply_scale, check_scale, corpus_from_mean, cosine_similarity
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer
@@ -52,14 +58,6 @@ from specs_metric.sources import SourceOptions, input_identity
 from specs_metric.tokenizer import Tokenizer, literal_special_warning, truncate_ids
 from specs_metric.transform import ImageError, decode_pixels, image_bytes
 from specs_metric.workers import die_with_parent
-
-OUTPUT_FIELDS = (
-    "id", "image", "caption", "score", "cosine", "tokens", "truncated", "warning", "error"
-)
-
-
-class JobError(ValueError):
-    """A job that cannot start or finish correctly (its message is one line for the CLI)."""
 
 
 @dataclass
@@ -333,69 +331,8 @@ class _ImageEmbeddings:
         return np.stack(out) if out else np.zeros((0, self.scorer.embed_dim), np.float32)
 
 
-def _finite_or_none(value: object) -> object:
-    """``value`` with every non-finite float (at any depth) replaced by ``None``: JSON has no
-    NaN or Infinity, and a NaN in an input row's id or caption must not leak into ours."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_none(v) for v in value]
-    return value
-
-
-def _json_line(rec: dict) -> str:
-    out = {k: _finite_or_none(rec.get(k)) for k in OUTPUT_FIELDS}
-    line = json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (legal in JSON input): write it escaped
-        line = json.dumps(out, ensure_ascii=True, allow_nan=False) + "\n"
-    return line
-
-
 def _warn(message: str) -> None:
     print(f"specs score: warning: {message}", file=sys.stderr)
-
-
-# --- part files and resume --------------------------------------------------------------------
-
-
-def part_path(output: Path, rank: int, world_size: int) -> Path:
-    return output.with_name(f"{output.name}.part-{rank}-of-{world_size}.jsonl")
-
-
-def _job_path(output: Path) -> Path:
-    return output.with_name(f"{output.name}.job.json")
-
-
-def _resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
-    """Rows of ``path`` to keep on resume: its whole chunks of sound JSON lines.
-
-    A crash can leave a torn last line, or a chunk written only in part (a chunk's text
-    may reach the file in several writes). Both are cut off, so that the resumed run starts
-    at a chunk boundary and forms the same batches as an uninterrupted run.
-    """
-    if not path.exists():
-        return 0
-    count, keep_rows, keep_bytes = 0, 0, 0
-    with open(path, "rb") as fh:
-        offset = 0
-        for line in fh:
-            offset += len(line)
-            if not line.endswith(b"\n") or count >= shard_rows:
-                break
-            try:
-                json.loads(line)
-            except ValueError:
-                break
-            count += 1
-            if count % chunk_rows == 0 or count == shard_rows:
-                keep_rows, keep_bytes = count, offset
-    with open(path, "r+b") as fh:
-        fh.truncate(keep_bytes)
-    return keep_rows
 
 
 def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
@@ -419,106 +356,6 @@ def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
     if pipeline != str(scorer.resolution):  # absent otherwise: older partial outputs resume
         identity["pipeline"] = pipeline
     return identity
-
-
-# --- output -----------------------------------------------------------------------------------
-
-
-def _write_final(config: JobConfig, world_size: int, total: int) -> None:
-    """Concatenate the part files (input order) into the output, in its format.
-
-    The output appears (by rename) only if it holds exactly ``total`` rows; otherwise the
-    part files stay for ``--resume`` and nothing else is left behind.
-    """
-    parts = [part_path(config.output, r, world_size) for r in range(world_size)]
-    tmp = config.output.with_name(config.output.name + ".tmp")
-    rows = 0
-    for part in parts:
-        with open(part, "rb") as fh:
-            rows += sum(1 for _ in fh)
-    if rows != total:
-        raise JobError(
-            f"{config.output}: the part files hold {rows} rows but the input has {total}; "
-            "kept them, run again with --resume"
-        )
-    try:
-        write_output(parts, tmp, config.output.suffix.lower(), OUTPUT_FIELDS)
-        os.replace(tmp, config.output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    for part in parts:
-        part.unlink()
-
-
-def read_output(path: str | os.PathLike[str]) -> Iterator[dict]:
-    """Stream the rows of a ``specs score`` output (JSONL, CSV or parquet), typed as in
-    JSONL."""
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        yield from read_table_output(path)
-        return
-    if path.suffix.lower() != ".csv":
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)
-        return
-    with open(path, encoding="utf-8", newline="") as fh:
-        for rec in csv.DictReader(fh):
-            for key in ("score", "cosine"):
-                rec[key] = float(rec[key]) if rec[key] not in ("", None) else None
-            rec["tokens"] = int(rec["tokens"]) if rec["tokens"] not in ("", None) else None
-            rec["truncated"] = {"True": True, "False": False}.get(rec["truncated"])
-            rec["error"] = rec["error"] or None
-            rec["warning"] = rec.get("warning") or None
-            yield rec
-
-
-def _id_key(value: object) -> int:
-    """A 64-bit hash of an id (type-aware: the JSON ids ``1`` and ``"1"`` differ)."""
-    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def summarize(path: Path) -> dict:
-    """Counts, mean and std of the scores of an output file (one streaming pass).
-
-    ``mean`` and ``std`` are ``None`` when no row was scored. ``n_duplicate_ids`` counts rows
-    whose id an earlier row already had (ids are compared by 64-bit hashes); ``n_warnings``
-    counts rows with a ``warning`` (e.g. a literal special token in the caption).
-    """
-    n = n_err = n_trunc = n_dup = n_warn = 0
-    total = total_sq = 0.0
-    seen: set[int] = set()
-    first_duplicate = None
-    for rec in read_output(path):
-        key = _id_key(rec["id"])
-        if key in seen:
-            n_dup += 1
-            first_duplicate = rec["id"] if first_duplicate is None else first_duplicate
-        seen.add(key)
-        if rec["error"]:
-            n_err += 1
-            continue
-        n += 1
-        total += rec["score"]
-        total_sq += rec["score"] ** 2
-        n_trunc += bool(rec["truncated"])
-        n_warn += bool(rec.get("warning"))
-    mean = total / n if n else None
-    std = math.sqrt(max(total_sq / n - mean * mean, 0.0)) if n else None
-    return {
-        "n_rows": n + n_err,
-        "n_scored": n,
-        "n_errors": n_err,
-        "n_truncated": n_trunc,
-        "n_duplicate_ids": n_dup,
-        "first_duplicate_id": first_duplicate,
-        "n_warnings": n_warn,
-        "mean": mean,
-        "std": std,
-    }
 
 
 def _mark_non_finite(chunk: _Chunk, cos: np.ndarray) -> int:
@@ -602,7 +439,7 @@ def _score_shard(
                     chunk.rows[pos]["cosine"] = c
                     chunk.rows[pos]["score"] = sc
                 non_finite += _mark_non_finite(chunk, cos)
-            out.write("".join(_json_line(rec) for rec in chunk.rows))
+            out.write("".join(json_line(rec) for rec in chunk.rows))
             out.flush()
             bar.update(len(chunk.rows))
     bar.close()
@@ -654,7 +491,7 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
 
 def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: float) -> dict:
     identity = _job_identity(config, scorer, info.world_size)
-    job_file = _job_path(config.output)
+    job_file = job_path(config.output)
     my_part = part_path(config.output, info.rank, info.world_size)
     previous = json.loads(job_file.read_text()) if job_file.exists() else None
     if config.resume and previous is not None:
@@ -679,14 +516,14 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
         total = count_rows(config.input, config.image_root, config.source)
         shard = shard_range(total, info.rank, info.world_size, align=config.chunk_rows)
         if config.resume:
-            done = _resume_point(my_part, config.chunk_rows, len(shard))
+            done = resume_point(my_part, config.chunk_rows, len(shard))
         else:
             done = 0
             my_part.unlink(missing_ok=True)
         encoded, non_finite = _score_shard(config, scorer, info, total, done, my_part)
         barrier(info)
         if info.is_main:
-            _write_final(config, info.world_size, total)
+            write_final(config.output, info.world_size, total)
             job_file.write_text(json.dumps({**identity, "complete": True}, indent=1))
     summary = {}
     if info.is_main:

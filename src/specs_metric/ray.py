@@ -343,7 +343,8 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
     soon as its last row is in. With ``resume``, a complete output with the same settings is
     kept and its input not read again; an unfinished one is scored again from its start.
     """
-    from specs_metric.job import _job_identity, _job_path, _json_line, _write_final, part_path
+    from specs_metric.job import _job_identity
+    from specs_metric.results import job_path, json_line, part_path, write_final
     from specs_metric.rows import count_rows
     from specs_metric.sources import expand, is_plain_file
 
@@ -357,7 +358,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
         config.output.parent.mkdir(parents=True, exist_ok=True)
         identity = {**_job_identity(config, probe, 1), "engine": "ray"}
         identities.append(identity)
-        job_file = _job_path(config.output)
+        job_file = job_path(config.output)
         previous = json.loads(job_file.read_text()) if job_file.exists() else None
         if config.resume and previous == {**identity, "complete": True} and config.output.exists():
             continue
@@ -371,8 +372,8 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
         handle.close()
         config = configs[number]
         # the output appears only with one row per input row, as in the local job
-        _write_final(config, 1, count_rows(config.input, config.image_root, config.source))
-        _job_path(configs[number].output).write_text(
+        write_final(config.output, 1, count_rows(config.input, config.image_root, config.source))
+        job_path(configs[number].output).write_text(
             json.dumps({**identities[number], "complete": True}, indent=1)
         )
 
@@ -415,7 +416,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
                     handle = open(part, "w", encoding="utf-8")
                 for key in ("id", "image", "caption"):
                     rec[key] = json.loads(rec[f"{key}_json"])
-                handle.write(_json_line(rec))
+                handle.write(json_line(rec))
         if handle is not None:
             finish(current, handle)
         for number in pending:  # jobs after the last row: empty inputs
@@ -424,7 +425,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
 
 
 def _summary(config: JobConfig, probe, started: float) -> dict:
-    from specs_metric.job import summarize
+    from specs_metric.results import summarize
     from specs_metric.scales import corpus_from_mean
 
     summary = summarize(config.output)
