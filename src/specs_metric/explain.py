@@ -58,7 +58,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -72,8 +71,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from specs_metric import __version__
 from specs_metric.bench.intrinsic import encode_chains
+from specs_metric.jsonio import dumps
 from specs_metric.rows import read_rows
 from specs_metric.scales import apply_scale, check_scale, cosine_similarity
 from specs_metric.tokenizer import CaptionTooLongError, Tokenizer, truncate_ids
@@ -526,7 +525,7 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
             chunk = _explain_chunk(
                 scorer, rows[start : start + config.chunk_rows], config, segmenter, images
             )
-            out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chunk))
+            out.write("".join(dumps(r, ensure_ascii=False) + "\n" for r in chunk))
             out.flush()
             records += chunk
             bar.update(len(chunk))
@@ -538,11 +537,7 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
             "segmenter": config.segmenter if isinstance(config.segmenter, str) else "custom",
             "attribution": config.attribution,
             "scale": config.scale,
-            "model": scorer.name,
-            "checkpoint_sha256": scorer.checkpoint_sha256,
-            "version": __version__,
-            "precision": scorer.precision,
-            "device": str(scorer.device),
+            **scorer.summary_fields(),
             "images_encoded": images.encoded,
             "seconds": round(time.perf_counter() - started, 3),
             "output": str(config.output),
@@ -551,5 +546,5 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
     if config.attribution == "neutral":
         summary["neutral"] = config.neutral
     summary_path = config.output.with_name(config.output.name + ".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(dumps(summary, indent=2) + "\n")
     return summary, records

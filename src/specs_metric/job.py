@@ -37,7 +37,6 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from specs_metric import __version__
 from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.config import PreprocessConfig
 from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_range
@@ -545,11 +544,7 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
             {
                 "corpus_score": None if mean is None else corpus_from_mean(mean, config.scale),
                 "scale": config.scale,
-                "model": scorer.name,
-                "checkpoint_sha256": scorer.checkpoint_sha256,
-                "version": __version__,
-                "precision": scorer.precision,
-                "device": str(scorer.device),
+                **scorer.summary_fields(),
                 "world_size": info.world_size,
                 "images_encoded_rank0": encoded,
                 "seconds": round(time.perf_counter() - started, 3),

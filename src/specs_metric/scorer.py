@@ -175,6 +175,18 @@ class Scorer:
     def embed_dim(self) -> int:
         return self.model.config.embed_dim
 
+    def summary_fields(self) -> dict:
+        """What identifies this model in a job's summary."""
+        from specs_metric import __version__
+
+        return {
+            "model": self.name,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "version": __version__,
+            "precision": self.precision,
+            "device": str(self.device),
+        }
+
     # --- preprocessing ----------------------------------------------------------------
     def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
         """Reference token ids (N, context_length), zero padded."""
