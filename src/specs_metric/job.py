@@ -18,6 +18,11 @@ threads, which changes the rounding of matrix products):
 - with ``batch_size=1`` (the default) each image is encoded alone: on CPU an embedding
   changes in its last bits with its batch mates and its place in the batch, and the images
   that meet in a batch depend on what an earlier run or the cache already encoded.
+
+The result files (part files, resume points, the final output) are in
+:mod:`specs_metric.results`. What stays here is one pipeline (preparing chunks in workers,
+image embeddings by hash, scoring, locking and resuming a run), kept in one module because
+its pieces share the chunk layout and the order guarantees above.
 """
 
 from __future__ import annotations
