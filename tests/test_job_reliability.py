@@ -469,3 +469,32 @@ def test_lone_surrogates_in_input_rows_do_not_stop_the_output(world, tmp_path, s
     if suffix == ".jsonl":
         for line in out.read_text().splitlines():
             _strict_json(line)
+
+
+# --- job records and summaries are written whole --------------------------------------------
+
+
+def test_a_write_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
+    import specs_metric.jsonio as jsonio
+
+    target = tmp_path / "out.jsonl.job.json"
+    jsonio.write_json(target, {"complete": False})
+    before = target.read_bytes()
+
+    def torn(obj, **kwargs):  # the process dies while the text is being produced
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jsonio, "dumps", torn)
+    with pytest.raises(KeyboardInterrupt):
+        jsonio.write_json(target, {"complete": True})
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl.job.json"]
+
+
+def test_an_unreadable_job_record_is_one_line_on_resume(world, tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _corpus(src, 5)
+    (tmp_path / "out.jsonl.job.json").write_text('{"input": "tor')  # torn by another program
+    assert main(_args(world, src, out, "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out.jsonl.job.json: cannot read the job record" in err[0]

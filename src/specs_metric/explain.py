@@ -72,7 +72,7 @@ import torch
 from tqdm import tqdm
 
 from specs_metric.bench.intrinsic import encode_chains
-from specs_metric.jsonio import dumps
+from specs_metric.jsonio import dumps, write_json
 from specs_metric.rows import read_rows
 from specs_metric.scales import apply_scale, check_scale, cosine_similarity
 from specs_metric.tokenizer import CaptionTooLongError, Tokenizer, truncate_ids
@@ -546,5 +546,5 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
     if config.attribution == "neutral":
         summary["neutral"] = config.neutral
     summary_path = config.output.with_name(config.output.name + ".summary.json")
-    summary_path.write_text(dumps(summary, indent=2) + "\n")
+    write_json(summary_path, summary)
     return summary, records

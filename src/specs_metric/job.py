@@ -45,12 +45,14 @@ from tqdm import tqdm
 from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.config import PreprocessConfig
 from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_range
+from specs_metric.jsonio import write_json
 from specs_metric.locking import OutputLock
 from specs_metric.results import (
     JobError,
     job_path,
     json_line,
     part_path,
+    read_job_record,
     resume_point,
     summarize,
     write_final,
@@ -497,7 +499,7 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
     identity = _job_identity(config, scorer, info.world_size)
     job_file = job_path(config.output)
     my_part = part_path(config.output, info.rank, info.world_size)
-    previous = json.loads(job_file.read_text()) if job_file.exists() else None
+    previous = read_job_record(job_file)
     if config.resume and previous is not None:
         settings = {k: v for k, v in previous.items() if k != "complete"}
         if settings != identity:
@@ -516,7 +518,7 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
     if not finished:
         barrier(info)
         if info.is_main:
-            job_file.write_text(json.dumps({**identity, "complete": False}, indent=1))
+            write_json(job_file, {**identity, "complete": False}, indent=1)
         total = count_rows(config.input, config.image_root, config.source)
         shard = shard_range(total, info.rank, info.world_size, align=config.chunk_rows)
         if config.resume:
@@ -528,7 +530,7 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
         barrier(info)
         if info.is_main:
             write_final(config.output, info.world_size, total)
-            job_file.write_text(json.dumps({**identity, "complete": True}, indent=1))
+            write_json(job_file, {**identity, "complete": True}, indent=1)
     summary = {}
     if info.is_main:
         summary = summarize(config.output)
@@ -557,6 +559,6 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
             }
         )
         summary_path = config.output.with_name(config.output.name + ".summary.json")
-        summary_path.write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        write_json(summary_path, summary)
     barrier(info)
     return summary

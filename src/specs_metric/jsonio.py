@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,3 +34,18 @@ def jsonable(obj: Any) -> Any:
 def dumps(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` of :func:`jsonable` ``(obj)``, refusing anything that is not JSON."""
     return json.dumps(jsonable(obj), allow_nan=False, **kwargs)
+
+
+def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as strict JSON to ``path`` atomically: a temporary file in the same
+    folder renamed over it, so a job killed mid-write leaves the old file or the new one,
+    never a torn one that a later ``--resume`` cannot read."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(dumps(obj, indent=indent) + "\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -31,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from specs_metric.config import PreprocessConfig
+from specs_metric.jsonio import write_json
 from specs_metric.scales import apply_scale, check_scale
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
 
@@ -344,7 +345,13 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
     kept and its input not read again; an unfinished one is scored again from its start.
     """
     from specs_metric.job import _job_identity
-    from specs_metric.results import job_path, json_line, part_path, write_final
+    from specs_metric.results import (
+        job_path,
+        json_line,
+        part_path,
+        read_job_record,
+        write_final,
+    )
     from specs_metric.rows import count_rows
     from specs_metric.sources import expand, is_plain_file
 
@@ -359,10 +366,10 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
         identity = {**_job_identity(config, probe, 1), "engine": "ray"}
         identities.append(identity)
         job_file = job_path(config.output)
-        previous = json.loads(job_file.read_text()) if job_file.exists() else None
+        previous = read_job_record(job_file)
         if config.resume and previous == {**identity, "complete": True} and config.output.exists():
             continue
-        job_file.write_text(json.dumps({**identity, "complete": False}, indent=1))
+        write_json(job_file, {**identity, "complete": False}, indent=1)
         todo.append(number)
         spec = config.input
         files = [os.fspath(spec)] if is_plain_file(spec) else expand(spec)
@@ -373,9 +380,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
         config = configs[number]
         # the output appears only with one row per input row, as in the local job
         write_final(config.output, 1, count_rows(config.input, config.image_root, config.source))
-        job_path(configs[number].output).write_text(
-            json.dumps({**identities[number], "complete": True}, indent=1)
-        )
+        write_json(job_path(configs[number].output), {**identities[number], "complete": True}, 1)
 
     if todo:
         if not ray.is_initialized():
@@ -442,5 +447,5 @@ def _summary(config: JobConfig, probe, started: float) -> dict:
         }
     )
     summary_path = config.output.with_name(config.output.name + ".summary.json")
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(summary_path, summary)
     return summary

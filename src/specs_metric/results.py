@@ -177,3 +177,23 @@ def summarize(path: Path) -> dict:
         "mean": mean,
         "std": std,
     }
+
+
+def read_job_record(path: Path) -> dict | None:
+    """The settings a job recorded in ``<output>.job.json`` (None if there is none).
+
+    Raises:
+        JobError: the record is not a JSON object (it is written atomically, so only a
+            hand edit or another program makes it so).
+    """
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise JobError(
+            f"{path}: cannot read the job record ({exc}); remove it to start over"
+        ) from None
+    if not isinstance(record, dict):
+        raise JobError(f"{path}: the job record is not a JSON object; remove it to start over")
+    return record

@@ -8,7 +8,6 @@ it stopped (see :func:`specs_metric.job.run_job`). ``DIR/summary.json`` sums up 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from specs_metric.job import JobConfig
+from specs_metric.jsonio import write_json
 from specs_metric.scales import corpus_from_mean
 from specs_metric.sources import SHARD_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, expand
 
@@ -102,5 +102,5 @@ def run_shards(
         "seconds": round(time.perf_counter() - started, 3),
         "output_dir": str(output_dir),
     }
-    (output_dir / "summary.json").write_text(json.dumps(combined, indent=2) + "\n")
+    write_json(output_dir / "summary.json", combined)
     return combined
