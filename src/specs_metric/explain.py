@@ -62,7 +62,6 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,12 +71,13 @@ import torch
 from tqdm import tqdm
 
 from specs_metric.bench.intrinsic import encode_chains
+from specs_metric.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncoder
 from specs_metric.jsonio import dumps, write_json
 from specs_metric.rows import read_rows
 from specs_metric.scales import apply_scale, check_scale, cosine_similarity
 from specs_metric.tokenizer import CaptionTooLongError, Tokenizer, truncate_ids
 from specs_metric.training.segment import SEGMENTERS, Segmenter, get_segmenter
-from specs_metric.transform import ImageError, ImageSource, open_image, preprocess
+from specs_metric.transform import ImageSource
 
 ATTRIBUTIONS = ("prefix", "leave-one-out", "neutral")
 DEFAULT_SEGMENTER = "sentence"
@@ -353,8 +353,7 @@ def explain(
         )
         for c in captions
     ]
-    image_emb, index = scorer._unique_image_embeddings(images)
-    return explain_embedded(scorer, image_emb[index], plans, scale, chains_per_batch)
+    return explain_embedded(scorer, scorer.embed_images(images), plans, scale, chains_per_batch)
 
 
 # --------------------------------------------------------------------------------------
@@ -388,47 +387,12 @@ class ExplainConfig:
     chunk_rows: int = 64  # rows prepared and written together
     batch_size: int = 64  # images per image batch
     chains_per_batch: int = DEFAULT_CHAINS_PER_BATCH
-    memory_cache_size: int = 20000  # image embeddings kept in memory
+    memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE  # image embeddings kept in memory
     show_progress: bool = True
 
 
-class _Images:
-    """Image embeddings (or the error) per resolved path, an LRU in memory."""
-
-    def __init__(self, scorer, batch_size: int, capacity: int) -> None:
-        self.scorer, self.batch_size, self.capacity = scorer, batch_size, capacity
-        self.memory: OrderedDict[Path, torch.Tensor | str] = OrderedDict()
-        self.encoded = 0
-
-    def lookup(self, paths: Sequence[Path]) -> list[torch.Tensor | str]:
-        todo: dict[Path, torch.Tensor] = {}
-        for path in dict.fromkeys(paths):
-            if path in self.memory:
-                continue
-            try:
-                todo[path] = preprocess(open_image(path), self.scorer.resolution)
-            except ImageError as exc:
-                self._remember(path, str(exc))
-        keys = list(todo)
-        for start in range(0, len(keys), self.batch_size):
-            chunk = keys[start : start + self.batch_size]
-            emb = self.scorer.encode_pixels(torch.stack([todo[k] for k in chunk]))
-            self.encoded += len(chunk)
-            for key, value in zip(chunk, emb, strict=True):
-                self._remember(key, value)
-        out = [self.memory[p] for p in paths]
-        for p in paths:
-            self.memory.move_to_end(p)
-        return out
-
-    def _remember(self, key: Path, value: torch.Tensor | str) -> None:
-        self.memory[key] = value
-        while len(self.memory) > self.capacity:
-            self.memory.popitem(last=False)
-
-
 def _explain_chunk(
-    scorer, rows: list, config: ExplainConfig, segmenter: Segmenter, images: _Images
+    scorer, rows: list, config: ExplainConfig, segmenter: Segmenter, images: ImageEncoder
 ) -> list[dict]:
     records = []
     todo: list[tuple[dict, CaptionPlan, Path, int]] = []
@@ -454,14 +418,15 @@ def _explain_chunk(
             rec.update(tokens=n, truncated=True)
             continue
         todo.append((rec, plan, row.path, row.line))
-    embeddings = images.lookup([t[2] for t in todo])
+    embedded = images.embed([t[2] for t in todo])
+    errors = dict(embedded.errors)
     ready = []
-    for (rec, plan, _, line), emb in zip(todo, embeddings, strict=True):
-        if isinstance(emb, str):
-            rec["error"] = f"line {line}: {emb}"
+    for i, (rec, plan, _, line) in enumerate(todo):
+        if i in errors:
+            rec["error"] = f"line {line}: {errors[i]}"
             rec.update(tokens=plan.tokens, truncated=plan.truncated)
         else:
-            ready.append((rec, plan, emb))
+            ready.append((rec, plan, embedded.embeddings[i]))
     if ready:
         stacked = torch.stack([e for _, _, e in ready])
         results = explain_embedded(
@@ -511,7 +476,7 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
     rows = list(read_rows(config.input, config.image_root))
     config.output.parent.mkdir(parents=True, exist_ok=True)
     part = config.output.with_name(config.output.name + ".part")
-    images = _Images(scorer, config.batch_size, config.memory_cache_size)
+    images = ImageEncoder(scorer, config.batch_size, config.memory_cache_size)
     records: list[dict] = []
     bar = tqdm(
         total=len(rows),

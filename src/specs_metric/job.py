@@ -27,7 +27,6 @@ its pieces share the chunk layout and the order guarantees above.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import sys
@@ -45,6 +44,7 @@ from tqdm import tqdm
 from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.config import PreprocessConfig
 from specs_metric.distributed import DistInfo, all_ranks_agree, barrier, shard_range
+from specs_metric.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncoder, content_hash
 from specs_metric.jsonio import write_json
 from specs_metric.locking import OutputLock
 from specs_metric.results import (
@@ -82,7 +82,7 @@ class JobConfig:
     num_workers: int = 1
     cache_dir: Path | None = None
     resume: bool = False
-    memory_cache_size: int = 20000  # image embeddings kept in memory (LRU)
+    memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE  # image embeddings kept in memory (LRU)
     show_progress: bool = True
 
 
@@ -232,16 +232,16 @@ class _ChunkStream(IterableDataset):
             data = image_bytes(path, data, name)
         except ImageError as exc:
             return None, str(exc)
-        content_hash = hashlib.sha256(data).hexdigest()
-        if self._known(content_hash, chunk):
-            return content_hash, None
+        digest = content_hash(data)
+        if self._known(digest, chunk):
+            return digest, None
         try:
-            chunk.pixels[content_hash] = decode_pixels(data, shown, self.resolution)
+            chunk.pixels[digest] = decode_pixels(data, shown, self.resolution)
         except ImageError as exc:
             return None, str(exc)
         if from_file:
-            self._remember_sent(path, content_hash)
-        return content_hash, None
+            self._remember_sent(path, digest)
+        return digest, None
 
     def _sent_hash(self, path: Path | None) -> str | None:
         """The content hash of a file this process sent pixels of, if it is unchanged."""
@@ -278,63 +278,6 @@ class _ChunkStream(IterableDataset):
 
 def _collate(chunk: _Chunk) -> _Chunk:
     return chunk
-
-
-class _ImageEmbeddings:
-    """Image embeddings by content hash: an in-memory LRU over the optional disk cache."""
-
-    def __init__(
-        self, scorer: Scorer, batch_size: int, capacity: int, disk: EmbeddingCache | None
-    ) -> None:
-        self.scorer, self.batch_size, self.capacity, self.disk = scorer, batch_size, capacity, disk
-        self.memory: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.encoded = 0  # images that went through the image tower
-
-    def _remember(self, key: str, value: np.ndarray) -> None:
-        self.memory[key] = value
-        self.memory.move_to_end(key)
-        while len(self.memory) > self.capacity:
-            self.memory.popitem(last=False)
-
-    def lookup(
-        self,
-        hashes: list[str],
-        pixels: dict[str, torch.Tensor],
-        cached: dict[str, np.ndarray],
-        sent_before: dict[str, Path] | None = None,
-    ) -> np.ndarray:
-        """Embeddings of ``hashes`` (rows), from memory, the chunk's cache reads, or encoded
-        from the chunk's pixels (then remembered and written to the disk cache).
-
-        ``sent_before`` names the files of images whose pixels came with an earlier chunk:
-        one the memory has dropped since is decoded again here (the same pixels)."""
-        found: dict[str, np.ndarray] = {}  # this chunk's embeddings, whatever the LRU drops
-        todo = []
-        for key in dict.fromkeys(hashes):
-            if key in self.memory:
-                self.memory.move_to_end(key)
-                found[key] = self.memory[key]
-            elif key in cached:
-                found[key] = cached[key]
-                self._remember(key, cached[key])
-            elif key in pixels:
-                todo.append(key)
-            elif sent_before and key in sent_before:
-                pixels = {**pixels, key: self.scorer.preprocess(sent_before[key])}
-                todo.append(key)
-            else:  # the worker sends pixels for every image it found no embedding of
-                raise RuntimeError(f"image {key}: neither pixels nor an embedding arrived")
-        for start in range(0, len(todo), self.batch_size):
-            keys = todo[start : start + self.batch_size]
-            emb = self.scorer.encode_pixels(torch.stack([pixels[k] for k in keys])).numpy()
-            self.encoded += len(keys)
-            for key, value in zip(keys, emb, strict=True):
-                found[key] = value
-                self._remember(key, value)
-                if self.disk is not None and np.isfinite(value).all():
-                    self.disk.put(key, value)
-        out = [found[k] for k in hashes]
-        return np.stack(out) if out else np.zeros((0, self.scorer.embed_dim), np.float32)
 
 
 def _warn(message: str) -> None:
@@ -379,6 +322,23 @@ def _mark_non_finite(chunk: _Chunk, cos: np.ndarray) -> int:
     return bad
 
 
+def _image_embeddings(images: ImageEncoder, chunk: _Chunk) -> torch.Tensor:
+    """Embeddings of the chunk's valid rows. A row whose image could not be read again
+    (see :meth:`ImageEncoder.embed_prepared`) becomes a row error and leaves ``valid``."""
+    result = images.embed_prepared(
+        chunk.image_hash, chunk.pixels, chunk.cached, chunk.sent_before
+    )
+    if not result.errors:
+        return result.embeddings
+    for i, message in result.errors:
+        rec = chunk.rows[chunk.valid[i]]
+        rec["error"] = f"line {rec['line']}: {message}"
+    keep = result.ok.tolist()
+    chunk.valid = [v for v, k in zip(chunk.valid, keep, strict=True) if k]
+    chunk.tokens = [t for t, k in zip(chunk.tokens, keep, strict=True) if k]
+    return result.embeddings[result.ok]
+
+
 def _disk_cache(config: JobConfig, scorer: Scorer) -> EmbeddingCache | None:
     if config.cache_dir is None:
         return None
@@ -420,7 +380,7 @@ def _score_shard(
         prefetch_factor=2 if config.num_workers else None,
         worker_init_fn=die_with_parent if config.num_workers else None,
     )
-    images = _ImageEmbeddings(scorer, config.batch_size, config.memory_cache_size, disk)
+    images = ImageEncoder(scorer, config.batch_size, config.memory_cache_size, disk)
     bar = tqdm(
         total=len(shard),
         initial=done,
@@ -432,14 +392,12 @@ def _score_shard(
     non_finite = 0
     with open(part, "a", encoding="utf-8") as out:
         for chunk in loader:
+            img = _image_embeddings(images, chunk) if chunk.valid else None
             if chunk.valid:
-                img = images.lookup(
-                    chunk.image_hash, chunk.pixels, chunk.cached, chunk.sent_before
-                )
                 txt = scorer.embed_token_ids(
                     chunk.tokens, config.token_budget, config.max_text_rows
                 )
-                cos = cosine_similarity(torch.from_numpy(img), txt)
+                cos = cosine_similarity(img, txt)
                 scores = apply_scale(cos, config.scale)
                 for pos, c, sc in zip(chunk.valid, cos.tolist(), scores.tolist(), strict=True):
                     chunk.rows[pos]["cosine"] = c

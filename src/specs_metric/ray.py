@@ -17,7 +17,6 @@ Needs ``pip install 'specs-metric[ray]'``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -93,6 +92,7 @@ def _pixels(
 ) -> tuple[bytes, str, str | None]:
     """``(pixels as float32 bytes, content hash, error)`` of one image cell, read and
     decoded as the local job does (bounded reads, size checks before decoding)."""
+    from specs_metric.image_embeddings import content_hash
     from specs_metric.sources.tables import _image_value
     from specs_metric.transform import ImageError, decode_pixels, image_bytes
 
@@ -103,7 +103,7 @@ def _pixels(
         pixels = decode_pixels(data, name, preprocessing).numpy().astype(np.float32)
     except ImageError as exc:
         return b"", "", str(exc)
-    return pixels.tobytes(), hashlib.sha256(data).hexdigest(), None
+    return pixels.tobytes(), content_hash(data), None
 
 
 def prepare_batch(
@@ -185,13 +185,13 @@ class ScoreActor:
         max_text_rows: int,
         memory_cache_size: int = 20000,
     ) -> None:
-        from specs_metric.job import _ImageEmbeddings
+        from specs_metric.image_embeddings import ImageEncoder
 
         device = options.device or ("cuda" if options.num_gpus_per_worker > 0 else "cpu")
         self.scorer = _load(options, device)
         self.scale = scale
         self.limits = SimpleNamespace(token_budget=token_budget, max_text_rows=max_text_rows)
-        self.images = _ImageEmbeddings(self.scorer, batch_size, memory_cache_size, None)
+        self.images = ImageEncoder(self.scorer, batch_size, memory_cache_size)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from specs_metric.scales import cosine_similarity
@@ -210,11 +210,11 @@ class ScoreActor:
                 )
                 for i in valid
             }
-            img = self.images.lookup([hashes[i] for i in valid], pixels, {})
+            img = self.images.embed_prepared([hashes[i] for i in valid], pixels).embeddings
             txt = self.scorer.embed_token_ids(
                 [ids[i] for i in valid], self.limits.token_budget, self.limits.max_text_rows
             )
-            cos = cosine_similarity(torch.from_numpy(img), txt)
+            cos = cosine_similarity(img, txt)
             cosine[valid] = cos
             score[valid] = apply_scale(cos, self.scale)
         mask = np.isnan(score)

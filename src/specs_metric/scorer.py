@@ -18,6 +18,7 @@ import torch
 from specs_metric import fused
 from specs_metric.config import PreprocessConfig
 from specs_metric.factory import model_from_checkpoint
+from specs_metric.image_embeddings import ImageEncoder
 from specs_metric.loading import read_checkpoint
 from specs_metric.model import LongCLIP, cast_matmul_weights
 from specs_metric.numerics import strict_fp32
@@ -224,15 +225,15 @@ class Scorer:
     def embed_images(self, images: Sequence[ImageSource], batch_size: int = 64) -> torch.Tensor:
         """Raw image embeddings (N, D). ``images``: paths, encoded bytes or PIL images.
 
+        Each distinct image (by content, see :mod:`specs_metric.image_embeddings`) is
+        encoded once, in batches of ``batch_size`` distinct images.
+
         Raises:
-            ImageError: for an image that cannot be decoded (naming it).
+            ImageError: for the first image that cannot be decoded (naming it).
         """
-        out = torch.empty(len(images), self.embed_dim)
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            pixels = torch.stack([self.preprocess(img) for img in chunk])
-            out[start : start + len(chunk)] = self.encode_pixels(pixels)
-        return out
+        result = ImageEncoder(self, batch_size, capacity=max(1, len(images))).embed(images)
+        result.raise_first_error()
+        return result.embeddings
 
     def embed_token_ids(
         self,
@@ -261,21 +262,6 @@ class Scorer:
         return self.embed_token_ids(ids, token_budget)
 
     # --- scores -----------------------------------------------------------------------
-    def _unique_image_embeddings(
-        self, images: Sequence[ImageSource]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Embed each distinct image once; return embeddings and a row -> embedding map."""
-        keys: dict[object, int] = {}
-        unique: list[ImageSource] = []
-        index: list[int] = []
-        for img in images:
-            key = os.fspath(img) if isinstance(img, (str, os.PathLike)) else id(img)
-            if key not in keys:
-                keys[key] = len(unique)
-                unique.append(img)
-            index.append(keys[key])
-        return self.embed_images(unique), index
-
     def score(
         self, images: Sequence[ImageSource], captions: Sequence[str], scale: str = "specs"
     ) -> np.ndarray:
@@ -283,17 +269,17 @@ class Scorer:
         check_scale(scale)
         if len(images) != len(captions):
             raise ValueError(f"{len(images)} images but {len(captions)} captions")
-        image_emb, index = self._unique_image_embeddings(images)
+        image_emb = self.embed_images(images)
         text_emb = self.embed_texts(captions)
-        return apply_scale(cosine_similarity(image_emb[index], text_emb), scale)
+        return apply_scale(cosine_similarity(image_emb, text_emb), scale)
 
     def score_matrix(
         self, images: Sequence[ImageSource], captions: Sequence[str], scale: str = "specs"
     ) -> np.ndarray:
         """Scores of every image against every caption -> (N_images, N_captions)."""
         check_scale(scale)
-        image_emb, index = self._unique_image_embeddings(images)
-        return apply_scale(cosine_matrix(image_emb[index], self.embed_texts(captions)), scale)
+        image_emb = self.embed_images(images)
+        return apply_scale(cosine_matrix(image_emb, self.embed_texts(captions)), scale)
 
     def explain(
         self,

@@ -44,7 +44,8 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the problem."""
 
 
-def _describe(source: ImageSource) -> str:
+def describe_image(source: ImageSource) -> str:
+    """How messages call an image: its path, or ``<N image bytes>``."""
     if isinstance(source, bytes):
         return f"<{len(source)} image bytes>"
     return _printable(str(source))
@@ -195,7 +196,7 @@ def open_image(
     """
     if isinstance(source, Image.Image):
         return source
-    name = _printable(name) if name else _describe(source)
+    name = _printable(name) if name else describe_image(source)
     if isinstance(source, bytes):
         if not source:
             raise ImageError(f"{name}: empty image data")

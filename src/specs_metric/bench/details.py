@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 from tqdm import tqdm
 
 from specs_metric.bench.stats import bootstrap, rankdata
@@ -142,9 +141,7 @@ def sentence_deltas(
     bar: tqdm | None = None,
 ) -> list[np.ndarray]:
     """Per caption, the delta of each sentence (sentence segmenter, specs scale)."""
-    paths = list(dict.fromkeys(c.image for c in captions))
-    emb = scorer.embed_images(paths)
-    where = {p: i for i, p in enumerate(paths)}
+    emb = scorer.embed_images([c.image for c in captions])  # each distinct image once
     out: list[np.ndarray] = []
     for start in range(0, len(captions), batch):
         chunk = captions[start : start + batch]
@@ -159,7 +156,7 @@ def sentence_deltas(
             )
             for c in chunk
         ]
-        images = emb[torch.tensor([where[c.image] for c in chunk])]
+        images = emb[start : start + len(chunk)]
         for c, ex in zip(chunk, explain_embedded(scorer, images, plans), strict=True):
             if [s.text for s in ex.segments] != c.sentences:
                 raise AssertionError("explain's sentences differ from the labelled ones")

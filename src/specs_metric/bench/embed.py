@@ -3,17 +3,17 @@
 Every rank embeds a contiguous block of the images (or texts) given by
 :func:`~specs_metric.distributed.shard_range`; the blocks are then gathered so that every
 rank holds all embeddings in input order (only rank 0 uses them). Without torchrun the
-single process embeds everything. Images are decoded and preprocessed by DataLoader
-workers while the model runs; texts go through the scorer's length-sorted, padding-trimmed
-batches, so the embeddings equal those of :meth:`Scorer.embed_images` and
-:meth:`Scorer.embed_texts`.
+single process embeds everything. Images are read, hashed and decoded by DataLoader
+workers while the model runs, and encoded by the image encoder
+(:class:`~specs_metric.image_embeddings.ImageEncoder`: each distinct content once); texts go
+through the scorer's length-sorted, padding-trimmed batches, so the embeddings equal those
+of :meth:`Scorer.embed_images` and :meth:`Scorer.embed_texts`.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,27 +22,13 @@ from tqdm import tqdm
 
 from specs_metric.config import PreprocessConfig
 from specs_metric.distributed import DistInfo, shard_range
+from specs_metric.image_embeddings import ImageEmbeddings, ImageEncoder, prepare_image
 from specs_metric.scorer import Scorer
-from specs_metric.transform import ImageError, ImageSource, load_and_preprocess
-
-
-@dataclass
-class ImageEmbeddings:
-    """Embeddings of a list of images, with the images that could not be decoded.
-
-    Attributes:
-        embeddings: (N, D) raw embeddings; rows of failed images are zero.
-        ok: (N,) bool, False for failed images.
-        errors: ``(index, message)`` of each failed image, in input order.
-    """
-
-    embeddings: torch.Tensor
-    ok: torch.Tensor
-    errors: list[tuple[int, str]]
+from specs_metric.transform import ImageError, ImageSource
 
 
 class _Images(Dataset):
-    """Decoded, preprocessed images of one shard; a failure is returned, not raised."""
+    """Content hashes and pixels of one shard's images; a failure is returned, not raised."""
 
     def __init__(
         self, images: Sequence[ImageSource], offset: int, resolution: int | PreprocessConfig
@@ -52,12 +38,12 @@ class _Images(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        source = self.images[i]
+    def __getitem__(self, i: int) -> tuple[int, str | None, torch.Tensor | None, str | None]:
         try:
-            return i + self.offset, load_and_preprocess(source, self.resolution), None
+            key, pixels = prepare_image(self.images[i], self.resolution)
         except ImageError as exc:
-            return i + self.offset, None, str(exc)
+            return i + self.offset, None, None, str(exc)
+        return i + self.offset, key, pixels, None
 
 
 def _collate(items: list) -> list:
@@ -102,7 +88,8 @@ def embed_images(
 ) -> ImageEmbeddings:
     """Raw embeddings of ``images`` (paths, encoded bytes or PIL images), sharded over ranks.
 
-    Images that cannot be decoded get a zero row and are listed in ``errors``; nothing is
+    Each distinct image (by content) of a rank is encoded once. Images that cannot be
+    decoded get a zero row and are listed in ``errors``; nothing is
     raised before the errors of all ranks are gathered, so no rank is left waiting in a
     collective call while another one has failed.
 
@@ -110,7 +97,7 @@ def embed_images(
         scorer: the model.
         images: the images, in order.
         info: the torchrun position (default: a single process).
-        batch_size: images per forward pass.
+        batch_size: images decoded together, and at most this many per forward pass.
         num_workers: DataLoader processes decoding images (0: decode in this process).
         show_progress: show a progress bar on rank 0.
         skip_bad_images: keep going past undecodable images (the caller decides what to
@@ -134,12 +121,14 @@ def embed_images(
         file=sys.stderr,
         disable=not (show_progress and info.is_main),
     )
+    encoder = ImageEncoder(scorer, batch_size)
     for items in loader:
-        good = [(index, pixels) for index, pixels, _ in items if pixels is not None]
-        errors.extend((index, msg) for index, pixels, msg in items if pixels is None)
+        good = [(index, key, pixels) for index, key, pixels, _ in items if key is not None]
+        errors.extend((index, msg) for index, key, _, msg in items if key is None)
         if good:
-            rows = torch.tensor([index - shard.start for index, _ in good])
-            local[rows] = scorer.encode_pixels(torch.stack([p for _, p in good]))
+            rows = torch.tensor([index - shard.start for index, _, _ in good])
+            pixels = {key: p for _, key, p in good}
+            local[rows] = encoder.embed_prepared([key for _, key, _ in good], pixels).embeddings
             local_ok[rows] = 1
         bar.update(len(items))
     bar.close()
