@@ -20,9 +20,10 @@ threads, which changes the rounding of matrix products):
   that meet in a batch depend on what an earlier run or the cache already encoded.
 
 The result files (part files, resume points, the final output) are in
-:mod:`specs_metric.results`. What stays here is one pipeline (preparing chunks in workers,
-image embeddings by hash, scoring, locking and resuming a run), kept in one module because
-its pieces share the chunk layout and the order guarantees above.
+:mod:`specs_metric.results`, the image embeddings (by content hash, over the disk cache) in
+:class:`~specs_metric.image_embeddings.ImageEncoder`. What stays here is one pipeline
+(preparing chunks in workers, scoring, locking and resuming a run), kept in one module
+because its pieces share the chunk layout and the order guarantees above.
 """
 
 from __future__ import annotations
