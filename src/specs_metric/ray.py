@@ -30,6 +30,7 @@ import pyarrow as pa
 import torch
 
 from specs_metric.config import PreprocessConfig
+from specs_metric.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncoder
 from specs_metric.jsonio import write_json
 from specs_metric.scales import apply_scale, check_scale
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
@@ -183,9 +184,8 @@ class ScoreActor:
         batch_size: int,
         token_budget: int,
         max_text_rows: int,
-        memory_cache_size: int = 20000,
+        memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE,
     ) -> None:
-        from specs_metric.image_embeddings import ImageEncoder
 
         device = options.device or ("cuda" if options.num_gpus_per_worker > 0 else "cpu")
         self.scorer = _load(options, device)
