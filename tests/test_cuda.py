@@ -935,17 +935,28 @@ def check_pinned_and_kernels(c: Check, ctx: Context) -> None:
     except ImportError as exc:  # torch < 2.3
         c.record("sdpa_kernel", repr(exc))
         return
-    tokens = pad_ids([x for x in ids[:32]])
+    tokens = pad_ids(ids[:32])
     wanted = {"fp32": SDPBackend.EFFICIENT_ATTENTION}
     wanted.update({p: SDPBackend.FLASH_ATTENTION for p in ctx.half})
     for precision, backend in wanted.items():
         model = (
             scorer if precision == "fp32" else load(DEMO, device=ctx.device, precision=precision)
         )
-        for tower, call in (
-            ("text", lambda m=model: m.encode_tokens(tokens)),
-            ("image", lambda m=model: m.encode_pixels(pixels)),
-        ):
+        # The causal blocks (is_causal, no mask) apart from the whole text tower, whose last
+        # block pools one query per row under a boolean mask (which flash does not take).
+        calls = [("text", lambda m=model: m.encode_tokens(tokens))]
+        block = model.model.transformer.resblocks[0]
+        if hasattr(block, "attn"):  # (not the CPU's fused bf16 blocks)
+            weight = block.attn.in_proj_weight
+            states = torch.randn(8, 77, weight.shape[1], device=ctx.device).to(weight.dtype)
+
+            def causal_block(b=block, x=states):
+                with torch.inference_mode():
+                    return b(x, causal=True)
+
+            calls.append(("text_causal_block", causal_block))
+        calls.append(("image", lambda m=model: m.encode_pixels(pixels)))
+        for tower, call in calls:
             try:
                 with sdpa_kernel([backend]):
                     call()
