@@ -37,9 +37,10 @@ Throughput against the hardware (every mode, every round):
   ``torch.cuda.Event`` pairs recorded on the current stream around each call (the GPU's own
   timeline, no extra synchronisation; gaps between kernels inside a call count as busy, so
   it is an upper bound); on a CPU from the wall clock around each call. On CUDA one extra,
-  untimed run of each job mode under ``torch.profiler`` (CUDA activity only) also gives
-  ``kernel_busy_fraction``: the union of the GPU kernels' intervals over that run's wall
-  time (the profiler slows the host a little, so this is a lower bound);
+  untimed run of each job mode on the reference-style loop's rows under ``torch.profiler``
+  (CUDA activity only) also gives ``kernel_busy_fraction``: the union of the GPU kernels'
+  intervals over that run's wall time (the profiler slows the host a little, so this is a
+  lower bound);
 - **matmul peak fraction**: the mode's FLOPs (matmuls of the towers at trimmed lengths,
   from the model's config: ``gflop_per_image``, ``gflop_per_caption_mean``) per second over
   a measured peak: a model-shaped GEMM (tokens x 512 @ 512 x 2048) and a large square GEMM
@@ -739,11 +740,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "resident_before_rounds": round(resident_mb, 1),
             }
         save()
-        if cuda:  # one more, untimed run of each job mode under the profiler
+        if cuda:  # an untimed run of each job mode under the profiler, on the reference's rows
             for name, key in (("exact", "exact"), ("fast", fast_key)):
                 try:
                     results[key]["profiled_run"] = kernel_busy_fraction(
-                        lambda run=modes[name], name=name: run(corpus, root / f"{name}-prof.jsonl"),
+                        lambda run=modes[name], name=name: run(
+                            ref_corpus, root / f"{name}-prof.jsonl"
+                        ),
                         device,
                     )
                 except Exception as exc:  # noqa: BLE001 - a profiler problem is a result too
