@@ -119,8 +119,9 @@ def stage_split(model: Path, rows: Path, out: Path) -> dict[str, float]:
         (tokenizer.Tokenizer, "token_ids", "tokenize"),
         (job, "image_bytes", "read images"),
         (job, "decode_pixels", "decode"),
-        (scorer_module.Scorer, "encode_tokens", "model"),
-        (scorer_module.Scorer, "encode_pixels", "model"),
+        # (the encode_* methods all go through these two)
+        (scorer_module.Scorer, "encode_tokens_on_device", "model"),
+        (scorer_module.Scorer, "encode_pixels_on_device", "model"),
         (job, "count_rows", "read rows"),
         (job, "json_line", "write"),
         (job, "write_final", "write"),

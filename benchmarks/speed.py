@@ -26,19 +26,53 @@ pixels and tokens on the device; ``torch.cuda.synchronize()`` before every timer
 mode in ``--fast-precision`` (default fp16 on CUDA, bf16 on a CPU), measures the matmul peak
 on the device (fp32 with TF32 disabled, and the fast dtype), reports the peak GPU memory of
 each mode and names the GPU in the machine string. The stream jobs are off by default on
-CUDA (``--stream-rows N`` turns them on; they then also run on the device).
+CUDA (``--stream-rows N`` turns them on; they then also run on the device). The jobs take
+their batching from the device policy (``specs_metric.runtime.device_policy``, recorded as
+``device_policy``): on CUDA 256-image and 65,536-token batches, workers following the cores.
+
+Throughput against the hardware (every mode, every round):
+
+- **busy fraction** (``forward_busy_fraction``): the time inside the model's forward calls
+  (``encode_image`` / ``encode_text``) over the mode's wall time. On CUDA it is read from
+  ``torch.cuda.Event`` pairs recorded on the current stream around each call (the GPU's own
+  timeline, no extra synchronisation; gaps between kernels inside a call count as busy, so
+  it is an upper bound); on a CPU from the wall clock around each call. On CUDA one extra,
+  untimed run of each job mode on the reference-style loop's rows under ``torch.profiler``
+  (CUDA activity only) also gives ``kernel_busy_fraction``: the union of the GPU kernels'
+  intervals over that run's wall time (the profiler slows the host a little, so this is a
+  lower bound);
+- **matmul peak fraction**: the mode's FLOPs (matmuls of the towers at trimmed lengths,
+  from the model's config: ``gflop_per_image``, ``gflop_per_caption_mean``) per second over
+  a measured peak: a model-shaped GEMM (tokens x 512 @ 512 x 2048) and a large square GEMM
+  (``--peak-size``, default 8192 on CUDA), timed in the same run in fp32 (TF32 off) and in
+  the fast dtype.
+
+``--captions N`` sets the corpus size (``--per-image`` captions per image; default 20,480 on
+CUDA, 128 on a CPU). The reference-style loop, whose speed does not depend on the corpus
+size, runs on the first ``--reference-images`` images (default all on a CPU, 256 on CUDA);
+ratios are of captions/s. ``--jpeg-images N`` adds the image-bound mode: N distinct 640x480
+JPEGs, one caption each, scored by the real ``specs score`` job (decoding in its workers, no
+image cache) in exact and fast mode, against the reference-style loop on the first
+``--jpeg-reference-images`` of them (default on CUDA 8,192 images, 256 for the reference).
+``--size tiny`` swaps B/32 for a tiny model (width 128, 2 layers: a wiring check in seconds).
+With ``--json`` the results are rewritten after every stage, so a timeout keeps what ended.
 
 Usage:
     python benchmarks/speed.py                       # ~10 minutes on 2 cores
     python benchmarks/speed.py --images 4 --stream-rows 0   # quick check
-    PYTHONPATH=src python benchmarks/speed.py --device cuda --images 32 --rounds 3
+    python benchmarks/speed.py --size tiny --captions 32 --jpeg-images 8 --rounds 1 \
+        --stream-rows 0 --stream-full-rows 0           # wiring check, seconds
+    PYTHONPATH=src python benchmarks/speed.py --device cuda --json speed-cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -58,6 +92,7 @@ from specs_metric.job import JobConfig, run_job
 from specs_metric.model import LongCLIP, ModelConfig
 from specs_metric.numerics import strict_fp32, tf32_flags
 from specs_metric.results import read_output
+from specs_metric.runtime import available_cpus, device_policy
 from specs_metric.scorer import Scorer
 from specs_metric.tokenizer import default_tokenizer
 
@@ -80,6 +115,20 @@ WORDS = (
     "tree sky cloud street car bicycle building door light shadow with and of in near "
     "left right top bottom corner background foreground three two several old young"
 ).split()
+
+
+TINY = ModelConfig(
+    embed_dim=64,
+    image_resolution=64,
+    vision_layers=2,
+    vision_width=128,
+    vision_patch_size=16,
+    context_length=248,
+    vocab_size=49408,
+    text_width=128,
+    text_layers=2,
+)
+SIZES = {"b32": B32, "tiny": TINY}
 
 
 def make_corpus(root: Path, n_images: int, per_image: int, seed: int) -> Path:
@@ -130,7 +179,141 @@ def reference_loop(scorer: Scorer, corpus: Path) -> tuple[np.ndarray, float]:
     return scores, time.perf_counter() - start
 
 
-def job_scores(scorer: Scorer, corpus: Path, out: Path, workers: int) -> tuple[np.ndarray, float]:
+def subset_corpus(corpus: Path, n_images: int, name: str = "reference.jsonl") -> Path:
+    """The rows of the corpus's first ``n_images`` images (in order), next to it."""
+    rows, seen = [], []
+    for line in corpus.read_text().splitlines():
+        image = json.loads(line)["image"]
+        if image not in seen:
+            if len(seen) == n_images:
+                break
+            seen.append(image)
+        rows.append(line + "\n")
+    path = corpus.with_name(name)
+    path.write_text("".join(rows))
+    return path
+
+
+def _write_jpeg(task: tuple[Path, int, int]) -> None:
+    path, seed, _ = task
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)  # smooth, photo-like detail
+    Image.fromarray(small).resize((640, 480), Image.BILINEAR).save(path, quality=90)
+
+
+def make_jpeg_corpus(root: Path, n_images: int, seed: int) -> Path:
+    """``n_images`` distinct 640x480 JPEGs with one caption (15-200 words) each; returns the
+    JSONL path. Written by a pool of processes (one per core)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tasks = [(root / f"j{i}.jpg", seed * 1_000_003 + i, i) for i in range(n_images)]
+    with multiprocessing.get_context("fork").Pool(min(available_cpus(), 32)) as pool:
+        pool.map(_write_jpeg, tasks, chunksize=64)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for path, _, i in tasks:
+        words = rng.choice(WORDS, size=int(rng.integers(15, 201)))
+        rows.append({"id": i, "image": path.name, "caption": " ".join(words) + "."})
+    corpus = root / "jpegs.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return corpus
+
+
+class ForwardTimer:
+    """Time inside the model's forward calls (``encode_image`` / ``encode_text``) of some
+    scorers, over the wall time of the ``with`` block.
+
+    On CUDA each call is bracketed by ``torch.cuda.Event``s on the current stream (read after
+    the block's final synchronisation: the GPU timeline, no synchronisation per call); on a
+    CPU by the wall clock (the calls are synchronous there).
+    """
+
+    def __init__(self, *scorers: Scorer) -> None:
+        self.models = [s.model for s in scorers]
+        self.cuda = scorers[0].device.type == "cuda"
+        self.device = scorers[0].device
+        self.marks: list[tuple] = []
+        self.wall = 0.0
+
+    def _wrap(self, method):
+        def timed(*args, **kwargs):
+            if self.cuda:
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                out = method(*args, **kwargs)
+                end.record()
+            else:
+                start = time.perf_counter()
+                out = method(*args, **kwargs)
+                end = time.perf_counter()
+            self.marks.append((start, end))
+            return out
+
+        return timed
+
+    def __enter__(self) -> ForwardTimer:
+        for model in self.models:
+            for name in ("encode_image", "encode_text"):
+                setattr(model, name, self._wrap(getattr(model, name)))
+        synchronize(self.device)
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        synchronize(self.device)
+        self.wall = time.perf_counter() - self._started
+        for model in self.models:
+            for name in ("encode_image", "encode_text"):
+                delattr(model, name)  # the class's method again
+
+    @property
+    def busy_seconds(self) -> float:
+        if self.cuda:
+            return sum(a.elapsed_time(b) for a, b in self.marks) / 1000
+        return sum(b - a for a, b in self.marks)
+
+    @property
+    def busy_fraction(self) -> float:
+        return self.busy_seconds / self.wall if self.wall else 0.0
+
+
+def kernel_busy_fraction(run, device: torch.device) -> dict:
+    """Run ``run()`` under ``torch.profiler`` (CUDA activity): the union of the GPU kernels'
+    intervals over the run's wall time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        synchronize(device)
+    wall = time.perf_counter() - start
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA
+    )
+    busy_us, reach = 0.0, -math.inf
+    for a, b in spans:  # the union of the intervals (streams may overlap)
+        if b > reach:
+            busy_us += b - max(a, reach)
+            reach = b
+    return {
+        "kernels": len(spans),
+        "kernel_seconds": round(busy_us / 1e6, 4),
+        "wall_seconds": round(wall, 3),
+        "kernel_busy_fraction": round(busy_us / 1e6 / wall, 4),
+    }
+
+
+def job_scores(
+    scorer: Scorer, corpus: Path, out: Path, workers: int | None
+) -> tuple[np.ndarray, float]:
+    """Scores of the ``specs score`` job on ``corpus`` (batching, workers: by device unless
+    ``workers`` is given) and its wall time."""
     config = JobConfig(input=corpus, output=out, num_workers=workers, show_progress=False)
     start = time.perf_counter()
     run_job(config, scorer)
@@ -153,16 +336,22 @@ def order_kept(reference: np.ndarray, other: np.ndarray, per_image: int) -> tupl
 
 
 def matmul_peak(
-    dtype: torch.dtype, repeats: int = 10, trials: int = 5, device: str | torch.device = "cpu"
+    dtype: torch.dtype,
+    repeats: int = 10,
+    trials: int = 5,
+    device: str | torch.device = "cpu",
+    shape: tuple[int, int, int] = (4096, 512, 2048),
 ) -> float:
-    """Measured GFLOP/s of a model-shaped GEMM (tokens x 512 @ 512 x 2048), best of trials.
+    """Measured GFLOP/s of an (m x k) @ (k x n) GEMM, best of trials; by default model-shaped
+    (tokens x 512 @ 512 x 2048).
 
     On CUDA, fp32 is measured with TF32 disabled (:func:`strict_fp32`), and the device is
     synchronised before each timer read.
     """
     device = torch.device(device)
-    a = torch.randn(4096, 512).to(dtype).to(device)
-    b = torch.randn(512, 2048).to(dtype).to(device)
+    m, k, n = shape
+    a = torch.randn(m, k).to(dtype).to(device)
+    b = torch.randn(k, n).to(dtype).to(device)
     with strict_fp32() if device.type == "cuda" else contextlib.nullcontext():
         for _ in range(3):
             a @ b
@@ -174,38 +363,40 @@ def matmul_peak(
                 a @ b
             synchronize(device)
             seconds = time.perf_counter() - start
-            best = max(best, repeats * 2 * 4096 * 512 * 2048 / seconds / 1e9)
+            best = max(best, repeats * 2 * m * k * n / seconds / 1e9)
     return best
 
 
-def model_gflop(corpus: Path, n_images: int) -> float:
+def tower_flops(width: int, layers: int, tokens: int) -> float:
+    """Matmul FLOPs of a transformer tower on ``tokens`` positions (QKV, output and a 4x MLP:
+    24 n w^2; attention scores and values: 4 n^2 w per layer)."""
+    return layers * (24 * tokens * width * width + 4 * tokens * tokens * width)
+
+
+def image_flops(config: ModelConfig) -> float:
+    """Matmul FLOPs of one image: the patch convolution and the vision tower."""
+    patch, width = config.vision_patch_size, config.vision_width
+    n = (config.image_resolution // patch) ** 2 + 1
+    return tower_flops(width, config.vision_layers, n) + 2 * n * 3 * patch * patch * width
+
+
+def caption_flops(config: ModelConfig, tokens: int) -> float:
+    """Matmul FLOPs of one caption of ``tokens`` ids, trimmed to them."""
+    return tower_flops(config.text_width, config.text_layers, min(tokens, config.context_length))
+
+
+def model_gflop(corpus: Path, n_images: int, config: ModelConfig = B32) -> float:
     """Matmul FLOPs of the corpus at trimmed lengths (what an ideal implementation needs)."""
     tok = default_tokenizer()
-    total = 0.0
-    w, layers = B32.text_width, B32.text_layers
-    for line in corpus.read_text().splitlines():
-        n = min(len(tok.token_ids(json.loads(line)["caption"])), B32.context_length)
-        total += layers * (24 * n * w * w + 4 * n * n * w)
-    vw, n = B32.vision_width, (B32.image_resolution // B32.vision_patch_size) ** 2 + 1
-    per_image = B32.vision_layers * (24 * n * vw * vw + 4 * n * n * vw) + 2 * n * 3 * 32 * 32 * vw
-    return (total + n_images * per_image) / 1e9
+    total = sum(
+        caption_flops(config, len(tok.token_ids(json.loads(line)["caption"])))
+        for line in corpus.read_text().splitlines()
+    )
+    return (total + n_images * image_flops(config)) / 1e9
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-TINY = ModelConfig(
-    embed_dim=64,
-    image_resolution=64,
-    vision_layers=2,
-    vision_width=128,
-    vision_patch_size=16,
-    context_length=248,
-    vocab_size=49408,
-    text_width=128,
-    text_layers=2,
-)
 
 
 def stream_job(
@@ -281,11 +472,26 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--size", choices=sorted(SIZES), default="b32", help="model shapes")
+    parser.add_argument(
+        "--captions",
+        type=int,
+        default=None,
+        help="corpus size in captions (default 20480 on CUDA, 128 on a CPU)",
+    )
+    parser.add_argument("--images", type=int, help="corpus size in images (overrides --captions)")
     parser.add_argument("--per-image", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--reference-images",
+        type=int,
+        default=None,
+        help="images the reference-style loop scores (default: all on a CPU, 256 on CUDA)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="preparation workers (default: by device)"
+    )
     parser.add_argument(
         "--device", default="cpu", help="cpu (default), cuda, cuda:1 ...: where all modes run"
     )
@@ -294,6 +500,29 @@ def main() -> None:
         choices=("bf16", "fp16"),
         default=None,
         help="precision of fast mode (default: bf16 on a CPU, fp16 on CUDA)",
+    )
+    parser.add_argument(
+        "--jpeg-images",
+        type=int,
+        default=None,
+        help="one caption per distinct 640x480 JPEG, uncached (default 8192 on CUDA, 0 = off "
+        "on a CPU)",
+    )
+    parser.add_argument(
+        "--jpeg-reference-images",
+        type=int,
+        default=256,
+        help="JPEGs the reference-style loop scores in the JPEG mode (default 256)",
+    )
+    parser.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help="m = k = n of the large GEMM of the matmul peak (default 8192 on CUDA, 1024 on "
+        "a CPU; 0 = skip it)",
+    )
+    parser.add_argument(
+        "--peak-trials", type=int, default=5, help="timed trials of each peak GEMM (best of)"
     )
     parser.add_argument(
         "--stream-rows",
@@ -310,10 +539,13 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--rounds", type=int, default=5, help="timed rounds after a warm-up (best and median)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed rounds after a warm-up (best and median; default 5, 2 on CUDA)",
     )
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, help="also write the results here (after each stage)")
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -323,104 +555,179 @@ def main() -> None:
         parser.error("--fast-precision fp16 needs --device cuda")
     fast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[fast_precision]
     fast_key = f"fast_{fast_precision}"
+    config = SIZES[args.size]
+    captions = args.captions if args.captions is not None else (20480 if cuda else 128)
+    n_images = args.images or max(1, math.ceil(captions / args.per_image))
+    ref_images = min(args.reference_images or (256 if cuda else n_images), n_images)
+    jpeg_images = args.jpeg_images if args.jpeg_images is not None else (8192 if cuda else 0)
+    peak_size = args.peak_size if args.peak_size is not None else (8192 if cuda else 1024)
+    rounds = args.rounds or (2 if cuda else 5)
     stream_rows = args.stream_rows if args.stream_rows is not None else (0 if cuda else 100_000)
     stream_full_rows = (
         args.stream_full_rows if args.stream_full_rows is not None else (0 if cuda else 1000)
     )
 
     torch.manual_seed(args.seed)
-    weights = LongCLIP(B32).init_weights(torch.Generator().manual_seed(args.seed)).state_dict()
+    weights = LongCLIP(config).init_weights(torch.Generator().manual_seed(args.seed)).state_dict()
     host = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+        f"({available_cpus()} usable), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
     )
-    results: dict = {"machine": host}
+    results: dict = {"machine": host, "argv": sys.argv[1:] if argv is None else argv}
     if cuda:
         results["machine"] = (
             f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}); host {host}"
         )
         results["device"] = str(device)
         results["tf32"] = tf32_flags()
+    results["model_size"] = args.size
+    results["device_policy"] = dataclasses.asdict(device_policy(device))
+
+    def save() -> None:  # what has finished survives a timeout
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        corpus = make_corpus(root, args.images, args.per_image, args.seed)
+        corpus = make_corpus(root, n_images, args.per_image, args.seed)
+        ref_corpus = subset_corpus(corpus, ref_images)
         warm_dir = root / "warm"
         warm_dir.mkdir()
         warm_corpus = make_corpus(warm_dir, 2, args.per_image, args.seed + 1)
-        n = args.images * args.per_image
+        n = n_images * args.per_image
+        n_ref = ref_images * args.per_image
         exact = Scorer(build_model(weights), device=device)
         fast = Scorer(build_model(weights), device=device, precision=fast_precision)
+        workers = args.workers
         modes = {
             "reference": lambda c, out, s=exact: reference_loop(s, c),
-            "exact": lambda c, out, s=exact: job_scores(s, c, out, args.workers),
-            "fast": lambda c, out, s=fast: job_scores(s, c, out, args.workers),
+            "exact": lambda c, out, s=exact: job_scores(s, c, out, workers),
+            "fast": lambda c, out, s=fast: job_scores(s, c, out, workers),
         }
+        corpora = {"reference": ref_corpus, "exact": corpus, "fast": corpus}
+        counts = {"reference": n_ref, "exact": n, "fast": n}
         # Warm-up (first-call allocations, oneDNN kernel generation), then rounds that
         # interleave the three modes: on a shared machine the speed of the matrix units
         # drifts over minutes, and a ratio within one round compares like with like.
         for name, run in modes.items():
             run(warm_corpus, warm_dir / f"{name}.jsonl")
         seconds: dict[str, list[float]] = {name: [] for name in modes}
+        busy: dict[str, list[float]] = {name: [] for name in modes}
         scores: dict[str, np.ndarray] = {}
         peak_gpu: dict[str, float] = {name: 0.0 for name in modes}
         # Both scorers' weights stay on the device through every mode's peak.
         resident_mb = torch.cuda.memory_allocated(device) / 2**20 if cuda else 0.0
-        for r in range(args.rounds):
+        timed_models = {"reference": None, "exact": exact, "fast": fast}
+        for r in range(rounds):
             for name, run in modes.items():
                 if cuda:
                     torch.cuda.reset_peak_memory_stats(device)
-                scores[name], elapsed = run(corpus, root / f"{name}-{r}.jsonl")
+                timer = ForwardTimer(timed_models[name]) if timed_models[name] else None
+                with timer or contextlib.nullcontext():
+                    scores[name], elapsed = run(corpora[name], root / f"{name}-{r}.jsonl")
                 seconds[name].append(elapsed)
+                if timer is not None:
+                    busy[name].append(timer.busy_fraction)
                 if cuda:
                     peak = torch.cuda.max_memory_allocated(device) / 2**20
                     peak_gpu[name] = max(peak_gpu[name], peak)
         # Best round per mode (as timeit reports: slower rounds are other load on the
         # machine, not the code) and, next to it, the median of the per-round ratios.
-        t_ref, t_ex, t_fa = (min(seconds[m]) for m in modes)
+        rate = {m: [counts[m] / t for t in seconds[m]] for m in modes}
+        best = {m: max(rate[m]) for m in modes}
         ref_scores, ex_scores, fa_scores = scores["reference"], scores["exact"], scores["fast"]
 
         def ratios(a: str, b: str) -> dict:
-            per_round = [x / y for x, y in zip(seconds[a], seconds[b], strict=True)]
+            """How many times faster b is than a (captions/s)."""
+            per_round = [y / x for x, y in zip(rate[a], rate[b], strict=True)]
             return {
-                "best": round(min(seconds[a]) / min(seconds[b]), 2),
+                "best": round(best[b] / best[a], 2),
                 "median_of_rounds": round(float(np.median(per_round)), 2),
                 "per_round": [round(x, 2) for x in per_round],
             }
 
-        kept, pairs = order_kept(ref_scores, fa_scores, args.per_image)
-        gflop = model_gflop(corpus, args.images)
+        def busy_of(name: str) -> dict:
+            fastest = int(np.argmax(rate[name]))
+            return {
+                "best_round": round(busy[name][fastest], 4),
+                "per_round": [round(x, 4) for x in busy[name]],
+            }
+
+        kept, pairs = order_kept(ref_scores, fa_scores[:n_ref], args.per_image)
+        gflop = model_gflop(corpus, n_images, config)
+        gflop_ref = model_gflop(ref_corpus, ref_images, config)
         # On CUDA one GEMM takes microseconds: more repeats per timer read.
         repeats = 100 if cuda else 10
-        peak32 = matmul_peak(torch.float32, repeats=repeats, device=device)
-        peak16 = matmul_peak(fast_dtype, repeats=repeats, device=device)
+        trials = args.peak_trials
+        peak32 = matmul_peak(torch.float32, repeats, trials, device)
+        peak16 = matmul_peak(fast_dtype, repeats, trials, device)
+        peaks = {"fp32": round(peak32, 1), fast_precision: round(peak16, 1)}
+        large32 = large16 = None
+        if peak_size:
+            big = (peak_size,) * 3
+            large_repeats = 20 if cuda else 2
+            large32 = matmul_peak(torch.float32, large_repeats, min(trials, 3), device, big)
+            large16 = matmul_peak(fast_dtype, large_repeats, min(trials, 3), device, big)
+            peaks[f"fp32_{peak_size}"] = round(large32, 1)
+            peaks[f"{fast_precision}_{peak_size}"] = round(large16, 1)
+
+        def peak_fractions(gflop_s: float, model_shaped: float, large: float | None) -> dict:
+            out = {"model_shaped_gemm": round(gflop_s / model_shaped, 4)}
+            if large:
+                out[f"gemm_{peak_size}"] = round(gflop_s / large, 4)
+            return out
+
+        tok = default_tokenizer()
+        lengths = [
+            min(len(tok.token_ids(json.loads(line)["caption"])), config.context_length)
+            for line in corpus.read_text().splitlines()
+        ]
         results.update(
             {
                 "captions": n,
-                "rounds": args.rounds,
+                "images": n_images,
+                "per_image": args.per_image,
+                "rounds": rounds,
                 "reference_loop": {
-                    "captions_per_s": round(n / t_ref, 2),
+                    "captions": n_ref,
+                    "captions_per_s": round(best["reference"], 2),
                     "seconds_per_round": [round(x, 2) for x in seconds["reference"]],
+                    "matmul_peak_fraction": peak_fractions(
+                        gflop_ref * best["reference"] / n_ref, peak32, large32
+                    ),
                 },
                 "exact": {
-                    "captions_per_s": round(n / t_ex, 2),
+                    "captions_per_s": round(best["exact"], 2),
                     "seconds_per_round": [round(x, 2) for x in seconds["exact"]],
                     "speedup": ratios("reference", "exact"),
-                    "max_abs_delta_score": float(np.abs(ex_scores - ref_scores).max()),
-                    "matmul_peak_fraction": round(gflop / t_ex / peak32, 3),
+                    "max_abs_delta_score": float(np.abs(ex_scores[:n_ref] - ref_scores).max()),
+                    "matmul_peak_fraction": peak_fractions(
+                        gflop * best["exact"] / n, peak32, large32
+                    ),
+                    "forward_busy_fraction": busy_of("exact"),
                 },
                 fast_key: {
-                    "captions_per_s": round(n / t_fa, 2),
+                    "captions_per_s": round(best["fast"], 2),
                     "seconds_per_round": [round(x, 2) for x in seconds["fast"]],
                     "speedup": ratios("reference", "fast"),
                     "speedup_vs_exact": ratios("exact", "fast"),
-                    "max_abs_delta_score": float(np.abs(fa_scores - ref_scores).max()),
+                    "max_abs_delta_score": float(np.abs(fa_scores[:n_ref] - ref_scores).max()),
                     "pair_order_kept": round(kept, 4),
                     "pairs_compared": pairs,
-                    "matmul_peak_fraction": round(gflop / t_fa / peak16, 3),
+                    "matmul_peak_fraction": peak_fractions(
+                        gflop * best["fast"] / n, peak16, large16
+                    ),
+                    "forward_busy_fraction": busy_of("fast"),
                 },
-                "reference_matmul_peak_fraction": round(gflop / t_ref / peak32, 3),
-                "matmul_peak_gflops": {"fp32": round(peak32, 1), fast_precision: round(peak16, 1)},
+                "matmul_peak_gflops": peaks,
                 "model_gflop_for_corpus": round(gflop, 1),
+                "gflop_per_image": round(image_flops(config) / 1e9, 4),
+                "gflop_per_caption_mean": round(
+                    float(np.mean([caption_flops(config, k) for k in lengths])) / 1e9, 4
+                ),
+                "caption_tokens_mean": round(float(np.mean(lengths)), 1),
                 "peak_rss_mb_in_process": round(peak_rss_mb(), 1),
             }
         )
@@ -432,17 +739,82 @@ def main() -> None:
                 fast_key: round(peak_gpu["fast"], 1),
                 "resident_before_rounds": round(resident_mb, 1),
             }
+        save()
+        if cuda:  # an untimed run of each job mode under the profiler, on the reference's rows
+            for name, key in (("exact", "exact"), ("fast", fast_key)):
+                try:
+                    results[key]["profiled_run"] = kernel_busy_fraction(
+                        lambda run=modes[name], name=name: run(
+                            ref_corpus, root / f"{name}-prof.jsonl"
+                        ),
+                        device,
+                    )
+                except Exception as exc:  # noqa: BLE001 - a profiler problem is a result too
+                    results[key]["profiled_run"] = {"error": repr(exc)}
+                save()
+        if jpeg_images:
+            results["jpeg"] = jpeg_mode(
+                root / "jpeg",
+                jpeg_images,
+                args.jpeg_reference_images,
+                exact,
+                fast,
+                fast_key,
+                workers,
+                args.seed,
+            )
+            save()
         del exact, fast, modes
         if stream_rows:
             results["stream_tiny_model"] = stream_job(root, stream_rows, TINY, device=args.device)
+            save()
         if stream_full_rows:
-            results[f"stream_b32_{fast_precision}"] = stream_job(
-                root, stream_full_rows, B32, fast_precision, device=args.device
+            results[f"stream_{args.size}_{fast_precision}"] = stream_job(
+                root, stream_full_rows, config, fast_precision, device=args.device
             )
     print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    save()
+    return results
+
+
+def jpeg_mode(
+    root: Path,
+    n_images: int,
+    reference_images: int,
+    exact: Scorer,
+    fast: Scorer,
+    fast_key: str,
+    workers: int | None,
+    seed: int,
+) -> dict:
+    """One caption per distinct JPEG, uncached: the ``specs score`` job in exact and fast
+    mode (busy fraction included) against the reference-style loop on the first
+    ``reference_images`` files."""
+    start = time.perf_counter()
+    corpus = make_jpeg_corpus(root, n_images, seed + 7)
+    out: dict = {
+        "images": n_images,
+        "size": "640x480",
+        "one_caption_each": True,
+        "write_seconds": round(time.perf_counter() - start, 1),
+    }
+    ref_corpus = subset_corpus(corpus, min(reference_images, n_images), "jpeg-reference.jsonl")
+    n_ref = len(ref_corpus.read_text().splitlines())
+    ref_scores, ref_seconds = reference_loop(exact, ref_corpus)
+    ref_rate = n_ref / ref_seconds
+    out["reference_loop"] = {"pairs": n_ref, "pairs_per_s": round(ref_rate, 2)}
+    for name, scorer in (("exact", exact), (fast_key, fast)):
+        with ForwardTimer(scorer) as timer:
+            scores, seconds = job_scores(scorer, corpus, root / f"{name}.jsonl", workers)
+        out[name] = {
+            "pairs_per_s": round(n_images / seconds, 2),
+            "seconds": round(seconds, 2),
+            "speedup_vs_reference_loop": round(n_images / seconds / ref_rate, 2),
+            "forward_busy_fraction": round(timer.busy_fraction, 4),
+            "max_abs_delta_score_vs_reference": float(np.abs(scores[:n_ref] - ref_scores).max()),
+            "scores_file": f"{name}.jsonl",
+        }
+    return out
 
 
 if __name__ == "__main__":

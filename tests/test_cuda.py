@@ -22,7 +22,20 @@ f. training: ``specs prepare`` on the world's train split, then ``specs train`` 
    finite losses, the checkpoint loads with ``load()`` and scores, and a run resumed from the
    step-10 checkpoint ends with the same weights (max |delta weight|, expected 0);
 g. ``specs bench intrinsic`` (``--json``) on the device against the same on the CPU: rates
-   equal, or at most one image's per-image rates differ (both are reported); fp16 reported.
+   equal, or at most one image's per-image rates differ (both are reported); fp16 reported;
+h. the device batch policy (``runtime.device_policy``): ``specs score`` with its defaults
+   (on CUDA 256-image, 65,536-token batches, workers following the cores) in fp32 within
+   1e-6 of the CPU (demo model on the world's candidates, and B/32 shapes on ``speed.py``'s
+   corpus against the CPU job), fp16 / bf16 within the tolerances above;
+i. fixed-shape image batches, reported (not failed): is each image's embedding bit-identical
+   whatever its batch mates and position, when every batch is padded to the policy's batch
+   size? And without padding (batches of 1, 7 and 256)? Per precision, the share of rows
+   bit-identical to the image encoded alone and the max |delta|: the answer decides whether
+   byte-identical resume can hold on CUDA with batching;
+j. the pinned, non-blocking copy path (``Scorer.to_device``, one copy back per text call)
+   against plain blocking copies: identical values; and whether fp16 / bf16 attention runs
+   on the flash kernel and fp32 on the memory-efficient kernel (``sdpa_kernel`` allowing only
+   that backend; reported).
 
 Each check is one test (``test_check[a]`` ... ``test_check[g]``). A check records pass /
 fail, its numbers and any traceback; a line is printed as it goes, and
@@ -49,6 +62,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import datetime
 import importlib.metadata
 import itertools
@@ -87,6 +101,7 @@ from specs_metric.metric import SPECSScore  # noqa: E402
 from specs_metric.model import LongCLIP  # noqa: E402
 from specs_metric.numerics import strict_fp32, tf32_flags  # noqa: E402
 from specs_metric.results import read_output  # noqa: E402
+from specs_metric.runtime import device_policy  # noqa: E402
 from specs_metric.scorer import Scorer, load  # noqa: E402
 from specs_metric.synth import generate  # noqa: E402
 
@@ -95,6 +110,7 @@ DEVICE = os.environ.get("SPECS_CUDA_DEVICE", "cuda")
 DEMO = "specs-synth-demo"
 WORLD_SCENES, WORLD_SEED = 120, 7
 FP32_FAIL, FP32_GOOD = 1e-4, 1e-5  # max |delta score| of device fp32 vs CPU fp32
+POLICY_FP32_TOL = 1e-6  # specs score with the device's default batching, exact mode
 HALF_TOL, ORDER_KEPT = 5e-3, 0.99  # fp16 / bf16
 PG_ADDRESS = "tcp://127.0.0.1:29533"
 TRAIN_STEPS, TRAIN_SAVE = 20, 10
@@ -752,6 +768,205 @@ def check_intrinsic(c: Check, ctx: Context) -> None:
             c.say(f"info {name} vs cpu fp32: {detail}")
 
 
+def _job_on_device(
+    ctx: Context, name: str, model: object, source: Path, precision: str, device: object = None
+) -> tuple[dict, list[dict], dict]:
+    """``specs score`` (defaults: batching by device) in a subprocess -> run, rows, job record."""
+    out = ctx.tmp / "policy" / f"{name}.jsonl"
+    command = cli(
+        "score",
+        "--model",
+        model,
+        "--device",
+        device or ctx.device,
+        "--precision",
+        precision,
+        "--input",
+        source,
+        "--output",
+        out,
+        "--no-progress",
+    )
+    run = run_commands({name: command}, ctx.tmp / "logs", ctx.timeout)[name]
+    if run["returncode"] != 0:
+        return run, [], {}
+    record = json.loads(out.with_name(out.name + ".job.json").read_text())
+    return run, list(read_output(out)), record
+
+
+def check_policy_jobs(c: Check, ctx: Context) -> None:
+    policy = device_policy(ctx.device)
+    c.record("policy", dataclasses.asdict(policy))
+    source = ctx.world / "graded_test.jsonl"
+    for precision in ("fp32", *ctx.half):
+        name = f"demo_{precision}"
+        run, rows, record = _job_on_device(ctx, name, DEMO, source, precision)
+        c.record(f"{name}_run", {k: run[k] for k in ("returncode", "seconds", "command")})
+        ok = run["returncode"] == 0
+        detail = f"{run['seconds']} s" if ok else run["output_tail"][-800:]
+        if not c.expect(f"{name}: specs score exits 0", ok, detail):
+            continue
+        c.record(
+            f"{name}_batching",
+            {k: record.get(k) for k in ("batch_size", "token_budget", "chunk_rows", "threads")},
+        )
+        scores = np.array([r["score"] for r in rows], dtype=float)
+        if precision == "fp32":
+            delta = max_delta(ctx.cpu_scores, scores)
+            c.record(f"{name}_max_abs_delta_vs_cpu", delta)
+            c.expect(
+                f"{name}: within {POLICY_FP32_TOL:g} of the CPU with the device's batching",
+                delta <= POLICY_FP32_TOL and record.get("batch_size") == policy.image_batch,
+                f"max|d|={delta:.2e}, batch_size {record.get('batch_size')}",
+            )
+        else:
+            compare(c, f"{name}_vs_cpu_fp32", ctx.cpu_scores, scores, ctx.groups, precision)
+    # Full-size shapes: the CPU job (CPU defaults) against the device job (device defaults).
+    speed = _speed_benchmark()
+    root = ctx.tmp / "policy-b32"
+    root.mkdir(parents=True, exist_ok=True)
+    corpus = speed.make_corpus(root, 16, 8, seed=1)
+    weights = LongCLIP(speed.B32).init_weights(torch.Generator().manual_seed(1)).state_dict()
+    checkpoint = root / "b32.pt"
+    torch.save(weights, checkpoint)
+    cpu_run, cpu_rows, _ = _job_on_device(ctx, "b32_cpu", checkpoint, corpus, "fp32", "cpu")
+    dev_run, dev_rows, _ = _job_on_device(ctx, "b32_device", checkpoint, corpus, "fp32")
+    c.record("b32_runs", {"cpu": cpu_run["seconds"], "device": dev_run["seconds"]})
+    ok = cpu_run["returncode"] == 0 and dev_run["returncode"] == 0
+    tails = "" if ok else cpu_run["output_tail"][-400:] + dev_run["output_tail"][-400:]
+    if c.expect("b32: both jobs exit 0", ok, tails):
+        for key in ("score", "cosine"):
+            delta = max_delta([r[key] for r in cpu_rows], [r[key] for r in dev_rows])
+            c.record(f"b32_max_abs_delta_{key}", delta)
+            c.expect(
+                f"b32 {key}: device job within {POLICY_FP32_TOL:g} of CPU job",
+                delta <= POLICY_FP32_TOL,
+                f"max|d|={delta:.2e}",
+            )
+
+
+def _pixels(ctx: Context, count: int, resolution: int) -> torch.Tensor:
+    """``count`` distinct preprocessed images (the world's, cycled with a shift if short)."""
+    scorer = load(DEMO, device="cpu")
+    files = list(dict.fromkeys(ctx.images))
+    base = torch.stack([scorer.preprocess(f) for f in files[:count]])
+    if resolution != base.shape[-1]:
+        base = torch.nn.functional.interpolate(base, size=resolution, mode="bilinear")
+    out = [base[i % len(base)].roll(i // len(base), dims=-1) for i in range(count)]
+    return torch.stack(out)
+
+
+def check_fixed_shape(c: Check, ctx: Context) -> None:
+    """Report whether an image's embedding depends on its batch (mates, position, size)."""
+    batch = device_policy(ctx.device).image_batch if ctx.cuda else 16
+    speed = _speed_benchmark()
+    weights = LongCLIP(speed.B32).init_weights(torch.Generator().manual_seed(2)).state_dict()
+    pixels = _pixels(ctx, 2 * batch, speed.B32.image_resolution)
+    probes = [0, 1, batch // 2, batch - 1]  # images followed through the layouts
+    others = [i for i in range(batch) if i not in probes]
+    layouts = {  # rows of each batch; every layout holds all probes
+        "in_order": list(range(batch)),
+        "reversed": list(reversed(range(batch))),
+        "other_mates": probes + list(range(batch, 2 * batch - len(probes))),
+        "partial_7": probes + others[:3],
+    }
+    c.record("batch", batch)
+    for precision in ("fp32", *ctx.half):
+        scorer = Scorer(build_model(weights), device=ctx.device, precision=precision)
+        results = {}
+        for padded in (True, False):
+
+            def embed(rows: list[int], pad: bool = padded, s: Scorer = scorer) -> torch.Tensor:
+                x = pixels[rows]
+                if pad and len(rows) < batch:
+                    x = torch.cat([x, x.new_zeros(batch - len(rows), *x.shape[1:])])
+                return s.encode_pixels(x)[: len(rows)]
+
+            alone = {i: embed([i])[0] for i in probes}
+            same = total = 0
+            worst = 0.0
+            for rows in layouts.values():
+                emb = embed(rows)
+                for i in probes:
+                    row = emb[rows.index(i)]
+                    total += 1
+                    same += int(torch.equal(row, alone[i]))
+                    worst = max(worst, float((row - alone[i]).abs().max()))
+            results["padded" if padded else "unpadded"] = {
+                "rows_compared": total,
+                "bit_identical_share": round(same / total, 4),
+                "max_abs_delta": worst,
+            }
+        c.record(precision, results)
+        c.say(f"info {precision}: {results}")
+        del scorer
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+
+
+def check_pinned_and_kernels(c: Check, ctx: Context) -> None:
+    scorer = load(DEMO, device=ctx.device)
+    pixels = _pixels(ctx, 24, scorer.resolution)
+    ids, _ = scorer.tokenizer.fit(ctx.captions[:64], scorer.context_length)
+    with torch.inference_mode(), scorer.forward_context():
+        blocking_img = scorer.model.encode_image(pixels.to(ctx.device)).float().cpu()
+    c.expect(
+        "encode_pixels (pinned, non-blocking) equals a blocking copy",
+        torch.equal(scorer.encode_pixels(pixels), blocking_img),
+    )
+    c.record("pinned_policy", device_policy(ctx.device).pin_memory)
+    one_copy = scorer.embed_token_ids(ids, 2048, 16)
+    per_batch = torch.empty_like(one_copy)
+    from specs_metric.scorer import _pooled_length, length_batches
+    from specs_metric.tokenizer import pad_ids
+
+    lengths = [_pooled_length(x) for x in ids]
+    for rows in length_batches(lengths, 2048, 16):
+        batch = pad_ids([ids[i][: lengths[i]] for i in rows])
+        with torch.inference_mode(), scorer.forward_context():
+            emb = scorer.model.encode_text(batch.to(ctx.device)).float().cpu()
+        per_batch[torch.from_numpy(rows)] = emb
+    c.expect(
+        "embed_token_ids (one copy back) equals blocking per-batch copies",
+        torch.equal(one_copy, per_batch),
+    )
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as exc:  # torch < 2.3
+        c.record("sdpa_kernel", repr(exc))
+        return
+    tokens = pad_ids(ids[:32])
+    wanted = {"fp32": SDPBackend.EFFICIENT_ATTENTION}
+    wanted.update({p: SDPBackend.FLASH_ATTENTION for p in ctx.half})
+    for precision, backend in wanted.items():
+        model = (
+            scorer if precision == "fp32" else load(DEMO, device=ctx.device, precision=precision)
+        )
+        # The causal blocks (is_causal, no mask) apart from the whole text tower, whose last
+        # block pools one query per row under a boolean mask (which flash does not take).
+        calls = [("text", lambda m=model: m.encode_tokens(tokens))]
+        block = model.model.transformer.resblocks[0]
+        if hasattr(block, "attn"):  # (not the CPU's fused bf16 blocks)
+            weight = block.attn.in_proj_weight
+            states = torch.randn(8, 77, weight.shape[1], device=ctx.device).to(weight.dtype)
+
+            def causal_block(b=block, x=states):
+                with torch.inference_mode():
+                    return b(x, causal=True)
+
+            calls.append(("text_causal_block", causal_block))
+        calls.append(("image", lambda m=model: m.encode_pixels(pixels)))
+        for tower, call in calls:
+            try:
+                with sdpa_kernel([backend]):
+                    call()
+                outcome = "ran"
+            except RuntimeError as exc:
+                outcome = f"refused: {str(exc).splitlines()[0][:300]}"
+            c.record(f"sdpa_{precision}_{tower}_{backend.name.lower()}", outcome)
+            c.say(f"info {precision} {tower} tower on {backend.name}: {outcome}")
+
+
 CHECKS: dict[str, tuple[str, Callable[[Check, Context], None]]] = {
     "a": ("environment", check_environment),
     "b": ("scoring parity on the synthetic world (specs-synth-demo)", check_synth_parity),
@@ -760,6 +975,15 @@ CHECKS: dict[str, tuple[str, Callable[[Check, Context], None]]] = {
     "e": ("SPECSScore on the device, and in a 1-process process group", check_metric),
     "f": ("training on the device (prepare, train, load, resume)", check_training),
     "g": ("specs bench intrinsic on the device vs the CPU", check_intrinsic),
+    "h": ("specs score with the device's default batching vs the CPU", check_policy_jobs),
+    "i": (
+        "fixed-shape image batches: embeddings independent of the batch (report)",
+        check_fixed_shape,
+    ),
+    "j": (
+        "pinned non-blocking copies vs blocking; SDPA kernels (report)",
+        check_pinned_and_kernels,
+    ),
 }
 KEYS = {
     "a": "a_environment",
@@ -769,6 +993,9 @@ KEYS = {
     "e": "e_metric",
     "f": "f_training",
     "g": "g_intrinsic",
+    "h": "h_policy_jobs",
+    "i": "i_fixed_shape",
+    "j": "j_pinned_and_kernels",
 }
 
 

@@ -49,13 +49,13 @@ def _expected(scorer: Scorer, image) -> np.ndarray:
 def _count_forwards(scorer: Scorer) -> list[int]:
     """Record the batch size of every forward pass of the image tower."""
     sizes: list[int] = []
-    encode = scorer.encode_pixels
+    encode = scorer.encode_pixels_on_device
 
     def counting(pixels: torch.Tensor) -> torch.Tensor:
         sizes.append(len(pixels))
         return encode(pixels)
 
-    scorer.encode_pixels = counting
+    scorer.encode_pixels_on_device = counting
     return sizes
 
 

@@ -174,19 +174,23 @@ class ImageEncoder:
         self, keys: list[str], pixels: Mapping[str, torch.Tensor], found: dict[str, np.ndarray]
     ) -> None:
         """Encode ``keys`` in batches, in order, into ``found``, memory and the disk."""
+        if not keys:
+            return
+        on_device = []  # copied back once: a copy per batch would wait for each batch
         for start in range(0, len(keys), self.batch_size):
             batch = keys[start : start + self.batch_size]
             stacked = torch.stack([pixels[k] for k in batch])
             pad = self.batch_size - len(batch) if self.fixed_shape else 0
             if pad:
                 stacked = torch.cat([stacked, stacked.new_zeros((pad, *stacked.shape[1:]))])
-            emb = self.scorer.encode_pixels(stacked)[: len(batch)].numpy()
-            self.encoded += len(batch)
-            for key, value in zip(batch, emb, strict=True):
-                found[key] = value
-                self._remember(key, value)
-                if self.disk is not None and np.isfinite(value).all():
-                    self.disk.put(key, value)
+            on_device.append(self.scorer.encode_pixels_on_device(stacked)[: len(batch)])
+        emb = torch.cat(on_device).cpu().numpy()
+        self.encoded += len(keys)
+        for key, value in zip(keys, emb, strict=True):
+            found[key] = value
+            self._remember(key, value)
+            if self.disk is not None and np.isfinite(value).all():
+                self.disk.put(key, value)
 
     def _result(
         self, keys: Sequence[str | None], found: dict[str, np.ndarray], errors: dict[int, str]

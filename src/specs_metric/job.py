@@ -15,9 +15,22 @@ threads, which changes the rounding of matrix products):
 - chunks start at absolute multiples of ``chunk_rows`` (ranks get whole chunks, and a
   resumed part file is cut back to its last whole chunk), so text batches, formed per chunk,
   never depend on where a run started;
-- with ``batch_size=1`` (the default) each image is encoded alone: on CPU an embedding
+- with ``batch_size=1`` (the CPU default) each image is encoded alone: on CPU an embedding
   changes in its last bits with its batch mates and its place in the batch, and the images
   that meet in a batch depend on what an earlier run or the cache already encoded.
+
+Settings left at ``None`` follow the device (:func:`specs_metric.runtime.device_policy`):
+:meth:`JobConfig.for_device` fills them in before anything runs, and the resume identity
+records the values used, so the CPU defaults (those the job always had) resume outputs made
+with the same values given explicitly.
+
+Preparation overlaps with the model: with ``num_workers >= 1`` the DataLoader keeps up to
+``workers x prefetch_chunks`` chunks being prepared or ready (worker ``w`` prepares every
+``w``-th chunk), so while the main process runs the model on one chunk the workers tokenize
+and decode the next ones. On CUDA the kernels of a chunk are queued asynchronously (inputs
+from pinned memory, non-blocking copies) and the text embeddings come back in one copy per
+chunk. A worker sends its chunk's pixels as one stacked tensor (one shared-memory block per
+chunk, not one per image).
 
 The result files (part files, resume points, the final output) are in
 :mod:`specs_metric.results`, the image embeddings (by content hash, over the disk cache) in
@@ -34,7 +47,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +72,9 @@ from specs_metric.results import (
     write_final,
 )
 from specs_metric.rows import Row, count_rows, read_rows
+from specs_metric.runtime import device_policy
 from specs_metric.scales import apply_scale, check_scale, corpus_from_mean, cosine_similarity
-from specs_metric.scorer import DEFAULT_TOKEN_BUDGET, Scorer
+from specs_metric.scorer import Scorer
 from specs_metric.sources import SourceOptions, input_identity
 from specs_metric.tokenizer import Tokenizer, literal_special_warning, truncate_ids
 from specs_metric.transform import ImageError, decode_pixels, image_bytes
@@ -69,22 +83,44 @@ from specs_metric.workers import die_with_parent
 
 @dataclass
 class JobConfig:
-    """Settings of one scoring job (the ``specs score`` flags)."""
+    """Settings of one scoring job (the ``specs score`` flags).
+
+    ``None`` in the batching fields means "by device": :meth:`for_device` takes the value
+    of :func:`~specs_metric.runtime.device_policy` (on a CPU: image batch 1, token budget
+    2048, 512 text rows, 512-row chunks, one worker).
+    """
 
     input: Path | str  # a file, or a spec of shards/tables/URLs (see specs_metric.sources)
     output: Path
     image_root: Path | None = None
     source: SourceOptions = field(default_factory=SourceOptions)  # columns, caption key...
     scale: str = "specs"
-    batch_size: int = 1  # images per forward pass; 1 keeps embeddings batch-independent
-    token_budget: int = DEFAULT_TOKEN_BUDGET  # rows x trimmed length per text batch
-    max_text_rows: int = 512  # most captions per text batch
-    chunk_rows: int = 512  # rows prepared and written together
-    num_workers: int = 1
+    batch_size: int | None = None  # images per forward pass; 1 keeps them batch-independent
+    token_budget: int | None = None  # rows x trimmed length per text batch
+    max_text_rows: int | None = None  # most captions per text batch
+    chunk_rows: int | None = None  # rows prepared and written together
+    num_workers: int | None = None  # preparation worker processes
+    fixed_shape_images: bool | None = None  # pad image batches to batch_size rows
     cache_dir: Path | None = None
     resume: bool = False
     memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE  # image embeddings kept in memory (LRU)
     show_progress: bool = True
+
+    def for_device(self, device: str | torch.device) -> JobConfig:
+        """This config with every "by device" (``None``) setting taken from the device's
+        policy; settings already given stay."""
+        policy = device_policy(device)
+        given = {
+            "batch_size": (self.batch_size, policy.image_batch),
+            "token_budget": (self.token_budget, policy.token_budget),
+            "max_text_rows": (self.max_text_rows, policy.max_text_rows),
+            "chunk_rows": (self.chunk_rows, policy.chunk_rows),
+            "num_workers": (self.num_workers, policy.workers),
+            "fixed_shape_images": (self.fixed_shape_images, policy.fixed_shape_images),
+        }
+        return replace(
+            self, **{k: default if v is None else v for k, (v, default) in given.items()}
+        )
 
 
 @dataclass
@@ -96,6 +132,7 @@ class _Chunk:
     valid: list[int] = field(default_factory=list)  # positions in rows with a caption+image
     image_hash: list[str] = field(default_factory=list)  # per valid row
     pixels: dict[str, torch.Tensor] = field(default_factory=dict)  # hash -> pixels to encode
+    packed: torch.Tensor | None = None  # the pixels stacked, while the chunk crosses a pipe
     cached: dict[str, np.ndarray] = field(default_factory=dict)  # hash -> embedding from disk
     # hash -> image file, for images whose pixels this worker sent with an earlier chunk
     sent_before: dict[str, Path] = field(default_factory=dict)
@@ -278,6 +315,20 @@ class _ChunkStream(IterableDataset):
 
 
 def _collate(chunk: _Chunk) -> _Chunk:
+    """In the worker: stack the chunk's pixels into one tensor, so the chunk crosses to the
+    main process as one shared-memory block (one per image would hold a file descriptor
+    each, thousands per chunk of distinct images)."""
+    if len(chunk.pixels) > 1:
+        chunk.packed = torch.stack(list(chunk.pixels.values()))
+        chunk.pixels = dict.fromkeys(chunk.pixels)  # the hashes, in the packed order
+    return chunk
+
+
+def _unpack(chunk: _Chunk) -> _Chunk:
+    """In the main process: the pixels by hash again (views of the packed tensor)."""
+    if chunk.packed is not None:
+        chunk.pixels = dict(zip(chunk.pixels, chunk.packed, strict=True))
+        chunk.packed = None
     return chunk
 
 
@@ -302,6 +353,8 @@ def _job_identity(config: JobConfig, scorer: Scorer, world_size: int) -> dict:
         "max_text_rows": config.max_text_rows,
         "threads": torch.get_num_threads(),
     }
+    if config.fixed_shape_images:  # absent otherwise: older partial outputs resume
+        identity["fixed_shape_images"] = True
     pipeline = scorer.pipeline_fingerprint
     if pipeline != str(scorer.resolution):  # absent otherwise: older partial outputs resume
         identity["pipeline"] = pipeline
@@ -372,16 +425,24 @@ def _score_shard(
         disk,
         scorer.tokenizer,
     )
+    prefetch = device_policy(scorer.device).prefetch_chunks
     loader = DataLoader(
         stream,
         batch_size=None,
         collate_fn=_collate,
         num_workers=config.num_workers,
         persistent_workers=False,
-        prefetch_factor=2 if config.num_workers else None,
+        # chunks each worker prepares ahead of the model (preparation overlaps compute)
+        prefetch_factor=prefetch if config.num_workers else None,
         worker_init_fn=die_with_parent if config.num_workers else None,
     )
-    images = ImageEncoder(scorer, config.batch_size, config.memory_cache_size, disk)
+    images = ImageEncoder(
+        scorer,
+        config.batch_size,
+        config.memory_cache_size,
+        disk,
+        fixed_shape=config.fixed_shape_images,
+    )
     bar = tqdm(
         total=len(shard),
         initial=done,
@@ -392,7 +453,7 @@ def _score_shard(
     )
     non_finite = 0
     with open(part, "a", encoding="utf-8") as out:
-        for chunk in loader:
+        for chunk in map(_unpack, loader):
             img = _image_embeddings(images, chunk) if chunk.valid else None
             if chunk.valid:
                 txt = scorer.embed_token_ids(
@@ -438,6 +499,7 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
         The summary (also written to ``<output>.summary.json`` by rank 0).
     """
     check_scale(config.scale)
+    config = config.for_device(scorer.device)
     if config.chunk_rows < 1 or config.batch_size < 1:
         raise JobError(
             f"chunk_rows and batch_size must be >= 1, got {config.chunk_rows} and "

@@ -22,16 +22,13 @@ from specs_metric.image_embeddings import ImageEncoder
 from specs_metric.loading import read_checkpoint
 from specs_metric.model import LongCLIP, cast_matmul_weights
 from specs_metric.numerics import strict_fp32
+from specs_metric.runtime import DEFAULT_TOKEN_BUDGET, device_policy, resolve_device
 from specs_metric.runtime import INFERENCE_PRECISIONS as PRECISIONS
-from specs_metric.runtime import resolve_device
 from specs_metric.scales import apply_scale, check_scale, cosine_matrix, cosine_similarity
 from specs_metric.tokenizer import EOT_ID, Tokenizer, default_tokenizer, pad_ids
 from specs_metric.transform import ImageSource, load_and_preprocess
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Rows x trimmed length per text batch. Small batches stay in the CPU caches: on 2 cores
-# (B/32 shapes) 2048 ran about 2x faster than 16384 in fp32.
-DEFAULT_TOKEN_BUDGET = 2048
 
 
 def _pooled_length(ids: Sequence[int]) -> int:
@@ -205,22 +202,42 @@ class Scorer:
             return strict_fp32()
         return contextlib.nullcontext()
 
-    @torch.inference_mode()
-    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Image embeddings (fp32, on CPU) of a preprocessed batch (N, 3, R, R)."""
-        with self.forward_context():
-            out = self.model.encode_image(pixels.to(self.device, non_blocking=True))
-        return out.float().cpu()
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor on the model's device. Where the device policy pins memory (CUDA)
+        the tensor is copied into pinned memory once and sent asynchronously, so the copy
+        overlaps with kernels already queued; on a CPU it is returned as it is."""
+        if host.device == self.device:
+            return host
+        if device_policy(self.device).pin_memory and host.device.type == "cpu":
+            if not host.is_pinned():
+                host = host.contiguous().pin_memory()
+            return host.to(self.device, non_blocking=True)
+        return host.to(self.device)
 
     @torch.inference_mode()
-    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Text embeddings (fp32, on CPU) of token ids, cut to the longest row first."""
+    def encode_pixels_on_device(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (fp32) of a preprocessed batch (N, 3, R, R), left on the device
+        (no synchronisation: the caller copies them back when it needs them)."""
+        with self.forward_context():
+            return self.model.encode_image(self.to_device(pixels)).float()
+
+    @torch.inference_mode()
+    def encode_tokens_on_device(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (fp32) of token ids, cut to the longest row first, left on the
+        device."""
         # The EOT (largest id) ends each row; id 0 is a real token ("!"), so count to it.
         longest = int(tokens.argmax(dim=1).max()) + 1 if len(tokens) else 1
         tokens = tokens[:, :longest]
         with self.forward_context():
-            out = self.model.encode_text(tokens.to(self.device, non_blocking=True))
-        return out.float().cpu()
+            return self.model.encode_text(self.to_device(tokens)).float()
+
+    def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Image embeddings (fp32, on CPU) of a preprocessed batch (N, 3, R, R)."""
+        return self.encode_pixels_on_device(pixels).cpu()
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text embeddings (fp32, on CPU) of token ids, cut to the longest row first."""
+        return self.encode_tokens_on_device(tokens).cpu()
 
     def embed_images(self, images: Sequence[ImageSource], batch_size: int = 64) -> torch.Tensor:
         """Raw image embeddings (N, D). ``images``: paths, encoded bytes or PIL images.
@@ -247,9 +264,16 @@ class Scorer:
         the model pools (a literal ``<|endoftext|>`` in a caption ends it there)."""
         lengths = [_pooled_length(ids) for ids in token_ids]
         out = torch.empty(len(token_ids), self.embed_dim)
-        for rows in length_batches(lengths, token_budget, max_rows):
+        batches = length_batches(lengths, token_budget, max_rows)
+        if not batches:
+            return out
+        # The batches' embeddings stay on the device and come back in one copy: one
+        # synchronisation per call instead of one per batch (on a CPU they are the same).
+        parts = []
+        for rows in batches:
             batch = pad_ids([token_ids[i][: lengths[i]] for i in rows])
-            out[torch.from_numpy(rows)] = self.encode_tokens(batch)
+            parts.append(self.encode_tokens_on_device(batch))
+        out[torch.from_numpy(np.concatenate(batches))] = torch.cat(parts).cpu()
         return out
 
     def embed_texts(

@@ -14,8 +14,10 @@ from specs_metric.cli.common import (
     nonnegative_int,
     positive_int,
 )
+from specs_metric.runtime import CPU_POLICY, CUDA_TOKEN_BUDGET
 from specs_metric.scales import SCALES
-from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
+
+BY_DEVICE = "default: by device"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,23 +71,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size",
         type=positive_int,
-        default=1,
-        help="images per forward pass (default 1: each embedding independent of the others, "
-        "which byte-identical resume needs; larger is faster on GPUs)",
+        default=None,
+        help=f"images per forward pass ({BY_DEVICE}: {CPU_POLICY.image_batch} on a CPU, each "
+        "embedding independent of the others, which byte-identical resume needs; 256 on CUDA)",
     )
     p.add_argument(
         "--token-budget",
         type=positive_int,
-        default=DEFAULT_TOKEN_BUDGET,
-        help=f"rows x tokens per text batch (default {DEFAULT_TOKEN_BUDGET})",
+        default=None,
+        help=f"rows x tokens per text batch ({BY_DEVICE}: {CPU_POLICY.token_budget} on a CPU, "
+        f"{CUDA_TOKEN_BUDGET} on CUDA)",
     )
     add_model_options(p)
     p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
     p.add_argument(
-        "--chunk-rows", type=positive_int, default=512, help="rows prepared and written together"
+        "--chunk-rows",
+        type=positive_int,
+        default=None,
+        help=f"rows prepared and written together ({BY_DEVICE}: {CPU_POLICY.chunk_rows} on a "
+        "CPU, 2048 on CUDA)",
     )
     p.add_argument(
-        "--workers", type=nonnegative_int, default=1, help="image-decoding worker processes"
+        "--workers",
+        type=nonnegative_int,
+        default=None,
+        help=f"tokenizing and image-decoding worker processes ({BY_DEVICE}: "
+        f"{CPU_POLICY.workers} on a CPU; on CUDA one per core but one, at most 16)",
     )
     p.add_argument("--cache-dir", type=Path, help="on-disk image-embedding cache")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
@@ -163,12 +174,16 @@ def run(args: argparse.Namespace) -> int:
             long_captions=args.long_captions,
         )
 
+        # The actors' device decides the batching defaults.
+        config = config.for_device("cuda" if args.num_gpus_per_worker > 0 else "cpu")
+
         def jobs(configs: list[JobConfig]) -> list[dict]:  # one pipeline for all shards
             return run_ray_jobs(configs, ray_options)
 
     else:
         info = init_from_env(args.device)
         scorer = load_scorer(args, args.model, local_device(info, args.device))
+        config = config.for_device(scorer.device)  # the batching defaults follow the device
 
         def jobs(configs: list[JobConfig]) -> list[dict]:
             return [run_job(c, scorer, info) for c in configs]
