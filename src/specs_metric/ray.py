@@ -32,6 +32,7 @@ import torch
 from specs_metric.config import PreprocessConfig
 from specs_metric.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncoder
 from specs_metric.jsonio import write_json
+from specs_metric.runtime import device_policy
 from specs_metric.scales import apply_scale, check_scale
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
 
@@ -191,7 +192,10 @@ class ScoreActor:
         self.scorer = _load(options, device)
         self.scale = scale
         self.limits = SimpleNamespace(token_budget=token_budget, max_text_rows=max_text_rows)
-        self.images = ImageEncoder(self.scorer, batch_size, memory_cache_size)
+        fixed_shape = device_policy(self.scorer.device).fixed_shape_images
+        self.images = ImageEncoder(
+            self.scorer, batch_size, memory_cache_size, fixed_shape=fixed_shape
+        )
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from specs_metric.scales import cosine_similarity
