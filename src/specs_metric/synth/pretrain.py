@@ -14,8 +14,10 @@
   them into ``src/specs_metric/assets/`` and ``examples/`` updates the bundle
   (docs/synthetic-replication.md, "Exporting the demo models").
 
-The experiments themselves live in ``benchmarks/`` (``synthetic_replication.py``,
-``grounding_experiments.py``, ``demo_pretraining.py``) and import this module.
+The grounded pre-training that gives the demo models their start is in
+:mod:`specs_metric.synth.grounding`. The experiments themselves live in ``benchmarks/``
+(``synthetic_replication.py``, ``grounding_experiments.py``, ``demo_pretraining.py``) and
+import these modules.
 """
 
 from __future__ import annotations

@@ -14,12 +14,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from specs_metric.training.loss import LossOutput, SpecificityLoss, clip_loss
+from specs_metric.training.loss import LossOutput, SpecificityLoss, clip_loss, grounding_loss
 
 if TYPE_CHECKING:
     from specs_metric.training.trainer import TrainConfig, TrainResult, train
 
-__all__ = ["LossOutput", "SpecificityLoss", "TrainConfig", "TrainResult", "clip_loss", "train"]
+__all__ = [
+    "LossOutput",
+    "SpecificityLoss",
+    "TrainConfig",
+    "TrainResult",
+    "clip_loss",
+    "grounding_loss",
+    "train",
+]
 
 
 def __getattr__(name: str) -> Any:
