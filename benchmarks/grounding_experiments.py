@@ -6,8 +6,9 @@ Each command trains from random weights with the replication's model shape
 
 * ``pretrain``: the package's grounded pre-training on the CPU
   (:func:`specs_metric.synth.grounding.pretrain_grounded`): contrastive pre-training on
-  (image, full description) plus, with ``--grounding W``, a sentence-level loss: for each image ``--pairs`` of its true segments
-  ``s_k`` and the false segments of its negatives ``n_k`` (from ``neg_captions``),
+  (image, full description) plus, with ``--grounding W``, a sentence-level loss: for each
+  image ``--pairs`` of its true segments ``s_k`` and the false segments of its negatives
+  ``n_k`` (from ``neg_captions``),
   ``softplus(s(false) - s(true))`` on logit-scaled cosines; ``--in-batch W`` adds a loss
   asking each true segment to pick its image among the batch's; ``--vision-parse N`` first
   trains the image tower for N steps to parse scenes from its embedding (per cell: colour or

@@ -37,6 +37,7 @@ from specs_metric.bench.intrinsic import run_intrinsic
 from specs_metric.bench.sdci import read_sdci
 from specs_metric.bench.stats import kendall_tau, pairwise_accuracy
 from specs_metric.checkpoint import read_state_dict, save_state_dict
+from specs_metric.jsonio import read_jsonl
 from specs_metric.model import LongCLIP, ModelConfig
 from specs_metric.scorer import load
 from specs_metric.synth.world import COLOUR_NAMES, SHAPES, SIZES, TEXTURES, Scene
@@ -191,10 +192,7 @@ def evaluate(model: Path, data: Path) -> dict:
     scorer = load(str(model), device="cpu")
     rows = read_sdci(data, split="test")
     rates, _ = run_intrinsic(scorer, rows)
-    graded = [
-        json.loads(line)
-        for line in (data / "graded_test.jsonl").read_text(encoding="utf-8").splitlines()
-    ]
+    graded = [rec for _, rec in read_jsonl(data / "graded_test.jsonl", objects=True)]
     scores = scorer.score([str(data / g["image"]) for g in graded], [g["caption"] for g in graded])
     quality = [g["human_score"] for g in graded]
     groups = [g["group"] for g in graded]
