@@ -40,7 +40,7 @@ from specs_metric.scales import cosine_matrix
 from specs_metric.synth.pretrain import Settings, cell_labels, parse_head, parse_loss, segments
 from specs_metric.tokenizer import EOT_ID, SOT_ID, default_tokenizer, pad_ids, truncate_ids
 from specs_metric.training.loss import clip_loss, grounding_loss
-from specs_metric.training.trainer import lr_factor
+from specs_metric.training.recipe import lr_factor
 from specs_metric.transform import normalize_pixels, open_image, preprocess
 
 CONTEXT = 248

@@ -77,12 +77,12 @@ class Settings:
     finetune_steps: int = 400
     finetune_lr: float = 1e-3
     finetune_warmup: int = 20
-    weight_decay: float = 0.01
     precision: str = "bf16"  # autocast; weights and the loss stay fp32
-    # specificity objective (released recipe)
-    lambda_detail: float = 8.0
-    lambda_neg: float = 0.8
-    margin: float = 0.0
+    # weight decay and the specificity objective: the trainer's (the released recipe)
+    weight_decay: float = TrainConfig.weight_decay
+    lambda_detail: float = TrainConfig.lambda_detail
+    lambda_neg: float = TrainConfig.lambda_neg
+    margin: float = TrainConfig.margin
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
