@@ -290,6 +290,98 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+@dataclass
+class _Run:
+    """What both phases of :func:`pretrain_grounded` share."""
+
+    model: LongCLIP
+    batches: Batches
+    recipe: Recipe
+    batch: int
+    rng: np.random.Generator
+    generator: torch.Generator
+    amp: torch.autocast
+    log: Callable[[str], None]
+    log_every: int
+    start: float
+
+    def draw(self) -> torch.Tensor:
+        """The scenes of one step, drawn without replacement."""
+        idx = self.rng.choice(len(self.batches), self.batch, replace=False)
+        return torch.from_numpy(idx).to(self.batches.pixels.device)
+
+    def optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=self.recipe.lr, weight_decay=self.recipe.weight_decay)
+
+    def schedule(self, opt: torch.optim.Optimizer, step: int, steps: int) -> None:
+        _set_lr(opt, self.recipe.lr * lr_factor(step + 1, self.recipe.warmup, steps))
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def parse_phase(self, steps: int) -> None:
+        """The image tower (and a linear head) learn to parse scenes."""
+        model, batches = self.model, self.batches
+        head = parse_head(model).to(batches.pixels.device)
+        opt = self.optimizer(list(model.visual.parameters()) + list(head.parameters()))
+        for step in range(steps):
+            self.schedule(opt, step, steps)
+            idx = self.draw()
+            with self.amp:
+                out = head(model.encode_image(batches.images(idx)))
+            loss = parse_loss(out.float(), batches.cells[idx], batches.background[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if (step + 1) % self.log_every == 0:
+                self.log(f"parse {step + 1} {self.elapsed():.0f}s loss {loss.item():.3f}")
+
+    def grounded_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CLIP loss and the grounding loss of one batch (the latter 0 when off)."""
+        model, batches, recipe = self.model, self.batches, self.recipe
+        idx = self.draw()
+        grounded = bool(recipe.grounding or recipe.in_batch)
+        with self.amp:
+            images = model.encode_image(batches.images(idx))
+            texts = model.encode_text(batches.descriptions(idx))
+            if grounded:
+                rows, owner = batches.pairs(idx, recipe.pairs, self.generator)
+                segs = model.encode_text(rows)
+        scale = model.logit_scale.exp()
+        loss_clip = clip_loss(images, texts, scale)
+        if not grounded:
+            return loss_clip, torch.zeros((), device=loss_clip.device)
+        true, false = segs[: len(owner)], segs[len(owner) :]
+        loss_ground = grounding_loss(
+            images, true, false, owner, scale,
+            pair_weight=recipe.grounding, in_batch=recipe.in_batch,
+        )  # fmt: skip
+        return loss_clip, loss_ground
+
+    def grounded_phase(
+        self, steps: int, eval_every: int, on_eval: Callable[[str, int], None] | None
+    ) -> None:
+        """The whole model on the CLIP loss plus the grounding loss."""
+        model = self.model
+        opt = self.optimizer(list(model.parameters()))
+        for step in range(steps):
+            self.schedule(opt, step, steps)
+            loss_clip, loss_ground = self.grounded_step()
+            opt.zero_grad(set_to_none=True)
+            (loss_clip + loss_ground).backward()
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            if (step + 1) % self.log_every == 0:
+                self.log(
+                    f"{step + 1} {self.elapsed():.0f}s clip {loss_clip.item():.3f} "
+                    f"grounding {loss_ground.item():.3f}"
+                )
+            if on_eval is not None and eval_every and (step + 1) % eval_every == 0:
+                if step + 1 < steps:
+                    on_eval("clip", step + 1)
+
+
 def pretrain_grounded(
     model: LongCLIP,
     batches: Batches,
@@ -313,64 +405,16 @@ def pretrain_grounded(
     towers under bf16 autocast (weights and losses stay fp32).
     """
     device = batches.pixels.device
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
-    n_scenes = len(batches)
-    start = time.perf_counter()
-
-    def draw() -> torch.Tensor:
-        return torch.from_numpy(rng.choice(n_scenes, batch, replace=False)).to(device)
-
-    parse = parse_head(model).to(device)
-    params = list(model.visual.parameters()) + list(parse.parameters())
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
-    for step in range(parse_steps):
-        _set_lr(opt, recipe.lr * lr_factor(step + 1, recipe.warmup, parse_steps))
-        idx = draw()
-        with amp:
-            out = parse(model.encode_image(batches.images(idx)))
-        loss = parse_loss(out.float(), batches.cells[idx], batches.background[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if (step + 1) % log_every == 0:
-            log(f"parse {step + 1} {time.perf_counter() - start:.0f}s loss {loss.item():.3f}")
+    run = _Run(
+        model, batches, recipe, batch,
+        rng=np.random.default_rng(seed),
+        generator=torch.Generator(device=device).manual_seed(seed),
+        amp=torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast),
+        log=log, log_every=log_every, start=time.perf_counter(),
+    )  # fmt: skip
+    run.parse_phase(parse_steps)
     if on_eval is not None and parse_steps:
         on_eval("parse", parse_steps)
-
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    grounded = bool(recipe.grounding or recipe.in_batch)
-    for step in range(steps):
-        _set_lr(opt, recipe.lr * lr_factor(step + 1, recipe.warmup, steps))
-        idx = draw()
-        with amp:
-            images = model.encode_image(batches.images(idx))
-            texts = model.encode_text(batches.descriptions(idx))
-            if grounded:
-                rows, owner = batches.pairs(idx, recipe.pairs, generator)
-                segs = model.encode_text(rows)
-        scale = model.logit_scale.exp()
-        loss_clip = clip_loss(images, texts, scale)
-        loss_ground = torch.zeros((), device=device)
-        if grounded:
-            true, false = segs[: len(owner)], segs[len(owner) :]
-            loss_ground = grounding_loss(
-                images, true, false, owner, scale,
-                pair_weight=recipe.grounding, in_batch=recipe.in_batch,
-            )  # fmt: skip
-        loss = loss_clip + loss_ground
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        if (step + 1) % log_every == 0:
-            log(
-                f"{step + 1} {time.perf_counter() - start:.0f}s clip {loss_clip.item():.3f} "
-                f"grounding {loss_ground.item():.3f}"
-            )
-        if on_eval is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            on_eval("clip", step + 1)
+    run.grounded_phase(steps, eval_every, on_eval)
     if on_eval is not None:
         on_eval("final", steps)
