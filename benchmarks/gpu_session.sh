@@ -74,13 +74,13 @@ if [ "$TRAIN" = 1 ] && [ "$(left)" -gt 120 ]; then
     SHARDS=${SHARDS:-16} SCENES=${SCENES:-6250} BATCH=${BATCH:-512}
     stage prepare "$(left)" python3 benchmarks/demo_pretraining.py prepare --out /tmp/demo \
         --scenes-per-shard "$SCENES" --shards "$SHARDS" --workers 10
-    # Train until 30 s before the budget ends (evaluation and saving included).
-    minutes=$(python3 -c "print(max(0.5, ($(left) - 30) / 60))")
-    echo "training ${minutes} min per variant"
+    PARSE_STEPS=${PARSE_STEPS:-5000} STEPS=${STEPS:-4700}
+    echo "training ${PARSE_STEPS} + ${STEPS} steps per variant (cut at the budget)"
     for v in q qi wide; do
         timeout "$(left)" python3 benchmarks/demo_pretraining.py train --data /tmp/demo/world.pt \
-            --variant "$v" --minutes "$minutes" --batch "$BATCH" --eval-every 45 \
-            --device "$DEVICE" --save "$OUT/$v.safetensors" >> "$OUT/train.log" 2>&1 &
+            --variant "$v" --parse-steps "$PARSE_STEPS" --steps "$STEPS" --batch "$BATCH" \
+            --eval-every 1000 --device "$DEVICE" --save "$OUT/$v.safetensors" \
+            >> "$OUT/train.log" 2>&1 &
     done
     wait
     grep -E "final|parse step|Error|error" "$OUT/train.log" | tail -n 20

@@ -1,12 +1,14 @@
 """Why tiny models do not ground single facts: the experiments of docs/synthetic-replication.md.
 
-Runs K-P and the two tower probes of that page, on a synthetic world generated here (seed 0).
+Runs K-Q and the two tower probes of that page, on a synthetic world generated here (seed 0).
 Each command trains from random weights with the replication's model shape
 (``specs_metric.synth.pretrain.Settings``) and prints its progress:
 
-* ``pretrain``: contrastive pre-training on (image, full description) plus, with
-  ``--grounding W``, a sentence-level loss: for each image ``--pairs`` of its true segments
-  ``s_k`` and the false segments of its negatives ``n_k`` (from ``neg_captions``),
+* ``pretrain``: the package's grounded pre-training on the CPU
+  (:func:`specs_metric.synth.grounding.pretrain_grounded`): contrastive pre-training on
+  (image, full description) plus, with ``--grounding W``, a sentence-level loss: for each
+  image ``--pairs`` of its true segments ``s_k`` and the false segments of its negatives
+  ``n_k`` (from ``neg_captions``),
   ``softplus(s(false) - s(true))`` on logit-scaled cosines; ``--in-batch W`` adds a loss
   asking each true segment to pick its image among the batch's; ``--vision-parse N`` first
   trains the image tower for N steps to parse scenes from its embedding (per cell: colour or
@@ -44,8 +46,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,31 +54,34 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from specs_metric.bench.intrinsic import image_rates
+from specs_metric.bench.intrinsic import IntrinsicResult
 from specs_metric.checkpoint import save_state_dict
 from specs_metric.model import LongCLIP
 from specs_metric.scorer import load
 from specs_metric.synth import Scene, generate, parse_segment
+from specs_metric.synth.grounding import (
+    Batches,
+    Recipe,
+    head,
+    pretrain_grounded,
+    world_arrays,
+    world_intrinsic,
+)
 from specs_metric.synth.pretrain import (
     DEMO_FILES,
     Settings,
-    cell_labels,
     evaluate,
     export_demo,
     finetune_arms,
-    parse_head,
-    parse_loss,
     segments,
     token_batch,
     training_table,
 )
 from specs_metric.synth.world import COLOUR_NAMES, SHAPES
-from specs_metric.training.loss import clip_loss
-from specs_metric.training.trainer import lr_factor
 from specs_metric.transform import open_image, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
-WARMUP = 20  # warm-up updates of the package's cosine schedule (lr_factor)
+WARMUP = 20  # warm-up updates of the trainer's cosine schedule (lr_factor)
 
 BATCH = 64
 TEST_SCENES = 400  # test split size for --scenes >= 2000
@@ -98,46 +101,8 @@ def load_split(data: Path, split: str) -> tuple[list[dict], torch.Tensor]:
     return rows, torch.stack(pixels)
 
 
-def intrinsic(model: LongCLIP, rows: list[dict], pixels: torch.Tensor) -> tuple[float, float]:
-    """Positive and negative rate (%), each caption encoded on its own."""
-    model.eval()
-    images = F.normalize(model.encode_image(pixels), dim=-1)
-    pos, neg = [], []
-    for i, row in enumerate(rows):
-        c = F.normalize(model.encode_text(token_batch(row["captions"])), dim=-1) @ images[i]
-        n = F.normalize(model.encode_text(token_batch(row["neg_captions"])), dim=-1) @ images[i]
-        rates = image_rates(c.tolist(), n.tolist())
-        if rates.positive is not None:
-            pos.append(rates.positive)
-            neg.append(rates.negative)
-    model.train()
-    return 100 * float(np.mean(pos)), 100 * float(np.mean(neg))
-
-
-def rates_line(label: str, rates: tuple[float, float]) -> str:
-    return f"{label}: positive {rates[0]:.1f} negative {rates[1]:.1f}"
-
-
-def vision_parse(model: LongCLIP, rows, pixels, steps: int, rng) -> None:
-    """Train the image tower to parse scenes linearly from its embedding."""
-    labels = [cell_labels(r) for r in rows]
-    cells = torch.stack([lab[0] for lab in labels])
-    background = torch.tensor([lab[1] for lab in labels])
-    head = parse_head(model)
-    params = list(model.visual.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    start = time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = 1e-3 * lr_factor(step + 1, WARMUP, steps)
-        idx = torch.from_numpy(rng.choice(len(rows), BATCH, replace=False))
-        out = head(model.encode_image(pixels[idx]))
-        loss = parse_loss(out, cells[idx], background[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 250 == 0:
-            print(f"parse {step} {time.perf_counter() - start:.0f}s loss {loss.item():.3f}")
+def rates_line(label: str, rates: IntrinsicResult) -> str:
+    return f"{label}: positive {rates.positive:.1f} negative {rates.negative:.1f}"
 
 
 def setup(args: argparse.Namespace) -> tuple[np.random.Generator, Path, LongCLIP]:
@@ -150,55 +115,31 @@ def setup(args: argparse.Namespace) -> tuple[np.random.Generator, Path, LongCLIP
 
 
 def pretrain(args: argparse.Namespace) -> None:
-    rng, data, model = setup(args)
-    train_rows, train_px = load_split(data, "train")
-    test_rows, test_px = load_split(data, "test")
-    test_rows, test_px = test_rows[: args.eval_scenes], test_px[: args.eval_scenes]
-    pairs = [segments(r) for r in train_rows]
-    if args.vision_parse:
-        vision_parse(model, train_rows, train_px, args.vision_parse, rng)
-        print(rates_line("after parsing", intrinsic(model, test_rows, test_px)))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    start = time.perf_counter()
-    for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = args.lr * lr_factor(step + 1, WARMUP, args.steps)
-        idx = rng.choice(len(train_rows), BATCH, replace=False)
-        images = F.normalize(model.encode_image(train_px[idx]), dim=-1)
-        texts = token_batch([train_rows[i]["captions"][-1] for i in idx])
-        scale = model.logit_scale.exp()
-        loss_clip = clip_loss(images, model.encode_text(texts), scale)
-        loss, loss_ground = loss_clip, torch.tensor(0.0)
-        if args.grounding or args.in_batch:
-            true, false, owner = [], [], []
-            for j, i in enumerate(idx):
-                good, bad = pairs[i]
-                for k in rng.choice(np.arange(1, len(good)), args.pairs, replace=False):
-                    true.append(good[k])
-                    false.append(bad[k])
-                    owner.append(j)
-            emb = F.normalize(model.encode_text(token_batch(true + false)), dim=-1)
-            owner_t = torch.tensor(owner)
-            s_true = scale * (emb[: len(true)] * images[owner_t]).sum(-1)
-            s_false = scale * (emb[len(true) :] * images[owner_t]).sum(-1)
-            loss_ground = args.grounding * F.softplus(s_false - s_true).mean()
-            if args.in_batch:
-                picks = scale * emb[: len(true)] @ images.T
-                loss_ground = loss_ground + args.in_batch * F.cross_entropy(picks, owner_t)
-            loss = loss + loss_ground
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        if step % 50 == 0:
-            print(
-                f"{step} {time.perf_counter() - start:.0f}s clip {loss_clip.item():.3f} "
-                f"grounding {loss_ground.item():.3f}",
-                flush=True,
-            )
-        if (step + 1) % args.eval_every == 0:
-            print(rates_line(f"step {step + 1}", intrinsic(model, test_rows, test_px)))
+    """Runs K-Q: the package's grounded pre-training on this world, on the CPU."""
+    _, data, model = setup(args)
+    batches = Batches(world_arrays(data, "train"), torch.device("cpu"))
+    test = head(world_arrays(data, "test"), args.eval_scenes)
+    recipe = Recipe(
+        pairs=args.pairs, grounding=args.grounding, in_batch=args.in_batch, lr=args.lr,
+        warmup=WARMUP,
+    )  # fmt: skip
+
+    def report(phase: str, step: int) -> None:
+        label = "after parsing" if phase == "parse" else f"step {step}"
+        print(rates_line(label, world_intrinsic(model, test)), flush=True)
+
+    pretrain_grounded(
+        model,
+        batches,
+        recipe,
+        parse_steps=args.vision_parse,
+        steps=args.steps,
+        batch=BATCH,
+        seed=args.seed,
+        eval_every=args.eval_every,
+        on_eval=report,
+        log_every=50,
+    )
     if args.save:
         save_state_dict({k: v.detach() for k, v in model.state_dict().items()}, args.save)
 

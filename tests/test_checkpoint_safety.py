@@ -90,14 +90,19 @@ def _pickle(root) -> bytes:
     return buf.getvalue()
 
 
+def _write_header(z: zipfile.ZipFile, root, script: bool) -> None:
+    """The members of an archive besides its tensor data."""
+    z.writestr("archive/data.pkl", _pickle(root))
+    z.writestr("archive/byteorder", "little")
+    z.writestr("archive/version", "3\n")
+    if script:
+        z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+
+
 def write_archive(path: Path, root, records: dict, *, script: bool = True) -> Path:
     """A zip checkpoint: TorchScript layout (``constants.pkl`` present) or torch.save's."""
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", _pickle(root))
-        z.writestr("archive/byteorder", "little")
-        z.writestr("archive/version", "3\n")
-        if script:
-            z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        _write_header(z, root, script)
         for key, data in records.items():
             z.writestr(f"archive/data/{key}", data)
     return path
@@ -110,11 +115,7 @@ def write_bomb(path: Path, nbytes: int, *, script: bool) -> Path:
     if script:
         root = Module(**root)
     with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", _pickle(root))
-        z.writestr("archive/byteorder", "little")
-        z.writestr("archive/version", "3\n")
-        if script:
-            z.writestr("archive/constants.pkl", pickle.dumps((), protocol=2))
+        _write_header(z, root, script)
         info = zipfile.ZipInfo("archive/data/0")
         info.compress_type = zipfile.ZIP_DEFLATED
         block = bytes(1 << 24)

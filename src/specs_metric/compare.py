@@ -343,6 +343,43 @@ def _brief(rec: dict) -> dict:
     return out
 
 
+def _common_scale(sum_a: dict, sum_b: dict, a_path: Path, b_path: Path) -> str | None:
+    """The scale both files were scored on (as their summaries say); differing ones fail."""
+    scale_a, scale_b = sum_a.get("scale"), sum_b.get("scale")
+    if scale_a and scale_b and scale_a != scale_b:
+        raise CompareError(
+            f"scales differ: {a_path} was scored on {scale_a!r}, {b_path} on {scale_b!r}; "
+            "score both with the same --scale"
+        )
+    return scale_a or scale_b
+
+
+def _top_changes(
+    units: list[_Unit], a: np.ndarray, b: np.ndarray, unit_kind: str, top: int
+) -> list[dict]:
+    """The ``top`` units with the largest |B - A| (unchanged ones left out)."""
+    diff = b - a
+    out = []
+    for i in np.argsort(-np.abs(diff), kind="stable")[:top]:
+        if diff[i] == 0:
+            continue
+        u = units[i]
+        out.append(
+            {
+                "id": u.key if unit_kind == "row" else str(u.rows_a[0]["id"]),
+                "image": u.image,
+                "caption": u.rows_a[0]["caption"],
+                "caption_b": u.rows_b[0]["caption"],
+                "score_a": float(a[i]),
+                "score_b": float(b[i]),
+                "diff": float(diff[i]),
+                "rows_a": [_brief(r) for r in u.rows_a],
+                "rows_b": [_brief(r) for r in u.rows_b],
+            }
+        )
+    return out
+
+
 def compare_files(
     path_a: str | os.PathLike[str],
     path_b: str | os.PathLike[str],
@@ -370,12 +407,7 @@ def compare_files(
         raise ValueError(f"pair_by must be one of {', '.join(PAIR_BY)}, got {pair_by!r}")
     a_path, b_path = Path(path_a), Path(path_b)
     sum_a, sum_b = _summary(a_path), _summary(b_path)
-    scale_a, scale_b = sum_a.get("scale"), sum_b.get("scale")
-    if scale_a and scale_b and scale_a != scale_b:
-        raise CompareError(
-            f"scales differ: {a_path} was scored on {scale_a!r}, {b_path} on {scale_b!r}; "
-            "score both with the same --scale"
-        )
+    scale = _common_scale(sum_a, sum_b, a_path, b_path)
     rows_a, rows_b = read_scores(a_path), read_scores(b_path)
     make_units = _units_by_id if pair_by == "id" else _units_by_image
     units, skipped, unit_kind = make_units(rows_a, rows_b, a_path, b_path)
@@ -385,56 +417,28 @@ def compare_files(
     b = np.array([u.score("b") for u in units])
     stats = paired_test(
         a, b, n_boot=n_boot, n_perm=n_perm, level=level, seed=seed, tie_tolerance=tie_tolerance
-    )
-    diff = b - a
-    order = np.argsort(-np.abs(diff), kind="stable")[:top]
-    top_changes = []
-    for i in order:
-        if diff[i] == 0:
-            continue
-        u = units[i]
-        top_changes.append(
-            {
-                "id": u.key if unit_kind == "row" else str(u.rows_a[0]["id"]),
-                "image": u.image,
-                "caption": u.rows_a[0]["caption"],
-                "caption_b": u.rows_b[0]["caption"],
-                "score_a": float(a[i]),
-                "score_b": float(b[i]),
-                "diff": float(diff[i]),
-                "rows_a": [_brief(r) for r in u.rows_a],
-                "rows_b": [_brief(r) for r in u.rows_b],
-            }
-        )
+    ).as_dict()
     return Comparison(
         file_a=str(a_path),
         file_b=str(b_path),
         model_a=sum_a.get("model"),
         model_b=sum_b.get("model"),
-        scale=scale_a or scale_b,
+        scale=scale,
         n_rows=len(rows_a),
-        n_used=stats.n,
+        n_used=stats.pop("n"),
         n_skipped=skipped,
-        mean_a=stats.mean_a,
-        mean_b=stats.mean_b,
-        mean_diff=stats.mean_diff,
-        ci_low=stats.ci_low,
-        ci_high=stats.ci_high,
+        **stats,
         level=level,
-        p_value=stats.p_value,
         test="paired sign-flip permutation",
         n_boot=n_boot,
         n_perm=n_perm,
         seed=seed,
-        wins=stats.wins,
-        ties=stats.ties,
-        losses=stats.losses,
         pair_by=pair_by,
         unit=unit_kind,
         n_images=len({str(u.image) for u in units}),
         captions_a=sum(len(u.rows_a) for u in units),
         captions_b=sum(len(u.rows_b) for u in units),
-        top_changes=top_changes,
+        top_changes=_top_changes(units, a, b, unit_kind, top),
         scores_a=a,
         scores_b=b,
     )

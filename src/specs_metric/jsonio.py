@@ -1,4 +1,5 @@
-"""Strict JSON for every file the package writes: non-finite numbers become ``null``.
+"""Strict JSON for every file the package writes (non-finite numbers become ``null``), and
+the one reader of JSON-lines data sets (:func:`read_jsonl`).
 
 Python's ``json`` writes ``NaN`` and ``Infinity`` by default, which are not JSON and which
 most readers (``jq``, browsers, other languages) reject.
@@ -10,10 +11,13 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from specs_metric.errors import DataError
 
 
 def jsonable(obj: Any) -> Any:
@@ -49,3 +53,40 @@ def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_jsonl(
+    path: str | os.PathLike[str],
+    *,
+    where: str = "{path}, line {line}",
+    error: type[DataError] = DataError,
+    objects: bool = False,
+) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of a JSON-lines file, lazily.
+
+    Each reader names a line its own way: ``where`` is a template with ``{path}`` and
+    ``{line}`` (1-based). A line that is not UTF-8, not JSON or (with ``objects``) not a
+    JSON object raises ``error``, a :class:`~specs_metric.errors.DataError`, with a
+    one-line message that starts with that location.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as fh:
+        ...     _ = fh.write('{"a": 1}\\n\\n[2]\\n')
+        >>> list(read_jsonl(fh.name))
+        [(1, {'a': 1}), (3, [2])]
+    """
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            here = where.format(path=path, line=line_no)
+            try:
+                value = json.loads(raw.decode("utf-8").rstrip("\r\n"))
+            except UnicodeDecodeError:
+                raise error(f"{here}: not UTF-8 text") from None
+            except json.JSONDecodeError as err:
+                raise error(f"{here}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if objects and not isinstance(value, dict):
+                raise error(f"{here}: expected a JSON object, got {type(value).__name__}")
+            yield line_no, value

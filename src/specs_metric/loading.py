@@ -45,7 +45,7 @@ from specs_metric.config import (
     check_preprocess_size,
     config_from_state_dict,
 )
-from specs_metric.pretrained import REGISTRY, file_sha256, lookup, resolve
+from specs_metric.pretrained import REGISTRY, PretrainedModel, file_sha256, lookup, resolve
 
 OPEN_CLIP_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors")
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -152,6 +152,41 @@ def _hash(files: list[Path]) -> str:
     return combined.hexdigest()
 
 
+def _read_file(
+    location: Path, source: str, entry: PretrainedModel | None, chosen: Arch | None
+) -> tuple[dict[str, torch.Tensor], ModelConfig, PreprocessConfig]:
+    """Weights, architecture and own preprocessing of a checkpoint file: the config recorded
+    in its metadata (checked against ``chosen``), else the architecture ``chosen``, the
+    open_clip config next to it or the registry entry's, else what the tensors say."""
+    state = read_state_dict(location)
+    meta = _safetensors_metadata(location)
+    recorded = _json_field(meta, CONFIG_METADATA_KEY, location)
+    recorded_pre = _json_field(meta, PREPROCESS_METADATA_KEY, location)
+    if recorded is not None:
+        recorded = {k: v for k, v in recorded.items() if k != "positional"}
+        config = config_from_state_dict(
+            state, recorded, source=source, pinned_by="its recorded config"
+        )
+        if chosen is not None:
+            check_against(config, chosen.pins, source=source, by=f"--arch {chosen.name}")
+    else:
+        chosen = _open_clip_arch(location, chosen)
+        if chosen is None and entry is not None:
+            chosen = ARCHS[entry.arch]
+        config = config_from_state_dict(
+            state,
+            chosen.pins if chosen is not None else None,
+            source=source,
+            pinned_by=f"architecture {chosen.name}" if chosen else "the architecture",
+        )
+    own_pre = (
+        PreprocessConfig.from_dict(recorded_pre)
+        if recorded_pre is not None
+        else (chosen.preprocess if chosen is not None and chosen.preprocess else None)
+    ) or PreprocessConfig.reference(config.image_resolution)
+    return state, config, own_pre
+
+
 def read_checkpoint(
     name_or_path: str | os.PathLike[str],
     *,
@@ -189,33 +224,8 @@ def read_checkpoint(
             if chosen is not None:
                 check_against(config, chosen.pins, source=source, by=f"--arch {chosen.name}")
         else:
-            state = read_state_dict(location)
+            state, config, own_pre = _read_file(location, source, entry, chosen)
             files, layout = [location], "openai"
-            meta = _safetensors_metadata(location)
-            recorded = _json_field(meta, CONFIG_METADATA_KEY, location)
-            recorded_pre = _json_field(meta, PREPROCESS_METADATA_KEY, location)
-            if recorded is not None:
-                recorded = {k: v for k, v in recorded.items() if k != "positional"}
-                config = config_from_state_dict(
-                    state, recorded, source=source, pinned_by="its recorded config"
-                )
-                if chosen is not None:
-                    check_against(config, chosen.pins, source=source, by=f"--arch {chosen.name}")
-            else:
-                chosen = _open_clip_arch(location, chosen)
-                if chosen is None and entry is not None:
-                    chosen = ARCHS[entry.arch]
-                config = config_from_state_dict(
-                    state,
-                    chosen.pins if chosen is not None else None,
-                    source=source,
-                    pinned_by=f"architecture {chosen.name}" if chosen else "the architecture",
-                )
-            own_pre = (
-                PreprocessConfig.from_dict(recorded_pre)
-                if recorded_pre is not None
-                else (chosen.preprocess if chosen is not None and chosen.preprocess else None)
-            ) or PreprocessConfig.reference(config.image_resolution)
         if entry is not None and layout == "hf" and entry.name in REGISTRY:
             known = ARCHS[entry.arch]
             check_against(config, known.pins, source=source, by=f"registry arch {known.name}")

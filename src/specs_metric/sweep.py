@@ -125,6 +125,67 @@ def _test(a: Path, b: Path, against: str, options: SweepOptions) -> dict:
     return {"against": against, **{k: c[k] for k in _TEST_KEYS}, "significant": c["significant"]}
 
 
+def _score_files(
+    paths: Sequence[Path], names: Sequence[str], scorer: Scorer, out: Path, options: SweepOptions
+) -> tuple[list[dict], int]:
+    """Score every file into ``OUT/scores/<name>.jsonl`` (one shared image cache); the
+    job summaries and the number of images encoded."""
+    score_dir = out / "scores"
+    score_dir.mkdir(parents=True, exist_ok=True)
+    encoded = 0
+    summaries = []
+    for k, (path, name) in enumerate(zip(paths, names, strict=True), 1):
+        if options.show_progress:
+            print(f"[{k}/{len(paths)}] {name}: {path}", file=sys.stderr)
+        config = JobConfig(
+            input=path,
+            output=score_dir / f"{name}.jsonl",
+            image_root=options.image_root,
+            scale=options.scale,
+            batch_size=options.batch_size,
+            num_workers=options.num_workers,
+            cache_dir=out / "cache",
+            resume=options.resume,
+            show_progress=options.show_progress,
+        )
+        summary = run_job(config, scorer)
+        encoded += int(summary.get("images_encoded_rank0", 0))
+        summaries.append(summary)
+    return summaries, encoded
+
+
+def _checkpoint_row(path: Path, name: str, summary: dict, options: SweepOptions, seed: int) -> dict:
+    """One checkpoint's line of the sweep: its scores and the CI of their mean."""
+    stats = _checkpoint_stats(Path(summary["output"]), options, seed)
+    return {
+        "name": name,
+        "file": str(path),
+        "scores": str(summary["output"]),
+        "n": summary["n_scored"],
+        "n_errors": summary["n_errors"],
+        "n_images": stats["n_images"],
+        "mean": summary["mean"],
+        "ci_low": stats["ci_low"],
+        "ci_high": stats["ci_high"],
+    }
+
+
+def _add_tests(checkpoints: list[dict], best: int, options: SweepOptions) -> None:
+    """Each checkpoint against the previous one and against the best (``vs_previous``,
+    ``vs_best``; None where there is nothing to test against)."""
+    for k, ck in enumerate(checkpoints):
+        prev = checkpoints[k - 1] if k else None
+        ck["vs_previous"] = (
+            _test(Path(prev["scores"]), Path(ck["scores"]), prev["name"], options) if prev else None
+        )
+        top = checkpoints[best]
+        ck["vs_best"] = (
+            _test(Path(top["scores"]), Path(ck["scores"]), top["name"], options)
+            if k != best
+            else None
+        )
+
+
 def run_sweep(
     files: Sequence[str | os.PathLike[str]],
     scorer: Scorer,
@@ -151,55 +212,13 @@ def run_sweep(
         if not p.is_file():
             raise SweepError(f"{p}: no such file")
     names = checkpoint_labels(paths, labels)
-    score_dir = out / "scores"
-    score_dir.mkdir(parents=True, exist_ok=True)
-    encoded = 0
-    summaries = []
-    for k, (path, name) in enumerate(zip(paths, names, strict=True), 1):
-        if options.show_progress:
-            print(f"[{k}/{len(paths)}] {name}: {path}", file=sys.stderr)
-        config = JobConfig(
-            input=path,
-            output=score_dir / f"{name}.jsonl",
-            image_root=options.image_root,
-            scale=options.scale,
-            batch_size=options.batch_size,
-            num_workers=options.num_workers,
-            cache_dir=out / "cache",
-            resume=options.resume,
-            show_progress=options.show_progress,
-        )
-        summary = run_job(config, scorer)
-        encoded += int(summary.get("images_encoded_rank0", 0))
-        summaries.append(summary)
-    checkpoints = []
-    for k, (path, name, summary) in enumerate(zip(paths, names, summaries, strict=True)):
-        stats = _checkpoint_stats(Path(summary["output"]), options, options.seed + k)
-        checkpoints.append(
-            {
-                "name": name,
-                "file": str(path),
-                "scores": str(summary["output"]),
-                "n": summary["n_scored"],
-                "n_errors": summary["n_errors"],
-                "n_images": stats["n_images"],
-                "mean": summary["mean"],
-                "ci_low": stats["ci_low"],
-                "ci_high": stats["ci_high"],
-            }
-        )
+    summaries, encoded = _score_files(paths, names, scorer, out, options)
+    checkpoints = [
+        _checkpoint_row(path, name, summary, options, options.seed + k)
+        for k, (path, name, summary) in enumerate(zip(paths, names, summaries, strict=True))
+    ]
     best = max(range(len(checkpoints)), key=lambda i: checkpoints[i]["mean"])
-    for k, ck in enumerate(checkpoints):
-        prev = checkpoints[k - 1] if k else None
-        ck["vs_previous"] = (
-            _test(Path(prev["scores"]), Path(ck["scores"]), prev["name"], options) if prev else None
-        )
-        top = checkpoints[best]
-        ck["vs_best"] = (
-            _test(Path(top["scores"]), Path(ck["scores"]), top["name"], options)
-            if k != best
-            else None
-        )
+    _add_tests(checkpoints, best, options)
     images = set()
     for ck in checkpoints:
         images.update(str(r["image"]) for r in read_scores(ck["scores"]).values())

@@ -257,10 +257,19 @@ def to_normalized_tensor(
 ) -> torch.Tensor:
     """RGB image -> float tensor (3, H, W): /255, minus mean, divided by std (fp32)."""
     array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).to(torch.float32).div(255)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return pixels.sub(mean_t).div(std_t)
+    return normalize_pixels(torch.from_numpy(array.copy()), mean, std)
+
+
+def normalize_pixels(
+    pixels: torch.Tensor, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD
+) -> torch.Tensor:
+    """uint8 RGB pixels (..., H, W, 3) -> the model's input (..., 3, H, W), fp32 on the
+    same device: /255, minus mean, divided by std. For images already at the model's size
+    (a batch of them too), this is :func:`preprocess` without the resize and crop."""
+    x = pixels.movedim(-1, -3).to(torch.float32).div(255)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.sub(mean_t).div(std_t)
 
 
 def preprocess(image: Image.Image, resolution: int | PreprocessConfig = 224) -> torch.Tensor:

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from specs_metric.bench.stats import bootstrap, rankdata
 from specs_metric.explain import NEUTRAL_SENTENCE, explain_embedded, plan_caption
+from specs_metric.jsonio import read_jsonl
 from specs_metric.synth import Scene, parse_segment, truth
 from specs_metric.training.segment import sentence_segments
 
@@ -110,20 +111,18 @@ def read_graded(data: Path, split: str, limit: int | None = None) -> list[Graded
         )
     }
     out = []
-    with open(graded, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if limit is not None and len(out) >= limit:
-                break
-            rec = json.loads(line)
-            if rec["group"] not in scenes:
-                raise ValueError(f"{graded}:{line_no}: scene {rec['group']!r} not in {table}")
-            try:
-                sentences, labels = label_sentences(rec["caption"], scenes[rec["group"]])
-            except ValueError as exc:
-                raise ValueError(f"{graded}:{line_no}: {exc}") from exc
-            out.append(
-                GradedCaption(rec["group"], data / rec["image"], rec["caption"], sentences, labels)
-            )
+    for line_no, rec in read_jsonl(graded, where="{path}:{line}", objects=True):
+        if limit is not None and len(out) >= limit:
+            break
+        if rec["group"] not in scenes:
+            raise ValueError(f"{graded}:{line_no}: scene {rec['group']!r} not in {table}")
+        try:
+            sentences, labels = label_sentences(rec["caption"], scenes[rec["group"]])
+        except ValueError as exc:
+            raise ValueError(f"{graded}:{line_no}: {exc}") from exc
+        out.append(
+            GradedCaption(rec["group"], data / rec["image"], rec["caption"], sentences, labels)
+        )
     return out
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from specs_metric.errors import DataError
+from specs_metric.jsonio import read_jsonl
 
 FORMATS = ("generic", "longcap-arena", "detailcaps", "flickr8k-expert", "flickr8k-cf")
 
@@ -131,17 +132,8 @@ def read_generic(path: Path, image_root: Path | None = None) -> list[JudgmentSet
             for i, rec in enumerate(csv.DictReader(fh)):
                 records.append((f"{path}:{i + 2}", rec))
     elif suffix in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object")
-                records.append((f"{path}:{i}", rec))
+        for i, rec in read_jsonl(path, where="{path}:{line}", objects=True):
+            records.append((f"{path}:{i}", rec))
     else:
         raise DataError(f"{path}: generic judgments must be .jsonl or .csv")
     images: dict[str, ImageRef] = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 from specs_metric import hf_datasets
 from specs_metric.errors import DataError
 from specs_metric.hf_datasets import read_arrow
+from specs_metric.jsonio import read_jsonl
 from specs_metric.transform import ImageSource
 
 
@@ -37,25 +37,12 @@ def _csv_records(path: Path) -> list[dict]:
         return records
 
 
-def _jsonl_records(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except ValueError as exc:
-                raise DataError(f"{path}, line {line_no}: invalid JSON ({exc})") from exc
-    return records
-
-
 def _file_records(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _csv_records(path)
     if suffix in (".jsonl", ".ndjson", ".json"):
-        return _jsonl_records(path)
+        return [rec for _, rec in read_jsonl(path)]
     if suffix == ".parquet":
         return pq.read_table(path).to_pylist()
     if suffix == ".arrow":

@@ -146,28 +146,12 @@ def _caption_list(value: object, column: str, where: str) -> list[str]:
     return list(value)
 
 
-def read_caption_table(
-    path: str | Path,
-    *,
-    split: str | None = None,
-    image_root: str | Path | None = None,
-    image_column: str = "image",
-    caption_column: str | None = None,
-    captions: str = "all",
-    max_captions_per_image: int | None = None,
-) -> RetrievalSet:
-    """An image-caption set from a table (see :func:`read_records` for the sources).
-
-    Args:
-        image_column: the image column (a path, bytes or an ``Image`` struct per cell).
-        caption_column: the caption column (default ``caption``, else ``captions``); its
-            cells are strings or lists of strings.
-        captions: ``all`` captions of an image, only the ``first`` or only the ``last``
-            (e.g. the full caption of cumulative ``captions`` lists).
-        max_captions_per_image: keep at most this many (the first ones) per image.
-    """
+def _read_caption_table(
+    path: Path, split: str | None, image_root: str | Path | None, image_column: str,
+    caption_column: str | None, builder: _Builder,
+) -> RetrievalSet:  # fmt: skip
+    """An image-caption set from a table (see :func:`read_records` for the sources)."""
     rows, root, description = read_records(path, split, image_root)
-    builder = _Builder(captions, max_captions_per_image)
     for where, rec in rows:
         column = caption_column or ("caption" if "caption" in rec else "captions")
         for needed in (image_column, column):
@@ -282,7 +266,20 @@ def read_retrieval(
     captions: str = "all",
     max_captions_per_image: int | None = None,
 ) -> RetrievalSet:
-    """Read any supported image-caption source (the layout is recognised from ``path``)."""
+    """Read any supported image-caption source (the layout is recognised from ``path``):
+    an Urban1k folder, COCO caption annotations, or a table (see :func:`read_records`).
+
+    Args:
+        split: the split of a ``datasets`` folder or of a folder of split files.
+        image_root: folder relative image paths are joined to.
+        image_column: the image column of a table (a path, bytes or an ``Image`` struct
+            per cell).
+        caption_column: the caption column of a table (default ``caption``, else
+            ``captions``); its cells are strings or lists of strings.
+        captions: ``all`` captions of an image, only the ``first`` or only the ``last``
+            (e.g. the full caption of cumulative ``captions`` lists).
+        max_captions_per_image: keep at most this many (the first ones) per image.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory")
@@ -298,15 +295,8 @@ def read_retrieval(
                 max_captions_per_image=max_captions_per_image,
                 document=document,
             )
-    return read_caption_table(
-        path,
-        split=split,
-        image_root=image_root,
-        image_column=image_column,
-        caption_column=caption_column,
-        captions=captions,
-        max_captions_per_image=max_captions_per_image,
-    )
+    builder = _Builder(captions, max_captions_per_image)
+    return _read_caption_table(path, split, image_root, image_column, caption_column, builder)
 
 
 def _coco_document(path: Path) -> dict | None:

@@ -23,7 +23,6 @@ machine). Image bytes stay in the Arrow table (memory-mapped for ``.arrow`` file
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import pyarrow.parquet as pq
 
 from specs_metric.errors import DataError
 from specs_metric.hf_datasets import read_arrow, source_files
+from specs_metric.jsonio import read_jsonl
 
 REQUIRED_COLUMNS = ("image", "captions", "neg_captions")
 
@@ -83,16 +83,7 @@ def _read_records(file: Path) -> tuple[list[dict], pa.ChunkedArray | None]:
                 rec["image"] = None  # placeholder: the value stays in the column
         return records, images
     if suffix in (".jsonl", ".json"):
-        records = []
-        with file.open(encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{file}, line {line_no}: invalid JSON ({exc})") from exc
-        return records, None
+        return [rec for _, rec in read_jsonl(file)], None
     raise DataError(f"{file}: unsupported file type (use .parquet, .arrow or .jsonl)")
 
 

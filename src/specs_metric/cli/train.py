@@ -12,7 +12,7 @@ from specs_metric.runtime import TRAINING_AUTOCAST
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from specs_metric.training.trainer import OBJECTIVES, TrainConfig
+    from specs_metric.training.recipe import OBJECTIVES, TrainConfig
 
     d = TrainConfig(init="", data="", output="")
     p = subparsers.add_parser(

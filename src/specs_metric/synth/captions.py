@@ -259,22 +259,34 @@ class Chain:
     neg_facts: list[Fact]
 
 
-def build_chain(
-    desc: Description,
-    scene: Scene,
-    others: Sequence[list[Fact]],
-    self_index: int,
-    rng: np.random.Generator,
-    split: Split,
-    count: TokenCounter,
-) -> Chain:
+@dataclass(frozen=True)
+class SceneContext:
+    """One scene as the captioner sees it: its description, and where false facts come
+    from (the facts of every scene of the split, ``pool[index]`` being its own)."""
+
+    desc: Description
+    scene: Scene
+    pool: Sequence[list[Fact]]
+    index: int
+    split: Split
+    count: TokenCounter
+
+    def false_fact(self, position: int, rng: np.random.Generator) -> Fact:
+        """A false fact standing in for fact ``position`` of the description."""
+        return false_fact(
+            position, self.desc.facts, self.scene, self.pool, self.index, rng, self.split
+        )
+
+
+def build_chain(ctx: SceneContext, rng: np.random.Generator) -> Chain:
     """Cumulative captions ``c_1..c_n`` and negatives ``n_2..n_n`` (``n_k = c_{k-1} + false``)."""
+    desc, count = ctx.desc, ctx.count
     captions = desc.cumulative()
     negs, neg_facts = [], []
     for k in range(1, len(desc.facts)):
         prefix_tokens = 2 + sum(desc.lengths[:k])
         for _ in range(20):
-            fact = false_fact(k, desc.facts, scene, others, self_index, rng, split)
+            fact = ctx.false_fact(k, rng)
             text = segment_text(fact)
             if prefix_tokens + count(text) <= CONTEXT_TOKENS:
                 break
@@ -318,16 +330,10 @@ def fact_f1(correct: int, hallucinated: int, total: int) -> float:
 
 
 def graded_candidates(
-    desc: Description,
-    scene: Scene,
-    others: Sequence[list[Fact]],
-    self_index: int,
-    rng: np.random.Generator,
-    split: Split,
-    count: TokenCounter,
-    per_scene: int = GRADED_PER_SCENE,
+    ctx: SceneContext, rng: np.random.Generator, per_scene: int = GRADED_PER_SCENE
 ) -> list[Candidate]:
     """``per_scene`` captions with distinct (correct, hallucinated) counts."""
+    desc, count = ctx.desc, ctx.count
     n = len(desc.facts)
     out: list[Candidate] = []
     seen: set[tuple[int, int]] = set()
@@ -346,8 +352,7 @@ def graded_candidates(
             if i in kept:
                 parts.append(desc.segments[i])
             elif i in replaced:
-                fact = false_fact(i, desc.facts, scene, others, self_index, rng, split)
-                parts.append(segment_text(fact))
+                parts.append(segment_text(ctx.false_fact(i, rng)))
         caption = " ".join(parts)
         if 2 + sum(count(p) for p in parts) > CONTEXT_TOKENS:
             continue

@@ -14,8 +14,10 @@
   them into ``src/specs_metric/assets/`` and ``examples/`` updates the bundle
   (docs/synthetic-replication.md, "Exporting the demo models").
 
-The experiments themselves live in ``benchmarks/`` (``synthetic_replication.py``,
-``grounding_experiments.py``, ``demo_pretraining.py``) and import this module.
+The grounded pre-training that gives the demo models their start is in
+:mod:`specs_metric.synth.grounding`. The experiments themselves live in ``benchmarks/``
+(``synthetic_replication.py``, ``grounding_experiments.py``, ``demo_pretraining.py``) and
+import these modules.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from specs_metric.bench.intrinsic import run_intrinsic
 from specs_metric.bench.sdci import read_sdci
 from specs_metric.bench.stats import kendall_tau, pairwise_accuracy
 from specs_metric.checkpoint import read_state_dict, save_state_dict
+from specs_metric.jsonio import read_jsonl
 from specs_metric.model import LongCLIP, ModelConfig
 from specs_metric.scorer import load
 from specs_metric.synth.world import COLOUR_NAMES, SHAPES, SIZES, TEXTURES, Scene
@@ -74,12 +77,12 @@ class Settings:
     finetune_steps: int = 400
     finetune_lr: float = 1e-3
     finetune_warmup: int = 20
-    weight_decay: float = 0.01
     precision: str = "bf16"  # autocast; weights and the loss stay fp32
-    # specificity objective (released recipe)
-    lambda_detail: float = 8.0
-    lambda_neg: float = 0.8
-    margin: float = 0.0
+    # weight decay and the specificity objective: the trainer's (the released recipe)
+    weight_decay: float = TrainConfig.weight_decay
+    lambda_detail: float = TrainConfig.lambda_detail
+    lambda_neg: float = TrainConfig.lambda_neg
+    margin: float = TrainConfig.margin
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(
@@ -189,10 +192,7 @@ def evaluate(model: Path, data: Path) -> dict:
     scorer = load(str(model), device="cpu")
     rows = read_sdci(data, split="test")
     rates, _ = run_intrinsic(scorer, rows)
-    graded = [
-        json.loads(line)
-        for line in (data / "graded_test.jsonl").read_text(encoding="utf-8").splitlines()
-    ]
+    graded = [rec for _, rec in read_jsonl(data / "graded_test.jsonl", objects=True)]
     scores = scorer.score([str(data / g["image"]) for g in graded], [g["caption"] for g in graded])
     quality = [g["human_score"] for g in graded]
     groups = [g["group"] for g in graded]

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from specs_metric.synth import world
 from specs_metric.synth.captions import (
     GRADED_PER_SCENE,
+    SceneContext,
     TokenCounter,
     build_chain,
     describe,
@@ -87,9 +88,8 @@ def _write_split(
         scene_id = f"{split}_{i:06d}"
         image = f"images/{scene_id}.png"
         render_scene(scene, image_size).save(output / image, format="PNG")
-        chain = build_chain(
-            desc, scene, pool, i, np.random.default_rng([seed, split_id, i, 1]), split, counter
-        )
+        ctx = SceneContext(desc, scene, pool, i, split, counter)
+        chain = build_chain(ctx, np.random.default_rng([seed, split_id, i, 1]))
         rows["id"].append(scene_id)
         rows["image"].append(image)
         rows["caption"].append(chain.captions[-1])
@@ -98,9 +98,7 @@ def _write_split(
         rows["scene"].append(json.dumps(scene.to_dict(), sort_keys=True))
         lengths.append(2 + sum(desc.lengths))
         graded_rng = np.random.default_rng([seed, split_id, i, 2])
-        for cand in graded_candidates(
-            desc, scene, pool, i, graded_rng, split, counter, graded_per_scene
-        ):
+        for cand in graded_candidates(ctx, graded_rng, graded_per_scene):
             record = {
                 "image": image,
                 "caption": cand.caption,

@@ -24,6 +24,7 @@ from specs_metric.hf_datasets import (
     read_files,
     split_files,
 )
+from specs_metric.jsonio import read_jsonl
 
 
 class PrepareError(DataError):
@@ -119,16 +120,9 @@ def iter_examples(path: str | Path) -> Iterator[Example]:
             record = _check_record(record, f"{path} row {row}")
             yield Example(row, record["image"], _caption_of(record, f"{path} row {row}"))
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for row, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise PrepareError(f"{path} line {row}: invalid JSON ({exc})") from exc
-                record = _check_record(record, f"{path} line {row}")
-                yield Example(row, record["image"], _caption_of(record, f"{path} line {row}"))
+        for row, record in read_jsonl(path, where="{path} line {line}", error=PrepareError):
+            record = _check_record(record, f"{path} line {row}")
+            yield Example(row, record["image"], _caption_of(record, f"{path} line {row}"))
     elif suffix in (".csv", ".tsv"):
         with path.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")

@@ -184,3 +184,39 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     logits = logit_scale * image @ text.t()
     labels = torch.arange(image.shape[0], device=image.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def grounding_loss(
+    image: torch.Tensor,
+    true_segments: torch.Tensor,
+    false_segments: torch.Tensor,
+    owner: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    pair_weight: float = 1.0,
+    in_batch: float = 0.0,
+) -> torch.Tensor:
+    """Sentence-level grounding loss of the demo models' pre-training.
+
+    Each true detail segment ``t_j`` of image ``owner[j]`` should score above its false
+    version ``f_j`` (the segment of the matching negative caption): ``pair_weight`` times
+    ``mean(softplus(s(f_j, I) - s(t_j, I)))`` on logit-scaled cosines. With ``in_batch > 0``
+    each true segment must also pick its image among the batch's (``in_batch`` times the
+    cross-entropy over the images).
+
+    Args:
+        image: (B, D) image embeddings.
+        true_segments, false_segments: (P, D) embeddings of the paired segments.
+        owner: (P,) index into ``image`` of each pair's image.
+        logit_scale: the multiplicative scale, i.e. ``model.logit_scale.exp()``.
+    """
+    image = F.normalize(image.float(), dim=-1)
+    true_segments = F.normalize(true_segments.float(), dim=-1)
+    false_segments = F.normalize(false_segments.float(), dim=-1)
+    s_true = logit_scale * (true_segments * image[owner]).sum(-1)
+    s_false = logit_scale * (false_segments * image[owner]).sum(-1)
+    loss = pair_weight * F.softplus(s_false - s_true).mean()
+    if in_batch:
+        picks = logit_scale * caption_logits(true_segments, image)
+        loss = loss + in_batch * F.cross_entropy(picks, owner)
+    return loss

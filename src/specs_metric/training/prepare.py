@@ -293,6 +293,45 @@ def segment_all(
     return [_clean_segments(segmenter(c)) for c in tqdm(captions, **bar)]
 
 
+def _rows_with_images(
+    input_path: Path, root: Path, check_images: bool, progress: bool, report: PrepareReport
+) -> list[Example]:
+    """The input rows whose image resolves (and opens, with ``check_images``); the others
+    are counted in ``report`` by reason."""
+    rows: list[Example] = []
+    for example in tqdm(iter_examples(input_path), desc="checking", disable=not progress,
+                        unit="row"):
+        report.rows += 1
+        example.image = resolve_image(example.image, root)
+        problem = image_problem(example.image) if check_images else (
+            "missing_image" if example.image is None else None
+        )
+        if problem:
+            report.skip(problem, example.row)
+            continue
+        rows.append(example)
+    return rows
+
+
+def _buildable(
+    rows: list[Example], texts: list[str], segments: list, negatives: list,
+    report: PrepareReport,
+) -> list[tuple[Example, list, list]]:
+    """(row, segments, negative details) of the rows that can make a training example:
+    a caption, at least two segments and a negative (the others counted in ``report``)."""
+    candidates = []
+    for example, text, segs, negs in zip(rows, texts, segments, negatives, strict=True):
+        if not text.strip():
+            report.skip("empty_caption", example.row)
+        elif len(segs) < 2:
+            report.skip("too_few_segments", example.row)
+        elif negs is None:
+            report.skip("no_negative", example.row)
+        else:
+            candidates.append((example, segs, negs))
+    return candidates
+
+
 def prepare_dataset(
     input_path: str | Path,
     output_path: str | Path,
@@ -339,35 +378,14 @@ def prepare_dataset(
     )
     report = PrepareReport()
 
-    rows: list[Example] = []
-    for example in tqdm(iter_examples(input_path), desc="checking", disable=not progress,
-                        unit="row"):
-        report.rows += 1
-        example.image = resolve_image(example.image, root)
-        problem = image_problem(example.image) if check_images else (
-            "missing_image" if example.image is None else None
-        )
-        if problem:
-            report.skip(problem, example.row)
-            continue
-        rows.append(example)
-
+    rows = _rows_with_images(input_path, root, check_images, progress, report)
     texts = [c if isinstance(c, str) else "" for c in (r.caption for r in rows)]
     segments = segment_all(texts, segmenter, workers, progress)
     image_keys = [r.image for r in rows]
     negatives = draw_negative_details(segments, image_keys, shuffle_fraction, seed)
+    candidates = _buildable(rows, texts, segments, negatives, report)
 
     out: dict[str, list] = {name: [] for name in OUTPUT_COLUMNS}
-    candidates = []
-    for example, text, segs, negs in zip(rows, texts, segments, negatives, strict=True):
-        if not text.strip():
-            report.skip("empty_caption", example.row)
-        elif len(segs) < 2:
-            report.skip("too_few_segments", example.row)
-        elif negs is None:
-            report.skip("no_negative", example.row)
-        else:
-            candidates.append((example, segs, negs))
     count_tokens = TokenCounter(tokenizer) if tokenizer is not None else None
     built = build_all([(segs, negs) for _, segs, negs in candidates], count_tokens,
                       context_length, workers, progress)
