@@ -20,6 +20,7 @@ from specs_metric import load
 from specs_metric.cli import main
 from specs_metric.explain import leave_one_out_texts, locate_segments, prefix_texts
 from specs_metric.factory import build_model
+from specs_metric.results import OUTPUT_FIELDS as SCORE_FIELDS
 from specs_metric.scorer import Scorer
 from specs_metric.synth import generate
 from specs_metric.training.segment import ChunkSegmenter
@@ -262,17 +263,7 @@ def test_explain_command_rows_errors_and_html(tiny, images, tmp_path, monkeypatc
         assert [s["text"] for s in rec["segments"]] == [s.text for s in ex.segments]
         got = [(s["score"], s["delta"]) for s in rec["segments"]]
         np.testing.assert_allclose(got, [(s.score, s.delta) for s in ex.segments], atol=TOL)
-        assert set(rec) == {
-            "id",
-            "image",
-            "caption",
-            "score",
-            "cosine",
-            "tokens",
-            "truncated",
-            "segments",
-            "error",
-        }
+        assert set(rec) == {*SCORE_FIELDS, "segments"}  # a specs score row plus segments
     summary = json.loads((tmp_path / "out.jsonl.summary.json").read_text())
     assert summary["n_rows"] == 7 and summary["n_errors"] == 5 and summary["images_encoded"] == 2
     page = html.read_text()
@@ -282,3 +273,36 @@ def test_explain_command_rows_errors_and_html(tiny, images, tmp_path, monkeypatc
     assert main([*args, "--strict"]) == 1
     with pytest.raises(SystemExit):
         main([*args, "--segmenter", "words"])
+
+
+def test_explain_rows_carry_the_warning_of_specs_score(images, tmp_path):
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(make_state_dict(seed=3, text_layers=2), ckpt)
+    root = images[0].parent
+    captions = {
+        "eot": "A red square. It sits <|endoftext|> on a table.",
+        "sot": "A red square. <|startoftext|>It is large.",
+        "clean": "A red square. It is large.",
+        "missing": "A red square <|endoftext|> on a table.",  # an error row keeps its warning
+    }
+    src = tmp_path / "in.jsonl"
+    with open(src, "w") as fh:
+        for key, caption in captions.items():
+            image = "nope.png" if key == "missing" else "img0.png"
+            fh.write(json.dumps({"id": key, "image": image, "caption": caption}) + "\n")
+    common = ["--model", str(ckpt), "--input", str(src), "--image-root", str(root)]
+    assert main(["explain", *common, "--output", str(tmp_path / "x.jsonl"), "--no-progress"]) == 0
+    score_args = ["--output", str(tmp_path / "s.jsonl"), "--workers", "0", "--no-progress"]
+    assert main(["score", *common, *score_args]) == 0
+    explained = [json.loads(line) for line in open(tmp_path / "x.jsonl")]
+    scored = [json.loads(line) for line in open(tmp_path / "s.jsonl")]
+    warnings = {r["id"]: r["warning"] for r in explained}
+    assert warnings == {r["id"]: r["warning"] for r in scored}  # the same text, row by row
+    assert "literal <|endoftext|>" in warnings["eot"] and "<|startoftext|>" in warnings["sot"]
+    assert warnings["clean"] is None and "literal <|endoftext|>" in warnings["missing"]
+    assert explained[-1]["error"] is not None
+    summary = json.loads((tmp_path / "x.jsonl.summary.json").read_text())
+    assert summary["n_warnings"] == 2  # scored rows with a warning, as specs score counts them
+    assert summary["n_warnings"] == json.loads((tmp_path / "s.jsonl.summary.json").read_text())[
+        "n_warnings"
+    ]

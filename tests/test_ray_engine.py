@@ -101,3 +101,89 @@ def test_ray_output_dir_streams_all_shards_through_one_pipeline(world, cluster, 
     before = {n: (tmp_path / "ray" / n).stat().st_mtime_ns for n in names}
     assert main([*base, "--engine", "ray", "--output-dir", str(tmp_path / "ray"), "--resume"]) == 0
     assert before == {n: (tmp_path / "ray" / n).stat().st_mtime_ns for n in names}
+
+
+def test_ray_resume_keeps_whole_chunks_and_scores_only_the_rest(world, cluster, tmp_path, capsys):  # noqa: F811
+    from specs_metric.results import json_line, part_path
+
+    d, pairs = world
+    src = _jsonl(world, tmp_path / "in.jsonl")
+
+    def ray_score(out, *extra):
+        args = ["--output", str(out), "--engine", "ray", "--chunk-rows", "4", "--no-progress"]
+        return main(["score", "--model", str(d / "tiny.pt"), "--input", str(src), *args, *extra])
+
+    assert ray_score(tmp_path / "full.jsonl") == 0  # the uninterrupted run
+    full_lines = (tmp_path / "full.jsonl").read_text().splitlines(keepends=True)
+    full = [json.loads(line) for line in full_lines]
+    record = json.loads((tmp_path / "full.jsonl.job.json").read_text())
+    marked = [json_line({**rec, "score": 1000.0 + i}) for i, rec in enumerate(full)]
+
+    def interrupted(name, kept, tail="", **settings):
+        """The files a Ray run leaves when killed after writing ``kept``: its part file
+        (rows marked by their score, so a kept row shows it was not scored again) and its
+        job record."""
+        out = tmp_path / name
+        part_path(out, 0, 1).write_text("".join(kept) + tail)
+        job = {**record, **settings, "complete": False}
+        (tmp_path / f"{name}.job.json").write_text(json.dumps(job))
+        return out
+
+    # a partial output made with other settings is refused, and left as it was
+    out = interrupted("other.jsonl", marked[:4], chunk_rows=5)
+    assert ray_score(out, "--resume") == 2
+    assert "other settings (chunk_rows)" in capsys.readouterr().err
+    assert part_path(out, 0, 1).read_text() == "".join(marked[:4]) and not out.exists()
+
+    # killed after two whole chunks, half a chunk and a torn line: the whole chunks stay
+    out = interrupted("cut.jsonl", marked[:10], tail=marked[10][:25])
+    assert ray_score(out, "--resume") == 0
+    lines = out.read_text().splitlines(keepends=True)
+    assert lines[:8] == marked[:8]  # 8 rows kept, not scored again
+    assert lines[8:] == full_lines[8:]  # 4 rows scored, as the uninterrupted run did
+    assert not part_path(out, 0, 1).exists()
+    finished = json.loads((tmp_path / "cut.jsonl.job.json").read_text())
+    assert finished == {**record, "complete": True}
+    summary = json.loads((tmp_path / "cut.jsonl.summary.json").read_text())
+    assert summary["n_rows"] == N_PAIRS and summary["n_scored"] == N_PAIRS
+
+    # killed after its last row but before the output: nothing left to score
+    out = interrupted("all.jsonl", marked)
+    assert ray_score(out, "--resume") == 0
+    assert out.read_text() == "".join(marked)
+
+
+def test_ray_job_items_leave_out_the_rows_kept_on_resume(world, tmp_path):  # noqa: F811
+    from specs_metric.job import JobConfig
+    from specs_metric.ray import _file_rows, _job_items
+    from specs_metric.sources import SourceOptions
+
+    d, pairs = world
+    sizes = (4, 3, 5)
+    start = 0
+    for n, size in enumerate(sizes):
+        with open(tmp_path / f"in-{n}.jsonl", "w") as fh:
+            for key, image, caption in pairs[start : start + size]:
+                fh.write(json.dumps({"id": key, "image": str(d / image), "caption": caption}))
+                fh.write("\n")
+        start += size
+    files = [str(tmp_path / f"in-{n}.jsonl") for n in range(3)]
+    config = JobConfig(input=f"{tmp_path}/in-*.jsonl", output=tmp_path / "out.jsonl")
+
+    def items(done):
+        return [(item["file"], item["skip"]) for item in _job_items(config, 7, done)]
+
+    assert items(0) == [(files[0], 0), (files[1], 0), (files[2], 0)]
+    assert items(4) == [(files[1], 0), (files[2], 0)]
+    assert items(6) == [(files[1], 2), (files[2], 0)]
+    assert items(7) == [(files[2], 0)]
+    assert items(12) == []
+    single = JobConfig(input=files[2], output=tmp_path / "out.jsonl")
+    assert [item["skip"] for item in _job_items(single, 0, 3)] == [3]
+    # and the rows of the items are exactly the rows after the kept ones, in order
+    rows = [
+        row["id_json"]
+        for item in _job_items(config, 0, 6)
+        for row in _file_rows(item, None, SourceOptions().as_dict())
+    ]
+    assert rows == [json.dumps(key) for key, _, _ in pairs[6:]]

@@ -75,7 +75,12 @@ from specs_metric.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncode
 from specs_metric.jsonio import dumps, write_json
 from specs_metric.rows import read_rows
 from specs_metric.scales import apply_scale, check_scale, cosine_similarity
-from specs_metric.tokenizer import CaptionTooLongError, Tokenizer, truncate_ids
+from specs_metric.tokenizer import (
+    CaptionTooLongError,
+    Tokenizer,
+    literal_special_warning,
+    truncate_ids,
+)
 from specs_metric.training.segment import SEGMENTERS, Segmenter, get_segmenter
 from specs_metric.transform import ImageSource
 
@@ -113,6 +118,7 @@ class Explanation:
     tokens: int  # SOT and EOT included, before truncation
     truncated: bool
     segments: list[SegmentScore] = field(default_factory=list)
+    warning: str | None = None  # as in specs score (a literal special token in the caption)
 
     def to_dict(self) -> dict:
         return {
@@ -120,6 +126,7 @@ class Explanation:
             "cosine": self.cosine,
             "tokens": self.tokens,
             "truncated": self.truncated,
+            "warning": self.warning,
             "segments": [s.to_dict() for s in self.segments],
         }
 
@@ -197,6 +204,7 @@ class CaptionPlan:
     picks: list[tuple[int, int, int] | None]
     tokens: int
     truncated: bool
+    warning: str | None = None
 
 
 class _Sequences:
@@ -267,7 +275,8 @@ def plan_caption(
             else:
                 base = seqs.add(f"{before} {neutral}" if before else neutral)
             picks.append((p, p, base))
-    return CaptionPlan(segments, seqs.items, full, picks, n_tokens, n_tokens > context)
+    warning = literal_special_warning(seqs.full_ids(caption))
+    return CaptionPlan(segments, seqs.items, full, picks, n_tokens, n_tokens > context, warning)
 
 
 def finish(plan: CaptionPlan, cosines: np.ndarray, scale: str = "specs") -> Explanation:
@@ -283,7 +292,12 @@ def finish(plan: CaptionPlan, cosines: np.ndarray, scale: str = "specs") -> Expl
                 SegmentScore(text, float(scores[i]), float(scores[plus] - scores[minus]))
             )
     return Explanation(
-        float(scores[plan.full]), float(cosines[plan.full]), plan.tokens, plan.truncated, segments
+        float(scores[plan.full]),
+        float(cosines[plan.full]),
+        plan.tokens,
+        plan.truncated,
+        segments,
+        plan.warning,
     )
 
 
@@ -368,6 +382,7 @@ OUTPUT_FIELDS = (
     "cosine",
     "tokens",
     "truncated",
+    "warning",
     "segments",
     "error",
 )
@@ -414,8 +429,8 @@ def _explain_chunk(
             )
         except CaptionTooLongError as exc:
             rec["error"] = f"line {row.line}: {exc}"
-            n = len(scorer.tokenizer.token_ids(row.caption))
-            rec.update(tokens=n, truncated=True)
+            ids = scorer.tokenizer.token_ids(row.caption)
+            rec.update(tokens=len(ids), truncated=True, warning=literal_special_warning(ids))
             continue
         todo.append((rec, plan, row.path, row.line))
     embedded = images.embed([t[2] for t in todo])
@@ -424,7 +439,7 @@ def _explain_chunk(
     for i, (rec, plan, _, line) in enumerate(todo):
         if i in errors:
             rec["error"] = f"line {line}: {errors[i]}"
-            rec.update(tokens=plan.tokens, truncated=plan.truncated)
+            rec.update(tokens=plan.tokens, truncated=plan.truncated, warning=plan.warning)
         else:
             ready.append((rec, plan, embedded.embeddings[i]))
     if ready:
@@ -448,6 +463,7 @@ def summarize_records(records: Sequence[dict]) -> dict:
         "n_errors": len(records) - len(scored),
         "n_segments": len(segs),
         "n_beyond_context": sum(bool(s["beyond_context"]) for s in segs),
+        "n_warnings": sum(bool(r.get("warning")) for r in scored),
         "mean": mean,
     }
 

@@ -17,6 +17,7 @@ Needs ``pip install 'specs-metric[ray]'``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -315,12 +316,14 @@ def score(
 
 
 def _file_rows(item: dict[str, Any], image_root: str | None, source: dict) -> list[dict]:
-    """The rows of one input file, as Ray rows (ids and captions as JSON text)."""
+    """The rows of one input file from its row ``skip`` on, as Ray rows (ids and captions as
+    JSON text)."""
     from specs_metric.rows import read_rows
     from specs_metric.sources import SourceOptions
 
     out = []
-    for row in read_rows(item["file"], image_root, SourceOptions(**source)):
+    rows = read_rows(item["file"], image_root, SourceOptions(**source))
+    for row in itertools.islice(rows, item.get("skip", 0), None):  # skip: kept on resume
         out.append(
             {
                 "job": item["job"],
@@ -341,23 +344,48 @@ def run_ray_job(config: JobConfig, options: RayOptions) -> dict:
     return run_ray_jobs([config], options)[0]
 
 
+def _job_items(config: JobConfig, number: int, done: int) -> list[dict]:
+    """The input files of job ``number`` as pipeline items, without its first ``done`` rows
+    (kept from an interrupted run): files wholly done are left out, and the file where that
+    run stopped starts at its first missing row (``skip``)."""
+    from specs_metric.rows import count_rows
+    from specs_metric.sources import expand, is_plain_file
+
+    spec = config.input
+    files = [os.fspath(spec)] if is_plain_file(spec) else expand(spec)
+    items = []
+    for file in files:
+        if done and len(files) > 1:
+            rows = count_rows(file, config.image_root, config.source)
+            if rows <= done:
+                done -= rows
+                continue
+        items.append({"file": file, "job": number, "skip": done})
+        done = 0
+    return items
+
+
 def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
     """Several jobs (e.g. one per shard) through one Ray pipeline; returns their summaries.
 
-    The rows stream back in input order, job after job; each job's output is finished as
-    soon as its last row is in. With ``resume``, a complete output with the same settings is
-    kept and its input not read again; an unfinished one is scored again from its start.
+    The rows stream back in input order, job after job, and are appended to each job's part
+    file (flushed after every batch); a job's output is finished as soon as its last row is
+    in. With ``resume``, as in the local job: a complete output with the same settings is
+    kept and its input not read again; an unfinished one keeps the whole chunks of its part
+    file and only the rows after them are scored; a partial output made with other settings
+    is refused.
     """
     from specs_metric.job import _job_identity
     from specs_metric.results import (
+        check_resumable,
         job_path,
         json_line,
         part_path,
         read_job_record,
+        resume_point,
         write_final,
     )
     from specs_metric.rows import count_rows
-    from specs_metric.sources import expand, is_plain_file
 
     ray = _ray()
     started = time.perf_counter()
@@ -365,28 +393,43 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
     check_scale(first.scale)
     probe = _load(options, "cpu")
     identities, todo, items = [], [], []
+    totals: dict[int, int] = {}  # rows of the jobs counted already (to resume them)
     for number, config in enumerate(configs):
         config.output.parent.mkdir(parents=True, exist_ok=True)
         identity = {**_job_identity(config, probe, 1), "engine": "ray"}
         identities.append(identity)
         job_file = job_path(config.output)
-        previous = read_job_record(job_file)
-        if config.resume and previous == {**identity, "complete": True} and config.output.exists():
-            continue
+        part = part_path(config.output, 0, 1)
+        previous = read_job_record(job_file) if config.resume else None
+        done = 0
+        if previous is not None:
+            check_resumable(previous, identity, config.output)
+            if previous.get("complete", False) and config.output.exists():
+                continue
+            if part.exists():
+                totals[number] = count_rows(config.input, config.image_root, config.source)
+                done = resume_point(part, config.chunk_rows, totals[number])
         write_json(job_file, {**identity, "complete": False}, indent=1)
+        if not done:
+            part.write_bytes(b"")
         todo.append(number)
-        spec = config.input
-        files = [os.fspath(spec)] if is_plain_file(spec) else expand(spec)
-        items.extend({"file": f, "job": number} for f in files)
+        items.extend(_job_items(config, number, done))
 
     def finish(number: int, handle) -> None:
         handle.close()
         config = configs[number]
+        total = totals.get(number)
+        if total is None:
+            total = count_rows(config.input, config.image_root, config.source)
         # the output appears only with one row per input row, as in the local job
-        write_final(config.output, 1, count_rows(config.input, config.image_root, config.source))
+        write_final(config.output, 1, total)
         write_json(job_path(configs[number].output), {**identities[number], "complete": True}, 1)
 
-    if todo:
+    def append(number: int):
+        return open(part_path(configs[number].output, 0, 1), "a", encoding="utf-8")
+
+    pending = iter(todo)  # jobs whose rows are still to come, in order
+    if items:  # none when every unfinished job has all its rows already
         if not ray.is_initialized():
             ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
         rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
@@ -413,7 +456,6 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
             long_captions=options.long_captions,
             device=options.device,
         )
-        pending = iter(todo)  # jobs whose rows are still to come, in order
         current, handle = None, None
         for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
             for rec in batch.to_pylist():
@@ -421,15 +463,16 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
                     if handle is not None:
                         finish(current, handle)
                     current = next(pending)
-                    part = part_path(configs[current].output, 0, 1)
-                    handle = open(part, "w", encoding="utf-8")
+                    handle = append(current)
                 for key in ("id", "image", "caption"):
                     rec[key] = json.loads(rec[f"{key}_json"])
                 handle.write(json_line(rec))
+            if handle is not None:
+                handle.flush()  # a killed run keeps what it scored, for --resume
         if handle is not None:
             finish(current, handle)
-        for number in pending:  # jobs after the last row: empty inputs
-            finish(number, open(part_path(configs[number].output, 0, 1), "w"))
+    for number in pending:  # jobs after the last row: empty or wholly resumed inputs
+        finish(number, append(number))
     return [_summary(config, probe, started) for config in configs]
 
 

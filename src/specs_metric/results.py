@@ -179,6 +179,23 @@ def summarize(path: Path) -> dict:
     }
 
 
+def check_resumable(previous: dict, identity: dict, output: Path) -> None:
+    """Refuse to resume ``output`` when its job record (``previous``) names other settings
+    than ``identity``: rows scored with other settings must not meet in one output.
+
+    Raises:
+        JobError: naming the settings that differ.
+    """
+    settings = {k: v for k, v in previous.items() if k != "complete"}
+    if settings != identity:
+        keys = settings.keys() | identity.keys()
+        changed = sorted(k for k in keys if settings.get(k) != identity.get(k))
+        raise JobError(
+            f"--resume: the output {output} was made with other settings "
+            f"({', '.join(changed)}); remove it or run without --resume"
+        )
+
+
 def read_job_record(path: Path) -> dict | None:
     """The settings a job recorded in ``<output>.job.json`` (None if there is none).
 

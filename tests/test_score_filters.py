@@ -1,0 +1,83 @@
+"""The README's one-liners that filter a ``specs score --output-dir`` by score (DuckDB,
+Polars), run as written there on parquet outputs and checked against a filter of the JSONL
+outputs computed here."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from specs_metric.cli import main
+from specs_metric.results import read_output
+from test_datasets import world  # noqa: F401
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _one_liner(prefix: str) -> str:
+    """The quoted program of the README line starting with ``prefix`` (e.g. ``duckdb -c``)."""
+    lines = [line for line in README.read_text().splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, f"README: {len(lines)} lines start with {prefix!r}"
+    match = re.fullmatch(rf'{re.escape(prefix)} "(.*)"', lines[0])
+    assert match, lines[0]
+    return match.group(1)
+
+
+def _with_threshold(program: str, threshold: float) -> str:
+    assert program.count(">= 0.3") == 1, program
+    return program.replace(">= 0.3", f">= {threshold!r}")
+
+
+@pytest.fixture(scope="module")
+def scores(world, tmp_path_factory):  # noqa: F811
+    """``scores/`` of two parquet shards (one with an error row) and the rows the README
+    filters keep at a threshold, chosen from the JSONL outputs of the same shards."""
+    d, pairs = world
+    tmp = tmp_path_factory.mktemp("filters")
+    (tmp / "in").mkdir()
+    for n, part in enumerate((pairs[:5], pairs[5:])):
+        with open(tmp / "in" / f"in-{n}.jsonl", "w") as fh:
+            for key, image, caption in part:
+                fh.write(json.dumps({"id": key, "image": str(d / image), "caption": caption}))
+                fh.write("\n")
+            if n:  # a row with an error has a null score
+                fh.write(json.dumps({"id": "bad", "image": "nope.png", "caption": "x"}) + "\n")
+    base = ["score", "--model", str(d / "tiny.pt"), "--input", f"{tmp}/in/*.jsonl",
+            "--workers", "0", "--no-progress"]  # fmt: skip
+    assert main([*base, "--output-dir", str(tmp / "scores"), "--output-format", "parquet"]) == 0
+    assert main([*base, "--output-dir", str(tmp / "json"), "--output-format", "jsonl"]) == 0
+    rows = [r for n in range(2) for r in read_output(tmp / "json" / f"in-{n}.jsonl")]
+    assert len(rows) == len(pairs) + 1 and rows[-1]["score"] is None
+    values = sorted({r["score"] for r in rows if r["score"] is not None})
+    middle = len(values) // 2
+    threshold = (values[middle - 1] + values[middle]) / 2  # halfway: no rounding question
+    kept = sorted(r["id"] for r in rows if r["score"] is not None and r["score"] >= threshold)
+    assert 0 < len(kept) < len(pairs)
+    return tmp, threshold, kept
+
+
+def test_duckdb_one_liner_keeps_the_ids_at_or_above_the_threshold(scores, monkeypatch):
+    duckdb = pytest.importorskip("duckdb")
+    folder, threshold, kept = scores
+    monkeypatch.chdir(folder)  # the one-liner names scores/ and keep.parquet relatively
+    sql = _with_threshold(_one_liner("duckdb -c"), threshold)
+    duckdb.connect().execute(sql)
+    ids = pq.read_table(folder / "keep.parquet").column("id").to_pylist()
+    assert sorted(ids) == kept
+
+
+def test_polars_one_liner_keeps_the_ids_at_or_above_the_threshold(scores, monkeypatch):
+    pytest.importorskip("polars")
+    folder, threshold, kept = scores
+    monkeypatch.chdir(folder)
+    program = _with_threshold(_one_liner("python -c"), threshold)
+    assert "print(" in program
+    namespace: dict = {}
+    exec(program.replace("print(", "result = (", 1), namespace)  # the frame it prints
+    ids = namespace["result"]["id"].to_list()
+    # in order: scan_parquet reads the files by name, rows as written (the ids sort so too)
+    assert ids == kept
