@@ -63,6 +63,7 @@ from specs_metric.jsonio import write_json
 from specs_metric.locking import OutputLock
 from specs_metric.results import (
     JobError,
+    check_resumable,
     job_path,
     json_line,
     part_path,
@@ -522,13 +523,7 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
     my_part = part_path(config.output, info.rank, info.world_size)
     previous = read_job_record(job_file)
     if config.resume and previous is not None:
-        settings = {k: v for k, v in previous.items() if k != "complete"}
-        if settings != identity:
-            changed = sorted(k for k in identity if settings.get(k) != identity[k])
-            raise ValueError(
-                f"--resume: the output {config.output} was made with other settings "
-                f"({', '.join(changed)}); remove it or run without --resume"
-            )
+        check_resumable(previous, identity, config.output)
     finished = (
         config.resume
         and previous is not None
