@@ -110,6 +110,7 @@ def stage_split(model: Path, rows: Path, out: Path) -> dict[str, float]:
     everything, so every stage is seen): each stage's functions are wrapped with timers."""
     import collections
 
+    import specs_metric.chunks as chunks
     import specs_metric.job as job
     from specs_metric import scorer as scorer_module
     from specs_metric import tokenizer
@@ -117,8 +118,8 @@ def stage_split(model: Path, rows: Path, out: Path) -> dict[str, float]:
     spent: collections.Counter[str] = collections.Counter()
     wrapped = [
         (tokenizer.Tokenizer, "token_ids", "tokenize"),
-        (job, "image_bytes", "read images"),
-        (job, "decode_pixels", "decode"),
+        (chunks, "image_bytes", "read images"),
+        (chunks, "decode_pixels", "decode"),
         # (the encode_* methods all go through these two)
         (scorer_module.Scorer, "encode_tokens_on_device", "model"),
         (scorer_module.Scorer, "encode_pixels_on_device", "model"),

@@ -115,14 +115,14 @@ def test_embed_token_ids_equals_each_caption_alone():
 
 
 def test_a_chunks_pixels_cross_the_worker_pipe_as_one_tensor_and_come_back_by_hash():
-    from specs_metric.job import _Chunk, _collate, _unpack
+    from specs_metric.chunks import Chunk, pack_chunk, unpack_chunk
 
     pixels = {h: torch.full((3, 4, 4), float(k)) for k, h in enumerate(["c", "a", "b"])}
-    chunk = _collate(_Chunk(rows=[], pixels=dict(pixels)))
+    chunk = pack_chunk(Chunk(rows=[], pixels=dict(pixels)))
     assert chunk.packed is not None and chunk.packed.shape == (3, 3, 4, 4)
     assert all(v is None for v in chunk.pixels.values())  # only the hashes travel
-    back = _unpack(chunk).pixels
+    back = unpack_chunk(chunk).pixels
     assert list(back) == ["c", "a", "b"] and chunk.packed is None
     assert all(torch.equal(back[h], pixels[h]) for h in pixels)
-    one = _unpack(_collate(_Chunk(rows=[], pixels={"x": pixels["a"]})))
+    one = unpack_chunk(pack_chunk(Chunk(rows=[], pixels={"x": pixels["a"]})))
     assert one.pixels["x"] is pixels["a"]  # a single image is sent as it is

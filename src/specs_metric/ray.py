@@ -123,7 +123,7 @@ def prepare_batch(
     """Decode, preprocess and tokenize a batch; adds ``tokens``, ``truncated``, ``error``
     and internal columns, drops the image column. A ``label`` column, when present, names
     the rows in messages; an ``error`` column keeps errors found earlier."""
-    from specs_metric.job import fit_caption
+    from specs_metric.chunks import fit_caption
     from specs_metric.tokenizer import default_tokenizer
 
     tokenizer = default_tokenizer()
