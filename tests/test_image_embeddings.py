@@ -16,7 +16,7 @@ from PIL import Image
 from factories import make_state_dict
 from specs_metric.cache import EmbeddingCache
 from specs_metric.config import PreprocessConfig
-from specs_metric.explain import ExplainConfig, explain_file
+from specs_metric.explain_files import ExplainConfig, explain_file
 from specs_metric.factory import build_model
 from specs_metric.image_embeddings import ImageEncoder
 from specs_metric.scorer import Scorer

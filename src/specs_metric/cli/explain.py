@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.explain import ExplainConfig, explain_file
+    from specs_metric.explain_files import ExplainConfig, explain_file
     from specs_metric.training.segment import SegmenterError
 
     if args.chunk_rows < 1 or args.batch_size < 1:
