@@ -33,8 +33,19 @@ import torch
 from specs_metric.config import PreprocessConfig
 from specs_metric.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncoder
 from specs_metric.jsonio import write_json
+from specs_metric.results import (
+    check_resumable,
+    job_path,
+    json_line,
+    part_path,
+    read_job_record,
+    resume_point,
+    summarize,
+    write_final,
+)
+from specs_metric.rows import count_rows, read_rows
 from specs_metric.runtime import device_policy
-from specs_metric.scales import apply_scale, check_scale
+from specs_metric.scales import apply_scale, check_scale, corpus_from_mean
 from specs_metric.scorer import DEFAULT_TOKEN_BUDGET
 
 if TYPE_CHECKING:
@@ -318,7 +329,6 @@ def score(
 def _file_rows(item: dict[str, Any], image_root: str | None, source: dict) -> list[dict]:
     """The rows of one input file from its row ``skip`` on, as Ray rows (ids and captions as
     JSON text)."""
-    from specs_metric.rows import read_rows
     from specs_metric.sources import SourceOptions
 
     out = []
@@ -348,7 +358,6 @@ def _job_items(config: JobConfig, number: int, done: int) -> list[dict]:
     """The input files of job ``number`` as pipeline items, without its first ``done`` rows
     (kept from an interrupted run): files wholly done are left out, and the file where that
     run stopped starts at its first missing row (``skip``)."""
-    from specs_metric.rows import count_rows
     from specs_metric.sources import expand, is_plain_file
 
     spec = config.input
@@ -375,110 +384,121 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
     file and only the rows after them are scored; a partial output made with other settings
     is refused.
     """
-    from specs_metric.job import _job_identity
-    from specs_metric.results import (
-        check_resumable,
-        job_path,
-        json_line,
-        part_path,
-        read_job_record,
-        resume_point,
-        write_final,
-    )
-    from specs_metric.rows import count_rows
-
-    ray = _ray()
     started = time.perf_counter()
-    first = configs[0]
-    check_scale(first.scale)
+    check_scale(configs[0].scale)
     probe = _load(options, "cpu")
-    identities, todo, items = [], [], []
-    totals: dict[int, int] = {}  # rows of the jobs counted already (to resume them)
-    for number, config in enumerate(configs):
-        config.output.parent.mkdir(parents=True, exist_ok=True)
-        identity = {**_job_identity(config, probe, 1), "engine": "ray"}
-        identities.append(identity)
-        job_file = job_path(config.output)
-        part = part_path(config.output, 0, 1)
-        previous = read_job_record(job_file) if config.resume else None
-        done = 0
-        if previous is not None:
-            check_resumable(previous, identity, config.output)
-            if previous.get("complete", False) and config.output.exists():
-                continue
-            if part.exists():
-                totals[number] = count_rows(config.input, config.image_root, config.source)
-                done = resume_point(part, config.chunk_rows, totals[number])
-        write_json(job_file, {**identity, "complete": False}, indent=1)
-        if not done:
-            part.write_bytes(b"")
-        todo.append(number)
-        items.extend(_job_items(config, number, done))
-
-    def finish(number: int, handle) -> None:
-        handle.close()
-        config = configs[number]
-        total = totals.get(number)
-        if total is None:
-            total = count_rows(config.input, config.image_root, config.source)
-        # the output appears only with one row per input row, as in the local job
-        write_final(config.output, 1, total)
-        write_json(job_path(configs[number].output), {**identities[number], "complete": True}, 1)
-
-    def append(number: int):
-        return open(part_path(configs[number].output, 0, 1), "a", encoding="utf-8")
-
-    pending = iter(todo)  # jobs whose rows are still to come, in order
-    if items:  # none when every unfinished job has all its rows already
-        if not ray.is_initialized():
-            ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
-        rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
-            _file_rows,
-            fn_kwargs={
-                "image_root": os.fspath(first.image_root) if first.image_root else None,
-                "source": first.source.as_dict(),
-            },
-        )
-        scored = score(
-            rows,
-            options.model,
-            image_column="image",
-            id_column="id_json",
-            scale=first.scale,
-            rows_per_batch=first.chunk_rows,
-            batch_size=first.batch_size,
-            token_budget=first.token_budget,
-            max_text_rows=first.max_text_rows,
-            workers=options.workers,
-            num_gpus_per_worker=options.num_gpus_per_worker,
-            precision=options.precision,
-            reference_rounding=options.reference_rounding,
-            long_captions=options.long_captions,
-            device=options.device,
-        )
+    jobs = _RayJobs(configs, probe)
+    pending = iter(jobs.todo)  # jobs whose rows are still to come, in order
+    if jobs.items:  # none when every unfinished job has all its rows already
         current, handle = None, None
-        for batch in scored.iter_batches(batch_format="pyarrow", batch_size=None):
+        for batch in _scored_rows(jobs.items, configs[0], options):
             for rec in batch.to_pylist():
                 while rec["job"] != current:  # this job's rows are in; so are empty ones'
                     if handle is not None:
-                        finish(current, handle)
+                        jobs.finish(current, handle)
                     current = next(pending)
-                    handle = append(current)
+                    handle = jobs.append(current)
                 for key in ("id", "image", "caption"):
                     rec[key] = json.loads(rec[f"{key}_json"])
                 handle.write(json_line(rec))
             if handle is not None:
                 handle.flush()  # a killed run keeps what it scored, for --resume
         if handle is not None:
-            finish(current, handle)
+            jobs.finish(current, handle)
     for number in pending:  # jobs after the last row: empty or wholly resumed inputs
-        finish(number, append(number))
+        jobs.finish(number, jobs.append(number))
     return [_summary(config, probe, started) for config in configs]
 
 
+class _RayJobs:
+    """The jobs of one Ray run: which are still to do, from which row, and their records."""
+
+    def __init__(self, configs: list[JobConfig], probe) -> None:
+        from specs_metric.job import _job_identity
+
+        self.configs = configs
+        self.identities: list[dict] = []
+        self.todo: list[int] = []  # job numbers with rows still to write
+        self.items: list[dict] = []  # the files (and first rows) Ray reads
+        self.totals: dict[int, int] = {}  # rows of the jobs counted already (to resume them)
+        for number, config in enumerate(configs):
+            config.output.parent.mkdir(parents=True, exist_ok=True)
+            identity = {**_job_identity(config, probe, 1), "engine": "ray"}
+            self.identities.append(identity)
+            done = self._resume_point(number, identity)
+            if done is None:
+                continue  # complete, with the same settings
+            write_json(job_path(config.output), {**identity, "complete": False}, indent=1)
+            if not done:
+                part_path(config.output, 0, 1).write_bytes(b"")
+            self.todo.append(number)
+            self.items.extend(_job_items(config, number, done))
+
+    def _resume_point(self, number: int, identity: dict) -> int | None:
+        """Rows of job ``number`` kept from an earlier run (None: the job is complete)."""
+        config = self.configs[number]
+        previous = read_job_record(job_path(config.output)) if config.resume else None
+        if previous is None:
+            return 0
+        check_resumable(previous, identity, config.output)
+        if previous.get("complete", False) and config.output.exists():
+            return None
+        part = part_path(config.output, 0, 1)
+        if not part.exists():
+            return 0
+        self.totals[number] = self._total(number)
+        return resume_point(part, config.chunk_rows, self.totals[number])
+
+    def _total(self, number: int) -> int:
+        if number not in self.totals:
+            config = self.configs[number]
+            self.totals[number] = count_rows(config.input, config.image_root, config.source)
+        return self.totals[number]
+
+    def append(self, number: int):
+        return open(part_path(self.configs[number].output, 0, 1), "a", encoding="utf-8")
+
+    def finish(self, number: int, handle) -> None:
+        handle.close()
+        output = self.configs[number].output
+        # the output appears only with one row per input row, as in the local job
+        write_final(output, 1, self._total(number))
+        write_json(job_path(output), {**self.identities[number], "complete": True}, 1)
+
+
+def _scored_rows(items: list[dict], first: JobConfig, options: RayOptions):
+    """Ray's scored rows of ``items`` (files and first rows), as pyarrow batches in order."""
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=options.address, include_dashboard=False, log_to_driver=False)
+    rows = ray.data.from_items(items, override_num_blocks=len(items)).flat_map(
+        _file_rows,
+        fn_kwargs={
+            "image_root": os.fspath(first.image_root) if first.image_root else None,
+            "source": first.source.as_dict(),
+        },
+    )
+    scored = score(
+        rows,
+        options.model,
+        image_column="image",
+        id_column="id_json",
+        scale=first.scale,
+        rows_per_batch=first.chunk_rows,
+        batch_size=first.batch_size,
+        token_budget=first.token_budget,
+        max_text_rows=first.max_text_rows,
+        workers=options.workers,
+        num_gpus_per_worker=options.num_gpus_per_worker,
+        precision=options.precision,
+        reference_rounding=options.reference_rounding,
+        long_captions=options.long_captions,
+        device=options.device,
+    )
+    return scored.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
 def _summary(config: JobConfig, probe, started: float) -> dict:
-    from specs_metric.results import summarize
-    from specs_metric.scales import corpus_from_mean
 
     summary = summarize(config.output)
     summary.update(
