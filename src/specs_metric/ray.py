@@ -30,19 +30,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from specs_metric import results
 from specs_metric.config import PreprocessConfig
 from specs_metric.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncoder
 from specs_metric.jsonio import write_json
-from specs_metric.results import (
-    check_resumable,
-    job_path,
-    json_line,
-    part_path,
-    read_job_record,
-    resume_point,
-    summarize,
-    write_final,
-)
 from specs_metric.rows import count_rows, read_rows
 from specs_metric.runtime import device_policy
 from specs_metric.scales import apply_scale, check_scale, corpus_from_mean
@@ -400,7 +391,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
                     handle = jobs.append(current)
                 for key in ("id", "image", "caption"):
                     rec[key] = json.loads(rec[f"{key}_json"])
-                handle.write(json_line(rec))
+                handle.write(results.json_line(rec))
             if handle is not None:
                 handle.flush()  # a killed run keeps what it scored, for --resume
         if handle is not None:
@@ -428,26 +419,28 @@ class _RayJobs:
             done = self._resume_point(number, identity)
             if done is None:
                 continue  # complete, with the same settings
-            write_json(job_path(config.output), {**identity, "complete": False}, indent=1)
+            write_json(results.job_path(config.output), {**identity, "complete": False}, indent=1)
             if not done:
-                part_path(config.output, 0, 1).write_bytes(b"")
+                results.part_path(config.output, 0, 1).write_bytes(b"")
             self.todo.append(number)
             self.items.extend(_job_items(config, number, done))
 
     def _resume_point(self, number: int, identity: dict) -> int | None:
         """Rows of job ``number`` kept from an earlier run (None: the job is complete)."""
         config = self.configs[number]
-        previous = read_job_record(job_path(config.output)) if config.resume else None
+        if not config.resume:
+            return 0
+        previous = results.read_job_record(results.job_path(config.output))
         if previous is None:
             return 0
-        check_resumable(previous, identity, config.output)
+        results.check_resumable(previous, identity, config.output)
         if previous.get("complete", False) and config.output.exists():
             return None
-        part = part_path(config.output, 0, 1)
+        part = results.part_path(config.output, 0, 1)
         if not part.exists():
             return 0
         self.totals[number] = self._total(number)
-        return resume_point(part, config.chunk_rows, self.totals[number])
+        return results.resume_point(part, config.chunk_rows, self.totals[number])
 
     def _total(self, number: int) -> int:
         if number not in self.totals:
@@ -456,14 +449,14 @@ class _RayJobs:
         return self.totals[number]
 
     def append(self, number: int):
-        return open(part_path(self.configs[number].output, 0, 1), "a", encoding="utf-8")
+        return open(results.part_path(self.configs[number].output, 0, 1), "a", encoding="utf-8")
 
     def finish(self, number: int, handle) -> None:
         handle.close()
         output = self.configs[number].output
         # the output appears only with one row per input row, as in the local job
-        write_final(output, 1, self._total(number))
-        write_json(job_path(output), {**self.identities[number], "complete": True}, 1)
+        results.write_final(output, 1, self._total(number))
+        write_json(results.job_path(output), {**self.identities[number], "complete": True}, 1)
 
 
 def _scored_rows(items: list[dict], first: JobConfig, options: RayOptions):
@@ -500,7 +493,7 @@ def _scored_rows(items: list[dict], first: JobConfig, options: RayOptions):
 
 def _summary(config: JobConfig, probe, started: float) -> dict:
 
-    summary = summarize(config.output)
+    summary = results.summarize(config.output)
     summary.update(
         {
             "corpus_score": corpus_from_mean(summary["mean"], config.scale),
