@@ -14,8 +14,9 @@ Zipf-like from the CLIP vocabulary's whole ASCII words, then in one run measures
   time and rows/s;
 - the split of the work between tokenizing, reading and decoding images, the model,
   reading rows, writing and the rest, from an in-process job with no workers whose stage
-  functions are wrapped with CPU timers (with workers, the main process's idle time is
-  its wall time minus its CPU time);
+  functions are wrapped with CPU timers;
+- for each job, the fraction of its wall time the main process spent idle (waiting for the
+  workers' chunks or on I/O): 1 - its own CPU time / wall time;
 - a 1-row job, whose CPU is the fixed start-up cost (imports, model loading), so the
   marginal cost per row is ``(CPU - CPU of 1 row) / (rows - 1)``.
 
@@ -156,10 +157,33 @@ def stage_split(model: Path, rows: Path, out: Path) -> dict[str, float]:
     return split
 
 
+# Runs ``specs`` in this process and, at exit, writes the CPU of the main process and of its
+# reaped children (the decoding workers) apart, so the main process's idle time is known.
+_RUSAGE_WRAPPER = """
+import json, os, resource, sys
+from specs_metric.cli import main
+try:
+    code = main(sys.argv[1:])
+finally:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(os.environ["HOST_RUSAGE"], "w") as f:
+        json.dump({"main": own.ru_utime + own.ru_stime,
+                   "workers": kids.ru_utime + kids.ru_stime}, f)
+sys.exit(code)
+"""
+
+
 def run_job(model: Path, rows: Path, out: Path, workers: int) -> dict:
-    """One ``specs score`` subprocess: wall seconds, CPU seconds of the tree, its summary."""
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "specs_metric", "score", "--model", str(model)]
+    """One ``specs score`` subprocess: wall seconds, CPU seconds of the tree and of its main
+    process, its summary."""
+    usage_file = out.with_name(out.name + ".rusage.json")
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "HOST_RUSAGE": str(usage_file),
+    }
+    cmd = [sys.executable, "-c", _RUSAGE_WRAPPER, "score", "--model", str(model)]
     cmd += ["--input", str(rows), "--output", str(out), "--workers", str(workers)]
     cmd += ["--no-progress", "--device", "cpu"]
     started = time.perf_counter()
@@ -170,7 +194,13 @@ def run_job(model: Path, rows: Path, out: Path, workers: int) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"specs score failed:\n{stderr}")
     summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "summary": summary}
+    split = json.loads(usage_file.read_text())
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "main_cpu_s": split["main"],
+        "summary": summary,
+    }
 
 
 def main() -> None:
@@ -221,6 +251,10 @@ def main() -> None:
                 "startup_cpu_s": round(fixed["cpu_s"], 3),
                 "marginal_cpu_ms_per_row": round(marginal, 4),
                 "ratio_to_reference_tokenizer": round(marginal / baseline, 3),
+                "main_cpu_ms_per_row": round(job["main_cpu_s"] * 1000 / args.rows, 4),
+                # the main process waiting (for workers' chunks, or on I/O); below zero when
+                # its threads used more than one core on average
+                "main_idle_fraction": round(1 - job["main_cpu_s"] / job["wall_s"], 3),
             }
             results["jobs"].append(entry)
             print(json.dumps(entry))

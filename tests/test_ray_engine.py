@@ -155,7 +155,7 @@ def test_ray_resume_keeps_whole_chunks_and_scores_only_the_rest(world, cluster, 
 
 def test_ray_job_items_leave_out_the_rows_kept_on_resume(world, tmp_path):  # noqa: F811
     from specs_metric.job import JobConfig
-    from specs_metric.ray import _file_rows, _job_items
+    from specs_metric.ray_jobs import _file_rows, _job_items
     from specs_metric.sources import SourceOptions
 
     d, pairs = world

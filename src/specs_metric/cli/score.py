@@ -161,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     if args.engine == "ray":
-        from specs_metric.ray import RayOptions, run_ray_jobs
+        from specs_metric.ray import RayOptions
+        from specs_metric.ray_jobs import run_ray_jobs
 
         info = DistInfo()
         ray_options = RayOptions(
