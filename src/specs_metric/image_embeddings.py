@@ -130,7 +130,8 @@ class ImageEncoder:
     """Image embeddings by content hash: an in-memory LRU over the optional disk cache.
 
     Args:
-        scorer: the model (its ``encode_pixels``, ``embed_dim`` and ``preprocessing``).
+        scorer: the model (its ``encode_pixels_on_device``, ``embed_dim`` and
+            ``preprocessing``).
         batch_size: images per forward pass.
         capacity: embeddings kept in memory across calls (least recently used dropped).
         disk: the disk cache, read by :meth:`embed` and written by both entry points

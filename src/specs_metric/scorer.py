@@ -115,6 +115,7 @@ class Scorer:
             )
             precision = "fp32"
         self.model = model.to(self.device).eval()
+        self._pin_memory = device_policy(self.device).pin_memory  # once: to_device is hot
         if precision == "bf16" and self.device.type == "cpu" and fused.available():
             fused.fuse_blocks(self.model)
         if precision != "fp32":
@@ -208,7 +209,7 @@ class Scorer:
         overlaps with kernels already queued; on a CPU it is returned as it is."""
         if host.device == self.device:
             return host
-        if device_policy(self.device).pin_memory and host.device.type == "cpu":
+        if self._pin_memory and host.device.type == "cpu":
             if not host.is_pinned():
                 host = host.contiguous().pin_memory()
             return host.to(self.device, non_blocking=True)
