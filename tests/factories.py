@@ -598,3 +598,10 @@ def pixel_summary(pixels: Iterable) -> dict:
         "sum_sq": (arr * arr).sum(axis=(1, 2)).tolist(),
         "samples": [float(arr[c, y, x]) for c, y, x in coords],
     }
+
+
+def score_args(world: str | Path, src: str | Path, out: str | Path) -> list[str]:
+    """``specs score`` arguments for ``world``'s ``tiny.pt`` and its images."""
+    world = Path(world)
+    return ["score", "--model", str(world / "tiny.pt"), "--input", str(src),
+            "--image-root", str(world), "--output", str(out)]

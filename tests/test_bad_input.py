@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import specs_metric
-from factories import make_state_dict
+from factories import make_state_dict, score_args
 from specs_metric import transform
 from specs_metric.cli import main
 from specs_metric.results import read_output
@@ -188,23 +188,7 @@ def _jsonl_corpus(world: Path) -> list[tuple[str, bytes, object]]:
 
 
 def _run(world: Path, src: Path, out: Path, *extra: str) -> int:
-    return main(
-        [
-            "score",
-            "--model",
-            str(world / "tiny.pt"),
-            "--input",
-            str(src),
-            "--image-root",
-            str(world),
-            "--output",
-            str(out),
-            "--workers",
-            "0",
-            "--no-progress",
-            *extra,
-        ]
-    )
+    return main([*score_args(world, src, out), "--workers", "0", "--no-progress", *extra])
 
 
 def _check(world: Path, result: list[dict], expected: list[tuple[str, int, object]]) -> None:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from factories import make_state_dict
+from factories import score_args as _base
 from specs_metric.cli import main
 from specs_metric.results import read_output
 from subprocesses import child_env, torchrun
@@ -37,21 +38,6 @@ def world(tmp_path_factory):
     (d / "truncated.png").write_bytes(full[: len(full) // 2])
     Image.new("RGB", (300, 300)).save(d / "bomb.png")
     return d
-
-
-def _base(world: Path, src: Path, out: Path) -> list[str]:
-    """``specs score`` arguments for the tiny model and the world's images."""
-    return [
-        "score",
-        "--model",
-        str(world / "tiny.pt"),
-        "--input",
-        str(src),
-        "--image-root",
-        str(world),
-        "--output",
-        str(out),
-    ]
 
 
 GOOD = {"id": "g", "image": "img0.png", "caption": "a noisy picture"}
