@@ -2,16 +2,16 @@
 
 docs/synthetic-replication.md shows that tiny models ground single facts only with far more
 data and steps than the replication's 15 CPU minutes allow (run Q: 19,600 scenes, 37 min).
-This script runs the same recipe (:mod:`specs_metric.synth.grounding`), sized for an
+This script runs the same recipe (:mod:`specs_metric.demo.grounding`), sized for an
 accelerator:
 
 * ``prepare``: generates ``--shards`` synthetic worlds in parallel (seeds ``1000 + j``,
   train split only: no held-out colour-shape pair) and one evaluation world (seed 999, test
-  split), and stores them as arrays (:func:`~specs_metric.synth.grounding.world_arrays`) in
+  split), and stores them as arrays (:func:`~specs_metric.demo.grounding.world_arrays`) in
   one file.
 * ``train --variant V``: from random weights, ``--parse-steps`` of scene parsing for the
   image tower, then ``--steps`` of the CLIP loss plus the sentence-level grounding loss
-  (:func:`~specs_metric.synth.grounding.pretrain_grounded`; the trainer's warm-up and cosine
+  (:func:`~specs_metric.demo.grounding.pretrain_grounded`; the trainer's warm-up and cosine
   schedule in each phase). After the parsing, every ``--eval-every`` steps and at the end it
   prints the intrinsic rates of the evaluation world and saves the model (fp16
   safetensors) to ``--save``, with its history next to it (``.json``).
@@ -38,9 +38,7 @@ from pathlib import Path
 
 import torch
 
-from specs_metric.checkpoint import save_state_dict
-from specs_metric.synth import generate
-from specs_metric.synth.grounding import (
+from specs_metric.demo.grounding import (
     VARIANTS,
     Batches,
     merge_worlds,
@@ -48,6 +46,8 @@ from specs_metric.synth.grounding import (
     world_arrays,
     world_intrinsic,
 )
+from specs_metric.models.weights.checkpoint import save_state_dict
+from specs_metric.synth import generate
 
 EVAL_SEED, EVAL_SCENES, FIRST_SEED = 999, 300, 1000
 

@@ -2,10 +2,10 @@
 
 Runs K-Q and the two tower probes of that page, on a synthetic world generated here (seed 0).
 Each command trains from random weights with the replication's model shape
-(``specs_metric.synth.pretrain.Settings``) and prints its progress:
+(``specs_metric.demo.recipe.Settings``) and prints its progress:
 
 * ``pretrain``: the package's grounded pre-training on the CPU
-  (:func:`specs_metric.synth.grounding.pretrain_grounded`): contrastive pre-training on
+  (:func:`specs_metric.demo.grounding.pretrain_grounded`): contrastive pre-training on
   (image, full description) plus, with ``--grounding W``, a sentence-level loss: for each
   image ``--pairs`` of its true segments ``s_k`` and the false segments of its negatives
   ``n_k`` (from ``neg_captions``),
@@ -54,12 +54,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from specs_metric.bench.intrinsic import IntrinsicResult
-from specs_metric.checkpoint import save_state_dict
-from specs_metric.model import LongCLIP
-from specs_metric.scorer import load
-from specs_metric.synth import Scene, generate, parse_segment
-from specs_metric.synth.grounding import (
+from specs_metric.demo.grounding import (
     Batches,
     Recipe,
     head,
@@ -67,7 +62,7 @@ from specs_metric.synth.grounding import (
     world_arrays,
     world_intrinsic,
 )
-from specs_metric.synth.pretrain import (
+from specs_metric.demo.recipe import (
     DEMO_FILES,
     Settings,
     evaluate,
@@ -77,8 +72,13 @@ from specs_metric.synth.pretrain import (
     token_batch,
     training_table,
 )
+from specs_metric.evaluation.intrinsic import IntrinsicResult
+from specs_metric.models.model import LongCLIP
+from specs_metric.models.weights.checkpoint import save_state_dict
+from specs_metric.processing.transform import open_image, preprocess
+from specs_metric.scoring.scorer import load
+from specs_metric.synth import Scene, generate, parse_segment
 from specs_metric.synth.world import COLOUR_NAMES, SHAPES
-from specs_metric.transform import open_image, preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 WARMUP = 20  # warm-up updates of the trainer's cosine schedule (lr_factor)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from specs_metric.tokenizer import SOT_TOKEN, Tokenizer
+from specs_metric.processing.tokenizer import SOT_TOKEN, Tokenizer
 
 CAPTIONS = [
     "A photo of a cat.",

@@ -47,8 +47,8 @@ import torch
 from PIL import Image
 from reference_style import ReferenceStyleTokenizer
 
-from specs_metric.checkpoint import save_state_dict
-from specs_metric.model import LongCLIP, ModelConfig
+from specs_metric.models.model import LongCLIP, ModelConfig
+from specs_metric.models.weights.checkpoint import save_state_dict
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -111,15 +111,15 @@ def stage_split(model: Path, rows: Path, out: Path) -> dict[str, float]:
     everything, so every stage is seen): each stage's functions are wrapped with timers."""
     import collections
 
-    import specs_metric.chunks as chunks
-    import specs_metric.job as job
-    from specs_metric import scorer as scorer_module
-    from specs_metric import tokenizer
+    import specs_metric.jobs.chunks as chunks
+    import specs_metric.jobs.job as job
+    from specs_metric.processing import tokenizer
+    from specs_metric.scoring import scorer as scorer_module
 
     spent: collections.Counter[str] = collections.Counter()
     wrapped = [
         (tokenizer.Tokenizer, "token_ids", "tokenize"),
-        (chunks, "image_bytes", "read images"),
+        (chunks, "row_image_bytes", "read images"),
         (chunks, "decode_pixels", "decode"),
         # (the encode_* methods all go through these two)
         (scorer_module.Scorer, "encode_tokens_on_device", "model"),

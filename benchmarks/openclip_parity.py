@@ -9,7 +9,8 @@ them, and the script says so in its output.
 
 For each case a random open_clip ``CLIP`` (LayerNorms and biases perturbed) is saved as
 ``open_clip_pytorch_model.bin`` with its ``open_clip_config.json``, read back by
-:func:`specs_metric.loading.read_checkpoint` (the sidecar gives activation and head widths),
+:func:`specs_metric.models.weights.loading.read_checkpoint` (the sidecar gives activation
+and head widths),
 and both models embed the same token ids and pixels. The same file read without its
 architecture (as the OpenAI convention) shows the error a silent misread would give.
 
@@ -93,9 +94,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(open_clip, name: str, case, folder: Path) -> dict:
-    from specs_metric.factory import model_from_checkpoint
-    from specs_metric.loading import read_checkpoint
-    from specs_metric.tokenizer import default_tokenizer
+    from specs_metric.models.factory import model_from_checkpoint
+    from specs_metric.models.weights.loading import read_checkpoint
+    from specs_metric.processing.tokenizer import default_tokenizer
 
     cfg = _model_cfg(case)
     torch.manual_seed(0)

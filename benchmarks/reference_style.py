@@ -104,7 +104,8 @@ class ReferenceStyleTokenizer:
     Every caption goes through ftfy, double HTML unescaping, whitespace collapsing and
     lower-casing, then the pre-tokenisation pattern; each word is BPE-merged once and cached
     as a space-joined string, which is split and looked up on every use, as the reference's
-    ``SimpleTokenizer.encode`` does. Ids equal :class:`specs_metric.tokenizer.Tokenizer`'s.
+    ``SimpleTokenizer.encode`` does. Ids equal those of
+    :class:`specs_metric.processing.tokenizer.Tokenizer`.
     """
 
     def __init__(self) -> None:
@@ -113,7 +114,7 @@ class ReferenceStyleTokenizer:
 
         import ftfy
 
-        from specs_metric.tokenizer import _WORD_PATTERN, EOT_ID, SOT_ID, Tokenizer
+        from specs_metric.processing.tokenizer import _WORD_PATTERN, EOT_ID, SOT_ID, Tokenizer
 
         ours = Tokenizer()  # only for its vocabulary tables and merge function
         self._ours, self._pattern = ours, _WORD_PATTERN

@@ -27,7 +27,7 @@ mode in ``--fast-precision`` (default fp16 on CUDA, bf16 on a CPU), measures the
 on the device (fp32 with TF32 disabled, and the fast dtype), reports the peak GPU memory of
 each mode and names the GPU in the machine string. The stream jobs are off by default on
 CUDA (``--stream-rows N`` turns them on; they then also run on the device). The jobs take
-their batching from the device policy (``specs_metric.runtime.device_policy``, recorded as
+their batching from the device policy (``specs_metric.runtime.policy.device_policy``, recorded as
 ``device_policy``): on CUDA 256-image and 65,536-token batches, workers following the cores.
 
 Throughput against the hardware (every mode, every round):
@@ -87,14 +87,14 @@ import torch
 from PIL import Image
 from reference_style import ReferenceStyleCLIP
 
-from specs_metric.factory import build_model
-from specs_metric.job import JobConfig, run_job
-from specs_metric.model import LongCLIP, ModelConfig
-from specs_metric.numerics import strict_fp32, tf32_flags
-from specs_metric.results import read_output
-from specs_metric.runtime import available_cpus, device_policy
-from specs_metric.scorer import Scorer
-from specs_metric.tokenizer import default_tokenizer
+from specs_metric.jobs.job import JobConfig, run_job
+from specs_metric.jobs.results import read_output
+from specs_metric.models.factory import build_model
+from specs_metric.models.model import LongCLIP, ModelConfig
+from specs_metric.processing.tokenizer import default_tokenizer
+from specs_metric.runtime.numerics import strict_fp32, tf32_flags
+from specs_metric.runtime.policy import available_cpus, device_policy
+from specs_metric.scoring.scorer import Scorer
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

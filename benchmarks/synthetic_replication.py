@@ -18,7 +18,7 @@ It writes ``OUT/results.md`` (markdown table), ``OUT/results.json``, ``OUT/repli
 and the training runs (``OUT/runs/*``, with their CSV logs), and prints the table.
 ``--export-demo DIR`` also writes the two fine-tuned models (fp16 safetensors,
 ``specs-synth-demo`` and ``clip-synth-demo``) and an ``examples/`` folder from scenes of a
-seed the models never saw into DIR (:func:`specs_metric.synth.pretrain.export_demo`); the
+seed the models never saw into DIR (:func:`specs_metric.demo.recipe.export_demo`); the
 bundle changes only when they are copied into the package. (The bundled demo models come
 from a longer, GPU pre-trained run that grounds facts: ``grounding_experiments.py finetune
 --export-demo DIR``, see docs/synthetic-replication.md; this run's models are weaker.)
@@ -45,10 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specs_metric.checkpoint import save_state_dict
-from specs_metric.model import LongCLIP
-from specs_metric.synth import generate
-from specs_metric.synth.pretrain import (
+from specs_metric.demo.recipe import (
     DEMO_FILES,
     Settings,
     evaluate,
@@ -57,6 +54,9 @@ from specs_metric.synth.pretrain import (
     train_model,
     training_table,
 )
+from specs_metric.models.model import LongCLIP
+from specs_metric.models.weights.checkpoint import save_state_dict
+from specs_metric.synth import generate
 
 ARMS = ("pretrained", "baseline", "specs")
 ARM_LABELS = {

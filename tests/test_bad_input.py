@@ -24,11 +24,15 @@ from PIL import Image
 
 import specs_metric
 from factories import make_state_dict, score_args
-from specs_metric import transform
 from specs_metric.cli import main
-from specs_metric.results import read_output
-from specs_metric.rows import MAX_LINE_CHARS, read_rows
-from specs_metric.transform import MAX_IMAGE_BYTES, ImageError, open_image, read_image_bytes
+from specs_metric.data.sources import read_rows
+from specs_metric.errors import ImageError
+from specs_metric.io import reading
+from specs_metric.io.reading import read_image_bytes
+from specs_metric.jobs.results import read_output
+from specs_metric.limits import MAX_IMAGE_BYTES, MAX_LINE_CHARS
+from specs_metric.processing import transform
+from specs_metric.processing.transform import open_image
 from subprocesses import child_env
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -359,7 +363,7 @@ def test_permission_denied_is_named(world, monkeypatch):
     def refuse(path, flags, *args):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(transform.os, "open", refuse)
+    monkeypatch.setattr(reading.os, "open", refuse)
     with pytest.raises(ImageError, match="g0.png: permission denied"):
         read_image_bytes(world / "g0.png")
 

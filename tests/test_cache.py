@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from factories import make_state_dict
-from specs_metric.cache import EmbeddingCache, model_fingerprint
 from specs_metric.cli import main
-from specs_metric.results import read_output
+from specs_metric.jobs.results import read_output
+from specs_metric.scoring.cache import EmbeddingCache, model_fingerprint
 
 
 def _setup(tmp_path: Path) -> tuple[Path, Path]:

@@ -13,8 +13,9 @@ import torch
 
 import factories
 import specs_metric
-from specs_metric.checkpoint import CheckpointError, read_state_dict, save_state_dict
-from specs_metric.factory import build_model
+from specs_metric.errors import CheckpointError
+from specs_metric.models.factory import build_model
+from specs_metric.models.weights.checkpoint import read_state_dict, save_state_dict
 
 CAPTIONS = ["a cat", "A small red house next to a river under a cloudy sky.", ""]
 IMAGES = ("rgb_37x53", "large_640x481")

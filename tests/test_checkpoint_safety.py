@@ -22,8 +22,9 @@ import torch
 
 import factories
 import specs_metric
-from specs_metric.checkpoint import CheckpointError, read_state_dict
 from specs_metric.cli import main
+from specs_metric.errors import CheckpointError
+from specs_metric.models.weights.checkpoint import read_state_dict
 from subprocesses import child_env
 
 # ----------------------------------------------------------------------- crafting archives
@@ -262,7 +263,7 @@ def test_refused_pickle_message_is_ours(tmp_path):
 def test_refused_trainer_state_on_resume_is_one_line(tmp_path, capsys):
     from PIL import Image
 
-    from specs_metric.checkpoint import save_state_dict
+    from specs_metric.models.weights.checkpoint import save_state_dict
     from specs_metric.training.prepare import prepare_dataset
 
     lines = []
@@ -293,7 +294,7 @@ def test_refused_trainer_state_on_resume_is_one_line(tmp_path, capsys):
 _MEASURE = textwrap.dedent(
     """
     import resource, sys
-    from specs_metric.checkpoint import CheckpointError, read_state_dict
+    from specs_metric.models.weights.checkpoint import CheckpointError, read_state_dict
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     try:
         read_state_dict(sys.argv[1])

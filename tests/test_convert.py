@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from factories import make_openai_state_dict, make_state_dict, openai_half, write_checkpoint
-from specs_metric.checkpoint import CheckpointError, read_state_dict
 from specs_metric.cli import main
+from specs_metric.errors import CheckpointError
+from specs_metric.models.weights.checkpoint import read_state_dict
 
 
 def _manual_stretch_fp16(p: torch.Tensor) -> torch.Tensor:

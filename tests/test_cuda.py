@@ -94,15 +94,15 @@ SRC = REPO / "src"
 if __name__ == "__main__" and str(SRC) not in sys.path:  # a script run of this checkout
     sys.path.insert(1, str(SRC))
 
-from specs_metric import fused  # noqa: E402
-from specs_metric.checkpoint import read_state_dict  # noqa: E402
-from specs_metric.factory import build_model  # noqa: E402
-from specs_metric.metric import SPECSScore  # noqa: E402
-from specs_metric.model import LongCLIP  # noqa: E402
-from specs_metric.numerics import strict_fp32, tf32_flags  # noqa: E402
-from specs_metric.results import read_output  # noqa: E402
-from specs_metric.runtime import device_policy  # noqa: E402
-from specs_metric.scorer import Scorer, load  # noqa: E402
+from specs_metric.jobs.results import read_output  # noqa: E402
+from specs_metric.models import fused  # noqa: E402
+from specs_metric.models.factory import build_model  # noqa: E402
+from specs_metric.models.model import LongCLIP  # noqa: E402
+from specs_metric.models.weights.checkpoint import read_state_dict  # noqa: E402
+from specs_metric.runtime.numerics import strict_fp32, tf32_flags  # noqa: E402
+from specs_metric.runtime.policy import device_policy  # noqa: E402
+from specs_metric.scoring.metric import SPECSScore  # noqa: E402
+from specs_metric.scoring.scorer import Scorer, load  # noqa: E402
 from specs_metric.synth import generate  # noqa: E402
 
 DEVICE = os.environ.get("SPECS_CUDA_DEVICE", "cuda")
@@ -917,8 +917,9 @@ def check_pinned_and_kernels(c: Check, ctx: Context) -> None:
     c.record("pinned_policy", device_policy(ctx.device).pin_memory)
     one_copy = scorer.embed_token_ids(ids, 2048, 16)
     per_batch = torch.empty_like(one_copy)
-    from specs_metric.scorer import _pooled_length, length_batches
-    from specs_metric.tokenizer import pad_ids
+    from specs_metric.models.prefix import length_batches
+    from specs_metric.processing.tokenizer import pad_ids
+    from specs_metric.scoring.scorer import _pooled_length
 
     lengths = [_pooled_length(x) for x in ids]
     for rows in length_batches(lengths, 2048, 16):

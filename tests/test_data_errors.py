@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from specs_metric.bench import human_readers, records, retrieval, sdci, zeroshot
 from specs_metric.cli import main
+from specs_metric.data import records
+from specs_metric.data.hf_folders import choose_split
 from specs_metric.errors import DataError
-from specs_metric.hf_datasets import choose_split
-from specs_metric.jsonio import read_jsonl
+from specs_metric.evaluation import human_readers, retrieval, sdci, zeroshot
+from specs_metric.io.jsonio import read_jsonl
 from specs_metric.training.prepare import PrepareError
 
 
@@ -52,7 +53,7 @@ def _readers():
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from specs_metric.bench.details import read_graded
+    from specs_metric.evaluation.details import read_graded
     from specs_metric.training.examples import iter_examples
 
     def graded(path):

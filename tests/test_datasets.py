@@ -21,8 +21,8 @@ from PIL import Image
 
 from factories import make_state_dict
 from specs_metric.cli import main
-from specs_metric.results import read_output
-from specs_metric.sources import expand
+from specs_metric.data.locations import expand
+from specs_metric.jobs.results import read_output
 from subprocesses import child_env
 
 N_PAIRS = 12

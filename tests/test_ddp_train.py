@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from factories import make_state_dict
-from specs_metric.checkpoint import read_state_dict, save_state_dict
+from specs_metric.models.weights.checkpoint import read_state_dict, save_state_dict
 from specs_metric.training.prepare import prepare_dataset
 from specs_metric.training.trainer import TrainConfig, train
 from subprocesses import child_env, torchrun

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from specs_metric.bench.intrinsic import run_intrinsic
-from specs_metric.bench.sdci import load_image_source, read_sdci
-from specs_metric.pretrained import REGISTRY, resolve
-from specs_metric.scorer import load
+from specs_metric.evaluation.intrinsic import run_intrinsic
+from specs_metric.evaluation.sdci import load_image_source, read_sdci
+from specs_metric.models.weights.pretrained import REGISTRY, resolve
+from specs_metric.scoring.scorer import load
 from specs_metric.synth import generate
 from subprocesses import child_env
 

@@ -10,13 +10,13 @@ import torch
 from scipy.stats import mannwhitneyu
 
 from factories import make_state_dict
-from specs_metric.bench.details import (
+from specs_metric.cli import main
+from specs_metric.evaluation.details import (
     auroc,
     caption_z,
     position_means,
     read_graded,
 )
-from specs_metric.cli import main
 from specs_metric.synth import generate
 
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 from factories import make_state_dict
 from specs_metric.cli import main
-from specs_metric.factory import build_model
-from specs_metric.job import JobConfig
-from specs_metric.runtime import available_cpus, device_policy
-from specs_metric.scorer import Scorer
+from specs_metric.jobs.job import JobConfig
+from specs_metric.models.factory import build_model
+from specs_metric.runtime.policy import available_cpus, device_policy
+from specs_metric.scoring.scorer import Scorer
 from subprocesses import child_env
 
 
@@ -49,7 +49,7 @@ def test_available_cpus_shares_the_cores_among_local_ranks(monkeypatch):
 
 
 def test_runtime_still_imports_without_torch():
-    code = "import sys, specs_metric.runtime; print('torch' in sys.modules)"
+    code = "import sys, specs_metric.runtime.policy; print('torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=child_env(), check=True
     )
@@ -115,7 +115,7 @@ def test_embed_token_ids_equals_each_caption_alone():
 
 
 def test_a_chunks_pixels_cross_the_worker_pipe_as_one_tensor_and_come_back_by_hash():
-    from specs_metric.chunks import Chunk, pack_chunk, unpack_chunk
+    from specs_metric.jobs.chunks import Chunk, pack_chunk, unpack_chunk
 
     pixels = {h: torch.full((3, 4, 4), float(k)) for k, h in enumerate(["c", "a", "b"])}
     chunk = pack_chunk(Chunk(rows=[], pixels=dict(pixels)))

@@ -13,7 +13,7 @@ from PIL import Image
 
 from factories import make_state_dict
 from specs_metric.cli import main
-from specs_metric.distributed import shard_range
+from specs_metric.runtime.distributed import shard_range
 from subprocesses import free_port
 
 

@@ -307,7 +307,7 @@ def test_url_model_without_network_fails_fast_with_one_line(server, request, tmp
                                                             monkeypatch, capsys):
     import time
 
-    from specs_metric.pretrained import REGISTRY, PretrainedModel
+    from specs_metric.models.weights.pretrained import REGISTRY, PretrainedModel
 
     endpoint = request.getfixturevalue(server)
     monkeypatch.setenv("SPECS_CACHE", str(tmp_path / "cache"))
@@ -357,7 +357,7 @@ def test_synth_into_an_empty_folder_needs_no_overwrite(tmp_path):
 def test_json_helper_writes_null_for_non_finite_numbers():
     import numpy as np
 
-    from specs_metric.jsonio import dumps
+    from specs_metric.io.jsonio import dumps
 
     data = {"a": math.nan, "b": [math.inf, -math.inf, 1.5], "c": np.float32("nan"),
             "d": np.array([1.0, np.nan])}

@@ -18,12 +18,12 @@ from PIL import Image
 from factories import make_state_dict
 from specs_metric import load
 from specs_metric.cli import main
-from specs_metric.explain import leave_one_out_texts, locate_segments, prefix_texts
-from specs_metric.factory import build_model
-from specs_metric.results import OUTPUT_FIELDS as SCORE_FIELDS
-from specs_metric.scorer import Scorer
+from specs_metric.jobs.results import OUTPUT_FIELDS as SCORE_FIELDS
+from specs_metric.models.factory import build_model
+from specs_metric.processing.segmentation import ChunkSegmenter
+from specs_metric.scoring.explain import leave_one_out_texts, locate_segments, prefix_texts
+from specs_metric.scoring.scorer import Scorer
 from specs_metric.synth import generate
-from specs_metric.training.segment import ChunkSegmenter
 
 TOL = 1e-5
 

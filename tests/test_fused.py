@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from factories import make_state_dict
-from specs_metric import fused
-from specs_metric.bench.intrinsic import encode_chains
-from specs_metric.factory import build_model
-from specs_metric.model import ResidualAttentionBlock
-from specs_metric.scorer import Scorer
+from specs_metric.models import fused
+from specs_metric.models.factory import build_model
+from specs_metric.models.model import ResidualAttentionBlock
+from specs_metric.models.prefix import encode_chains
+from specs_metric.processing.tokenizer import default_tokenizer
+from specs_metric.scoring.scorer import Scorer
 from specs_metric.synth import generate
-from specs_metric.tokenizer import default_tokenizer
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="no oneDNN in this build")
 

@@ -1,4 +1,4 @@
-"""Grounded pre-training (specs_metric.synth.grounding) and its loss, against values
+"""Grounded pre-training (specs_metric.demo.grounding) and its loss, against values
 computed here: the tokenizer's ids of the captions, hand-computed losses, preprocess."""
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from specs_metric.synth import generate
-from specs_metric.synth.grounding import (
+from specs_metric.demo.grounding import (
     Batches,
     Recipe,
     World,
@@ -22,9 +21,10 @@ from specs_metric.synth.grounding import (
     world_arrays,
     world_intrinsic,
 )
-from specs_metric.tokenizer import EOT_ID, default_tokenizer
+from specs_metric.processing.tokenizer import EOT_ID, default_tokenizer
+from specs_metric.processing.transform import normalize_pixels, preprocess
+from specs_metric.synth import generate
 from specs_metric.training.loss import grounding_loss
-from specs_metric.transform import normalize_pixels, preprocess
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,12 @@ from PIL import Image
 pytest.importorskip("transformers")
 
 from hf_factories import hf_features, random_clip, save_random_clip  # noqa: E402
-from specs_metric.checkpoint import CheckpointError, read_state_dict  # noqa: E402
 from specs_metric.cli import main  # noqa: E402
-from specs_metric.loading import read_checkpoint  # noqa: E402
-from specs_metric.scorer import load  # noqa: E402
-from specs_metric.tokenizer import default_tokenizer  # noqa: E402
+from specs_metric.errors import CheckpointError
+from specs_metric.models.weights.checkpoint import read_state_dict
+from specs_metric.models.weights.loading import read_checkpoint  # noqa: E402
+from specs_metric.processing.tokenizer import default_tokenizer  # noqa: E402
+from specs_metric.scoring.scorer import load  # noqa: E402
 
 LONG = " ".join(f"a red cube number {i} sits left of a small blue ring." for i in range(12))
 CAPTIONS = ["a photo of a cat", "two dogs & a ball", LONG]
@@ -103,7 +104,7 @@ def test_round_trip_hf_longclip_hf(tmp_path, capsys):
 
 def test_longclip_to_hf_and_back_keeps_embeddings(tmp_path):
     from factories import make_state_dict
-    from specs_metric.checkpoint import save_state_dict
+    from specs_metric.models.weights.checkpoint import save_state_dict
 
     src = save_state_dict(make_state_dict(seed=7), tmp_path / "long.pt")
     assert main(["convert", str(src), str(tmp_path / "hf")]) == 0

@@ -16,8 +16,8 @@ from PIL import Image
 
 import specs_metric
 from factories import make_state_dict
-from specs_metric.bench import human, text_metrics
 from specs_metric.cli import main
+from specs_metric.evaluation import human, text_metrics
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -363,7 +363,7 @@ def test_cli_end_to_end(tmp_path, ckpts, capsys):
 
 def test_cli_takes_the_shared_model_options(tmp_path, ckpts, monkeypatch, capsys):
     # `bench human` once defined its own --device/--precision and lost these two options.
-    import specs_metric.scorer as scorer_module
+    import specs_metric.scoring.scorer as scorer_module
 
     calls = []
     real_load = scorer_module.load
@@ -406,7 +406,8 @@ def test_demo_specs_model_beats_contrastive_twin(tmp_path):
     Measured (60 scenes of seed 123): tau-b 0.541 [0.484, 0.588] for specs-synth-demo against
     0.514 [0.459, 0.566] for clip-synth-demo (docs/synthetic-replication.md).
     """
-    from specs_metric.pretrained import ModelNotAvailableError, resolve
+    from specs_metric.errors import ModelNotAvailableError
+    from specs_metric.models.weights.pretrained import resolve
     from specs_metric.synth.writer import generate
 
     try:

@@ -14,13 +14,14 @@ import torch
 from PIL import Image
 
 from factories import make_state_dict
-from specs_metric.cache import EmbeddingCache
-from specs_metric.config import PreprocessConfig
-from specs_metric.explain_files import ExplainConfig, explain_file
-from specs_metric.factory import build_model
-from specs_metric.image_embeddings import ImageEncoder
-from specs_metric.scorer import Scorer
-from specs_metric.transform import ImageError, load_and_preprocess
+from specs_metric.errors import ImageError
+from specs_metric.jobs.explain_files import ExplainConfig, explain_file
+from specs_metric.models.factory import build_model
+from specs_metric.processing.preprocess import PreprocessConfig
+from specs_metric.processing.transform import load_and_preprocess
+from specs_metric.scoring.cache import EmbeddingCache
+from specs_metric.scoring.image_embeddings import ImageEncoder
+from specs_metric.scoring.scorer import Scorer
 
 TOL = 1e-5
 

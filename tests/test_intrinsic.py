@@ -13,19 +13,15 @@ import torch
 from PIL import Image
 
 from factories import make_state_dict
-from specs_metric.bench.intrinsic import (
-    encode_chains,
-    image_rates,
-    intrinsic_rates,
-    run_intrinsic,
-)
-from specs_metric.bench.sdci import SdciFormatError, load_image_source, read_sdci
-from specs_metric.checkpoint import save_state_dict
 from specs_metric.cli import main
-from specs_metric.factory import build_model
-from specs_metric.scorer import Scorer
+from specs_metric.evaluation.intrinsic import image_rates, intrinsic_rates, run_intrinsic
+from specs_metric.evaluation.sdci import SdciFormatError, load_image_source, read_sdci
+from specs_metric.models.factory import build_model
+from specs_metric.models.prefix import encode_chains
+from specs_metric.models.weights.checkpoint import save_state_dict
+from specs_metric.processing.tokenizer import default_tokenizer
+from specs_metric.scoring.scorer import Scorer
 from specs_metric.synth import generate
-from specs_metric.tokenizer import default_tokenizer
 
 
 def plain_rates(caption_scores, neg_scores):

@@ -20,8 +20,8 @@ from PIL import Image
 
 from factories import make_state_dict
 from specs_metric.cli import main
-from specs_metric.locking import OutputLock
-from specs_metric.results import read_output
+from specs_metric.io.locking import OutputLock
+from specs_metric.jobs.results import read_output
 from subprocesses import child_env, torchrun
 
 N_IMAGES = 12
@@ -275,7 +275,8 @@ def test_lock_held_by_another_process_refuses_the_job(world, tmp_path, capsys):
     _corpus(src, 10)
     out = tmp_path / "out.jsonl"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, pathlib; from specs_metric.locking import OutputLock;"
+        [sys.executable, "-c",
+         "import sys, pathlib; from specs_metric.io.locking import OutputLock;"
          "lock = OutputLock(pathlib.Path(sys.argv[1])); lock.acquire(); print('held', flush=True);"
          "sys.stdin.read()", str(out)],
         env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -292,7 +293,7 @@ def test_lock_held_by_another_process_refuses_the_job(world, tmp_path, capsys):
 
 def test_output_must_hold_one_row_per_input_row(world, tmp_path, capsys, monkeypatch):
     """A part file that lost rows (here: cut by hand) never becomes an output."""
-    import specs_metric.job as job
+    import specs_metric.jobs.job as job
 
     src = tmp_path / "in.jsonl"
     _corpus(src, 30)
@@ -475,7 +476,7 @@ def test_lone_surrogates_in_input_rows_do_not_stop_the_output(world, tmp_path, s
 
 
 def test_a_write_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
-    import specs_metric.jsonio as jsonio
+    import specs_metric.io.jsonio as jsonio
 
     target = tmp_path / "out.jsonl.job.json"
     jsonio.write_json(target, {"complete": False})

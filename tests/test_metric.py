@@ -11,9 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from factories import make_state_dict
-from specs_metric.factory import build_model
-from specs_metric.metric import SPECSScore, specs_score
-from specs_metric.scorer import Scorer
+from specs_metric.models.factory import build_model
+from specs_metric.scoring.metric import SPECSScore, specs_score
+from specs_metric.scoring.scorer import Scorer
 from subprocesses import free_port
 
 CAPTIONS = ["a cat", "a dog on a sofa", "three birds", "a long caption " * 10, "red", "blue"]

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from factories import make_openai_state_dict, make_state_dict
-from specs_metric.checkpoint import CheckpointError, stretch_positional_embedding
-from specs_metric.factory import build_model
-from specs_metric.model import config_from_state_dict, is_fp16_rounded
-from specs_metric.tokenizer import default_tokenizer
+from specs_metric.errors import CheckpointError
+from specs_metric.models.factory import build_model
+from specs_metric.models.model import config_from_state_dict, is_fp16_rounded
+from specs_metric.models.weights.checkpoint import stretch_positional_embedding
+from specs_metric.processing.tokenizer import default_tokenizer
 
 ROUNDED = {
     "visual.conv1.weight",

@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 from factories import make_state_dict
-from specs_metric import pretrained
-from specs_metric.checkpoint import save_state_dict
 from specs_metric.cli import main
-from specs_metric.config import PreprocessConfig
-from specs_metric.scorer import load
-from specs_metric.tokenizer import EOT_ID, SOT_ID, Tokenizer, literal_special_warning
-from specs_metric.transform import center_crop, preprocess
+from specs_metric.models.weights import pretrained
+from specs_metric.models.weights.checkpoint import save_state_dict
+from specs_metric.processing.preprocess import PreprocessConfig
+from specs_metric.processing.tokenizer import EOT_ID, SOT_ID, Tokenizer, literal_special_warning
+from specs_metric.processing.transform import center_crop, preprocess
+from specs_metric.scoring.scorer import load
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -80,7 +80,7 @@ def test_models_lists_cached_state(hub_cache, monkeypatch, capsys):
 
 def test_registry_hf_entries_are_checked_against_their_arch():
     for entry in pretrained.REGISTRY.values():
-        from specs_metric.archs import ARCHS
+        from specs_metric.models.archs import ARCHS
 
         assert entry.arch in ARCHS, entry.name
         assert entry.layout in ("openai", "hf")
@@ -116,7 +116,7 @@ def test_score_marks_rows_with_a_literal_endoftext(tmp_path, capsys):
     assert rows[1]["warning"] is None and rows[2]["warning"] is None
     # cut at the literal token, as the reference does: the score of the text before it
     assert rows[0]["cosine"] == pytest.approx(rows[1]["cosine"], abs=1e-6)
-    from specs_metric.results import summarize
+    from specs_metric.jobs.results import summarize
 
     assert summarize(out)["n_warnings"] == 1
 

@@ -1,11 +1,11 @@
-"""Exact mode's full-fp32 switch (specs_metric.numerics)."""
+"""Exact mode's full-fp32 switch (specs_metric.runtime.numerics)."""
 
 import torch
 
 from factories import make_state_dict
-from specs_metric.factory import build_model
-from specs_metric.numerics import strict_fp32, tf32_flags
-from specs_metric.scorer import Scorer
+from specs_metric.models.factory import build_model
+from specs_metric.runtime.numerics import strict_fp32, tf32_flags
+from specs_metric.scoring.scorer import Scorer
 
 
 def test_strict_fp32_turns_tf32_off_and_restores_the_settings():

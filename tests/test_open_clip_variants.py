@@ -1,7 +1,7 @@
 """open_clip-style OpenAI-layout files: GELU, non-64-wide heads, other MLP widths.
 
 Expected embeddings come from a forward written here with plain tensor operations,
-independently of ``specs_metric.model``.
+independently of ``specs_metric.models.model``.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ import pytest
 import torch
 
 from factories import make_openai_state_dict
-from specs_metric.archs import ARCHS
-from specs_metric.checkpoint import CheckpointError, save_state_dict
 from specs_metric.cli import main
-from specs_metric.config import ConfigError, config_from_state_dict
-from specs_metric.factory import model_from_checkpoint
-from specs_metric.loading import read_checkpoint
-from specs_metric.tokenizer import default_tokenizer
+from specs_metric.errors import CheckpointError, ConfigError
+from specs_metric.models.archs import ARCHS
+from specs_metric.models.config import config_from_state_dict
+from specs_metric.models.factory import model_from_checkpoint
+from specs_metric.models.weights.checkpoint import save_state_dict
+from specs_metric.models.weights.loading import read_checkpoint
+from specs_metric.processing.tokenizer import default_tokenizer
 
 # --------------------------------------------------------------- independent forward
 

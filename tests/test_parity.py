@@ -17,11 +17,11 @@ import torch
 
 import factories
 import specs_metric
-from specs_metric.checkpoint import clip_to_longclip, stretch_positional_embedding
-from specs_metric.factory import build_model, load_state_dict
-from specs_metric.scorer import Scorer
-from specs_metric.tokenizer import Tokenizer
-from specs_metric.transform import open_image, preprocess
+from specs_metric.models.factory import build_model, load_state_dict
+from specs_metric.models.weights.checkpoint import clip_to_longclip, stretch_positional_embedding
+from specs_metric.processing.tokenizer import Tokenizer
+from specs_metric.processing.transform import open_image, preprocess
+from specs_metric.scoring.scorer import Scorer
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 ATOL = 1e-5

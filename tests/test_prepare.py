@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from specs_metric.cli import main
-from specs_metric.tokenizer import default_tokenizer
+from specs_metric.processing.tokenizer import default_tokenizer
 from specs_metric.training.examples import read_table
 from specs_metric.training.prepare import (
     PrepareError,

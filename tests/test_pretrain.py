@@ -1,13 +1,13 @@
-"""The demo recipe's shared pieces (specs_metric.synth.pretrain)."""
+"""The demo recipe's shared pieces (specs_metric.demo.recipe)."""
 
 from __future__ import annotations
 
 import torch
 
 from factories import make_state_dict
-from specs_metric.checkpoint import read_state_dict, save_state_dict
-from specs_metric.synth.pretrain import DEMO_FILES, Settings, export_demo, segments, token_batch
-from specs_metric.tokenizer import EOT_ID, SOT_ID, default_tokenizer
+from specs_metric.demo.recipe import DEMO_FILES, Settings, export_demo, segments, token_batch
+from specs_metric.models.weights.checkpoint import read_state_dict, save_state_dict
+from specs_metric.processing.tokenizer import EOT_ID, SOT_ID, default_tokenizer
 
 
 def test_token_batch_keeps_eot_last_when_cutting():

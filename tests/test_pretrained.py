@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from factories import make_state_dict
-from specs_metric import pretrained
 from specs_metric.cli import main
-from specs_metric.pretrained import REGISTRY, ModelNotAvailableError, PretrainedModel, resolve
+from specs_metric.errors import ModelNotAvailableError
+from specs_metric.models.weights import pretrained
+from specs_metric.models.weights.pretrained import REGISTRY, PretrainedModel, resolve
 
 REQUIRED = [
     "specs-b32",

@@ -1,4 +1,4 @@
-"""``specs score --engine ray`` and ``specs_metric.ray.score`` on a local 2-CPU Ray cluster."""
+"""``specs score --engine ray`` and ``specs_metric.jobs.ray.score`` on a local 2-CPU Ray cluster."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specs_metric.cli import main
-from specs_metric.results import read_output
+from specs_metric.jobs.results import read_output
 from test_datasets import N_PAIRS, _jsonl, _same, _score, _table, world  # noqa: F401
 
 ray = pytest.importorskip("ray")
@@ -64,14 +64,14 @@ def test_ray_engine_equals_the_local_job(world, cluster, tmp_path):  # noqa: F81
 
 
 def test_python_api_scores_a_ray_dataset(world, cluster, tmp_path):  # noqa: F811
-    import specs_metric.ray
+    import specs_metric.jobs.ray
 
     d, pairs = world
     reference = _score(d, _jsonl(world, tmp_path / "in.jsonl"), tmp_path / "ref.jsonl")
     table = _table(world, struct=True).rename_columns(["id", "image", "caption"])
     pq.write_table(table, tmp_path / "t.parquet", row_group_size=5)
     dataset = ray.data.read_parquet(str(tmp_path / "t.parquet"))
-    scored = specs_metric.ray.score(dataset, model=str(d / "tiny.pt"), rows_per_batch=8)
+    scored = specs_metric.jobs.ray.score(dataset, model=str(d / "tiny.pt"), rows_per_batch=8)
     rows = scored.take_all()
     assert set(rows[0]) == {"id", "caption", "score", "cosine", "tokens", "truncated", "error"}
     # other batches than the job's chunk and more threads: equal to float32 rounding
@@ -104,7 +104,7 @@ def test_ray_output_dir_streams_all_shards_through_one_pipeline(world, cluster, 
 
 
 def test_ray_resume_keeps_whole_chunks_and_scores_only_the_rest(world, cluster, tmp_path, capsys):  # noqa: F811
-    from specs_metric.results import json_line, part_path
+    from specs_metric.jobs.results import json_line, part_path
 
     d, pairs = world
     src = _jsonl(world, tmp_path / "in.jsonl")
@@ -154,9 +154,9 @@ def test_ray_resume_keeps_whole_chunks_and_scores_only_the_rest(world, cluster, 
 
 
 def test_ray_job_items_leave_out_the_rows_kept_on_resume(world, tmp_path):  # noqa: F811
-    from specs_metric.job import JobConfig
-    from specs_metric.ray_jobs import _file_rows, _job_items
-    from specs_metric.sources import SourceOptions
+    from specs_metric.data.rows import SourceOptions
+    from specs_metric.jobs.job import JobConfig
+    from specs_metric.jobs.ray_jobs import _file_rows, _job_items
 
     d, pairs = world
     sizes = (4, 3, 5)

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from specs_metric.cli import main
-from specs_metric.report_html import delta_color, delta_scale, explain_page, sweep_page
+from specs_metric.evaluation.reports.html import delta_color, delta_scale, explain_page, sweep_page
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(
@@ -247,7 +247,7 @@ def test_compare_page_of_two_explain_outputs(tmp_path):
 
 @needs_chromium
 def test_sweep_page_with_its_plot(tmp_path):
-    from specs_metric.bench.report import plot_sweep
+    from specs_metric.evaluation.reports.report import plot_sweep
 
     cks = []
     for k, m in enumerate([0.52, 0.55, 0.54, 0.6]):

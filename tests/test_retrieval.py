@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from factories import make_state_dict
-from specs_metric.bench.ranking import recall_from_similarity, retrieval_ranks, target_ranks
-from specs_metric.bench.retrieval import RetrievalDataError, evaluate_retrieval, read_retrieval
 from specs_metric.cli import main
-from specs_metric.scorer import load
-from specs_metric.transform import ImageError
+from specs_metric.errors import ImageError
+from specs_metric.evaluation.ranking import recall_from_similarity, retrieval_ranks, target_ranks
+from specs_metric.evaluation.retrieval import RetrievalDataError, evaluate_retrieval, read_retrieval
+from specs_metric.scoring.scorer import load
 from subprocesses import torchrun
 
 # --------------------------------------------------------------------------------------

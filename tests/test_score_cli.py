@@ -18,7 +18,7 @@ from PIL import Image
 from factories import make_state_dict
 from factories import score_args as _base
 from specs_metric.cli import main
-from specs_metric.results import read_output
+from specs_metric.jobs.results import read_output
 from subprocesses import child_env, torchrun
 
 

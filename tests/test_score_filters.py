@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from specs_metric.cli import main
-from specs_metric.results import read_output
+from specs_metric.jobs.results import read_output
 from test_datasets import world  # noqa: F401
 
 README = Path(__file__).resolve().parents[1] / "README.md"

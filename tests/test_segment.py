@@ -8,10 +8,10 @@ import re
 
 import pytest
 
-from specs_metric.training import segment
-from specs_metric.training.segment import (
+from specs_metric.errors import SegmenterError
+from specs_metric.processing import segmentation as segment
+from specs_metric.processing.segmentation import (
     ChunkSegmenter,
-    SegmenterError,
     chunk_sentence,
     clause_segments,
     get_segmenter,

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from factories import make_state_dict
-from specs_metric.factory import build_model
-from specs_metric.results import read_output
-from specs_metric.scorer import Scorer
+from specs_metric.jobs.results import read_output
+from specs_metric.models.factory import build_model
+from specs_metric.scoring.scorer import Scorer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

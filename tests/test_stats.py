@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from specs_metric.bench import stats
+from specs_metric.evaluation import stats
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

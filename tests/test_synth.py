@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from specs_metric.cli import main
+from specs_metric.processing.tokenizer import default_tokenizer
 from specs_metric.synth import Scene, generate, parse_segment, segment_text, truth
 from specs_metric.synth.world import COLOURS, HELD_OUT_PAIRS
-from specs_metric.tokenizer import default_tokenizer
 
 N_SCENES = 40
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from specs_metric.bench import text_metrics as tm
+from specs_metric.evaluation import text_metrics as tm
 
 CANDS = [
     "a dog runs on the grass in a park",

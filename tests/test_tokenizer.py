@@ -16,7 +16,7 @@ from importlib import resources
 import ftfy
 import regex
 
-from specs_metric.tokenizer import EOT_ID, SOT_ID, Tokenizer, clean_text
+from specs_metric.processing.tokenizer import EOT_ID, SOT_ID, Tokenizer, clean_text
 
 _PATTERN = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from factories import make_openai_state_dict, make_state_dict
-from specs_metric.checkpoint import read_state_dict, save_state_dict
 from specs_metric.cli import main
-from specs_metric.factory import build_model
-from specs_metric.tokenizer import default_tokenizer
+from specs_metric.models.factory import build_model
+from specs_metric.models.weights.checkpoint import read_state_dict, save_state_dict
+from specs_metric.processing.tokenizer import default_tokenizer
 from specs_metric.training.prepare import prepare_dataset
 from specs_metric.training.trainer import TrainConfig, Trainer, lr_factor, train
 from subprocesses import child_env
@@ -82,7 +82,7 @@ def test_lr_schedule_matches_reference_formula():
 
 def evaluate(path: Path, rows: list[dict], margin: float = 1.0) -> tuple[float, float, float]:
     """Contrastive, detail and negative terms over every (row, i) with a fixed margin."""
-    from specs_metric.transform import open_image, preprocess
+    from specs_metric.processing.transform import open_image, preprocess
 
     model = build_model(read_state_dict(path), reference_rounding=False)
     tok = default_tokenizer()
@@ -203,7 +203,7 @@ def test_trained_checkpoint_scores_through_specs_score(workdir, tmp_path):
     trainer = Trainer(config(workdir, "toscore", max_steps=2))
     result = trainer.run()
     model = trainer.model.eval()
-    from specs_metric.transform import open_image, preprocess
+    from specs_metric.processing.transform import open_image, preprocess
 
     rows = [{"image": str(workdir / f"{c}.png"), "caption": caption_for(c2)}
             for c, c2 in zip(COLORS, COLORS[1:] + COLORS[:1], strict=True)]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from specs_metric.processing.transform import load_and_preprocess
 from specs_metric.training.data import SpecificityDataset
-from specs_metric.transform import load_and_preprocess
 
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
 STD = np.array([0.26862954, 0.26130258, 0.27577711])

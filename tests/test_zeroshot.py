@@ -13,16 +13,16 @@ import torch
 from PIL import Image
 
 from factories import make_state_dict
-from specs_metric.bench.templates import TEMPLATES, get_classes, get_templates
-from specs_metric.bench.zeroshot import (
+from specs_metric.cli import main
+from specs_metric.evaluation.templates import TEMPLATES, get_classes, get_templates
+from specs_metric.evaluation.zeroshot import (
     LabelledDataError,
     class_embeddings,
     evaluate_zeroshot,
     read_labelled,
     topk_accuracy,
 )
-from specs_metric.cli import main
-from specs_metric.scorer import load
+from specs_metric.scoring.scorer import load
 from subprocesses import torchrun
 
 COLOURS = {"red": (210, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 210), "gray": (128,) * 3}

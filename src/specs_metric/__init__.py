@@ -18,7 +18,12 @@ __all__ = ["SPECSScore", "Scorer", "load", "specs_score", "__version__"]
 
 # The public names load on first use, so that importing the package (e.g. for the
 # command line's ``specs --help``) does not import torch.
-_LAZY = {"SPECSScore": "metric", "specs_score": "metric", "Scorer": "scorer", "load": "scorer"}
+_LAZY = {
+    "SPECSScore": "scoring.metric",
+    "specs_score": "scoring.metric",
+    "Scorer": "scoring.scorer",
+    "load": "scoring.scorer",
+}
 
 
 def __getattr__(name: str):

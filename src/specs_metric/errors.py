@@ -1,13 +1,85 @@
-"""The error family for data that does not follow its documented layout.
+"""The project's errors: one family, one module.
 
-Every reader of the project (scoring rows, training sets, sDCI, retrieval, zero-shot and
-human-judgment data) raises :class:`DataError`, with a message that names the file and,
-where there is one, the row. It is a ``ValueError``, so the ``specs`` command line reports
-it in one line (exit status 2).
+Every problem a user can cause or fix (bad input, an unusable file or checkpoint, a setting
+that does not fit, an output that would be overwritten) raises a :class:`SpecsError` kind
+with a one-line message naming the file, row or option. The ``specs`` command line prints
+these, and ``OSError`` (a missing file, a full disk), in one line and exits with status 2;
+any other exception is a bug and keeps its traceback.
+
+:class:`SpecsError` is a ``ValueError``, so code written against the older per-module
+errors (``except ValueError``) keeps working.
+
+Example:
+    >>> issubclass(ImageError, SpecsError), issubclass(SpecsError, ValueError)
+    (True, True)
 """
 
 from __future__ import annotations
 
 
-class DataError(ValueError):
+class SpecsError(ValueError):
+    """A problem with the user's input, files or settings (a one-line message)."""
+
+
+class UsageError(SpecsError):
+    """Options that cannot work together, or a value an option does not take."""
+
+
+class DataError(SpecsError):
     """A data set that does not follow its layout (the message names the file and row)."""
+
+
+class PrepareError(DataError):
+    """Input rows of ``specs prepare`` that cannot be read at all."""
+
+
+class ImageError(SpecsError):
+    """An image that cannot be used; the message names the file and the problem."""
+
+
+class CaptionTooLongError(SpecsError):
+    """A caption over the context length under the ``error`` policy."""
+
+
+class SegmenterError(SpecsError):
+    """A segmenter that cannot run (e.g. the NLTK data it needs is missing)."""
+
+
+class ConfigError(SpecsError):
+    """An architecture or preprocessing description that is invalid or contradicts weights."""
+
+
+class CheckpointError(SpecsError):
+    """A checkpoint file that cannot be read safely or does not describe a usable model."""
+
+
+class ModelNotAvailableError(SpecsError):
+    """A named model that is neither cached nor downloadable now."""
+
+
+class JobError(SpecsError):
+    """A job that cannot start or finish correctly."""
+
+
+class OutputLockedError(JobError):
+    """Another job holds the lock of this output."""
+
+
+class OutputError(JobError):
+    """An output that would overwrite an input, an earlier result or a file it must not."""
+
+
+class InterruptedJobError(JobError):
+    """A job stopped by a signal or a dead worker; its rows so far are kept for resume."""
+
+
+class CompareError(SpecsError):
+    """Two score files that cannot be compared."""
+
+
+class SweepError(SpecsError):
+    """Checkpoint files a sweep cannot score or test."""
+
+
+class TrainError(SpecsError):
+    """A training run that cannot start or continue."""

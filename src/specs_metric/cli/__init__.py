@@ -175,8 +175,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     handling them imports nothing heavy."""
     found: list[type[BaseException]] = [OSError, ValueError]
     for module, name in (
-        ("specs_metric.checkpoint", "CheckpointError"),
-        ("specs_metric.pretrained", "ModelNotAvailableError"),
+        ("specs_metric.models.weights.checkpoint", "CheckpointError"),
+        ("specs_metric.models.weights.pretrained", "ModelNotAvailableError"),
     ):
         if module in sys.modules:
             found.append(getattr(sys.modules[module], name))
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    from specs_metric.runtime import leave_process_group, process_group_open
+    from specs_metric.runtime.policy import leave_process_group, process_group_open
 
     group_was_open = process_group_open()  # a caller's group is the caller's to close
     succeeded = False

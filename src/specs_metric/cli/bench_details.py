@@ -13,8 +13,8 @@ from specs_metric.cli.common import add_model_options, load_scorer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from specs_metric.bench.details import ATTRIBUTIONS
-    from specs_metric.explain import NEUTRAL_SENTENCE
+    from specs_metric.evaluation.details import ATTRIBUTIONS
+    from specs_metric.scoring.explain import NEUTRAL_SENTENCE
 
     p = subparsers.add_parser(
         "details",
@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.bench.details import markdown_table, read_graded, run_details
+    from specs_metric.evaluation.details import markdown_table, read_graded, run_details
 
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from specs_metric.bench.human import DEFAULT_MODEL, FORMATS
 from specs_metric.cli.common import add_model_options, load_scorer, positive_int, probability
-from specs_metric.jsonio import dumps
+from specs_metric.evaluation.human import DEFAULT_MODEL, FORMATS
+from specs_metric.io.jsonio import dumps
 
 
 def _candidates(text: str | None) -> dict[str, str] | None:
@@ -64,14 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.bench.human import (
+    from specs_metric.evaluation.human import (
         evaluate,
         iter_score_rows,
         parse_metrics,
         read_judgments,
         run_metrics,
     )
-    from specs_metric.bench.report import human_markdown, write_human_report
+    from specs_metric.evaluation.reports.report import human_markdown, write_human_report
 
     try:
         metrics = parse_metrics(args.metrics, args.model)

@@ -15,7 +15,7 @@ from specs_metric.cli.common import (
     nonnegative_int,
     positive_int,
 )
-from specs_metric.jsonio import dumps
+from specs_metric.io.jsonio import dumps
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,8 +72,7 @@ def _per_image(rows, scores, rates=None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.errors import DataError
-    from specs_metric.transform import ImageError
+    from specs_metric.errors import DataError, ImageError
 
     try:
         return _run(args)
@@ -83,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from specs_metric.bench.intrinsic import embed_row_images, run_intrinsic, time_prefix_reuse
-    from specs_metric.bench.sdci import read_sdci
+    from specs_metric.evaluation.intrinsic import embed_row_images, run_intrinsic, time_prefix_reuse
+    from specs_metric.evaluation.sdci import read_sdci
 
     rows = read_sdci(args.data, args.split, args.image_root)
     if args.limit is not None:

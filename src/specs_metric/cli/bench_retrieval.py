@@ -45,7 +45,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
 
 def setup(args: argparse.Namespace):
     """torchrun position and device of this process."""
-    from specs_metric.distributed import init_from_env, local_device
+    from specs_metric.runtime.distributed import init_from_env, local_device
 
     info = init_from_env(args.device)
     return info, local_device(info, args.device)
@@ -122,14 +122,14 @@ def embed_options(args: argparse.Namespace) -> dict:
 
 def save_results(args: argparse.Namespace, header: dict, results: list[dict], done: bool) -> None:
     """Write the JSON report (after every model, so a long multi-model run keeps its work)."""
-    from specs_metric.bench.report import write_json
+    from specs_metric.evaluation.reports.report import write_json
 
     if args.json is not None:
         write_json({**header, "complete": done, "results": results}, args.json)
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.bench.retrieval import evaluate_retrieval, read_retrieval
+    from specs_metric.evaluation.retrieval import evaluate_retrieval, read_retrieval
 
     ks = parse_ks(args.ks)
     info, device = setup(args)

@@ -18,7 +18,7 @@ from specs_metric.cli.bench_retrieval import (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from specs_metric.bench.templates import TEMPLATES, class_set_names
+    from specs_metric.evaluation.templates import TEMPLATES, class_set_names
 
     p = subparsers.add_parser(
         "zeroshot",
@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.bench.templates import get_templates
-    from specs_metric.bench.zeroshot import evaluate_zeroshot, read_labelled
+    from specs_metric.evaluation.templates import get_templates
+    from specs_metric.evaluation.zeroshot import evaluate_zeroshot, read_labelled
 
     ks = parse_ks(args.ks)
     templates = get_templates(args.templates)

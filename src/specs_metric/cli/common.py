@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from specs_metric.runtime import INFERENCE_PRECISIONS
+from specs_metric.runtime.policy import INFERENCE_PRECISIONS
 
 
 def positive_int(text: str) -> int:
@@ -129,7 +129,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 def load_scorer(args: argparse.Namespace, name: str, device=None):
     """Load ``name`` with the options of :func:`add_model_options`."""
-    from specs_metric.scorer import load
+    from specs_metric.scoring.scorer import load
 
     return load(
         name,

@@ -53,9 +53,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.bench.report import compare_markdown, plot_distributions, write_json
-    from specs_metric.compare import CompareError, compare_files
-    from specs_metric.report_html import compare_page
+    from specs_metric.errors import CompareError
+    from specs_metric.evaluation.compare import compare_files
+    from specs_metric.evaluation.reports.html import compare_page
+    from specs_metric.evaluation.reports.report import (
+        compare_markdown,
+        plot_distributions,
+        write_json,
+    )
 
     try:
         result = compare_files(

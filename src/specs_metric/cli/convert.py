@@ -49,11 +49,11 @@ def _is_openai_convention(config) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.checkpoint import save_state_dict
-    from specs_metric.config import config_metadata
-    from specs_metric.factory import model_from_checkpoint
-    from specs_metric.hf import write_folder
-    from specs_metric.loading import read_checkpoint
+    from specs_metric.models.config import config_metadata
+    from specs_metric.models.factory import model_from_checkpoint
+    from specs_metric.models.weights.checkpoint import save_state_dict
+    from specs_metric.models.weights.hf import write_folder
+    from specs_metric.models.weights.loading import read_checkpoint
 
     to = args.to
     if to == "auto":

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from specs_metric.cli.common import add_model_options, load_scorer
-from specs_metric.scales import SCALES
+from specs_metric.scoring.scales import SCALES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from specs_metric.explain import ATTRIBUTIONS, DEFAULT_SEGMENTER, NEUTRAL_SENTENCE
-    from specs_metric.training.segment import SEGMENTERS
+    from specs_metric.processing.segmentation import SEGMENTERS
+    from specs_metric.scoring.explain import ATTRIBUTIONS, DEFAULT_SEGMENTER, NEUTRAL_SENTENCE
 
     p = subparsers.add_parser(
         "explain",
@@ -62,8 +62,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.explain_files import ExplainConfig, explain_file
-    from specs_metric.training.segment import SegmenterError
+    from specs_metric.errors import SegmenterError
+    from specs_metric.jobs.explain_files import ExplainConfig, explain_file
 
     if args.chunk_rows < 1 or args.batch_size < 1:
         raise ValueError("--chunk-rows and --batch-size must be at least 1")
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     except SegmenterError as exc:
         raise ValueError(str(exc)) from exc
     if args.html is not None:
-        from specs_metric.report_html import explain_page
+        from specs_metric.evaluation.reports.html import explain_page
 
         title = f"specs explain: {args.input.name} ({scorer.name}, {args.attribution})"
         root = args.image_root if args.image_root is not None else args.input.parent

@@ -18,13 +18,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.archs:
-        from specs_metric.archs import ARCHS
+        from specs_metric.models.archs import ARCHS
 
         width = max(len(name) for name in ARCHS)
         for arch in ARCHS.values():
             print(f"{arch.name:<{width}}  {arch.description}")
         return 0
-    from specs_metric.pretrained import REGISTRY, is_cached
+    from specs_metric.models.weights.pretrained import REGISTRY, is_cached
 
     width = max(len(name) for name in REGISTRY)
     for entry in REGISTRY.values():

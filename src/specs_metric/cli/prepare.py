@@ -10,8 +10,8 @@ from specs_metric.cli.common import positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from specs_metric.processing.segmentation import DEFAULT_SEGMENTER, SEGMENTERS
     from specs_metric.training.prepare import DEFAULT_SHUFFLE_FRACTION
-    from specs_metric.training.segment import DEFAULT_SEGMENTER, SEGMENTERS
 
     parser = subparsers.add_parser(
         "prepare",
@@ -56,8 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from specs_metric.errors import SegmenterError
     from specs_metric.training.prepare import PrepareError, prepare_dataset
-    from specs_metric.training.segment import SegmenterError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -14,8 +14,8 @@ from specs_metric.cli.common import (
     nonnegative_int,
     positive_int,
 )
-from specs_metric.runtime import CPU_POLICY, CUDA_TOKEN_BUDGET
-from specs_metric.scales import SCALES
+from specs_metric.runtime.policy import CPU_POLICY, CUDA_TOKEN_BUDGET
+from specs_metric.scoring.scales import SCALES
 
 BY_DEVICE = "default: by device"
 
@@ -129,10 +129,10 @@ def check_output_is_not_input(source: Path, output: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.distributed import DistInfo, init_from_env, local_device
-    from specs_metric.job import JobConfig, run_job
-    from specs_metric.shards import run_shards
-    from specs_metric.sources import SourceOptions
+    from specs_metric.data.rows import SourceOptions
+    from specs_metric.jobs.job import JobConfig, run_job
+    from specs_metric.jobs.shards import run_shards
+    from specs_metric.runtime.distributed import DistInfo, init_from_env, local_device
 
     if args.output is not None:
         check_output_is_not_input(Path(args.input), args.output)
@@ -161,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
     )
     if args.engine == "ray":
-        from specs_metric.ray import RayOptions
-        from specs_metric.ray_jobs import run_ray_jobs
+        from specs_metric.jobs.ray import RayOptions
+        from specs_metric.jobs.ray_jobs import run_ray_jobs
 
         info = DistInfo()
         ray_options = RayOptions(

@@ -14,7 +14,7 @@ from specs_metric.cli.common import (
     positive_int,
     probability,
 )
-from specs_metric.scales import SCALES
+from specs_metric.scoring.scales import SCALES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -90,7 +90,8 @@ def _table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.sweep import SweepError, SweepOptions, run_sweep
+    from specs_metric.errors import SweepError
+    from specs_metric.evaluation.sweep import SweepOptions, run_sweep
 
     if args.n_boot < 1 or args.n_perm < 1:
         raise ValueError("--n-boot and --n-perm must be at least 1")

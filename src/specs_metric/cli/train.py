@@ -8,7 +8,7 @@ import os
 import sys
 
 from specs_metric.cli.common import add_device_option, nonnegative_int, positive_int
-from specs_metric.runtime import TRAINING_AUTOCAST
+from specs_metric.runtime.policy import TRAINING_AUTOCAST
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,8 +102,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.checkpoint import CheckpointError
-    from specs_metric.training.trainer import TrainConfig, TrainError, train
+    from specs_metric.errors import CheckpointError, TrainError
+    from specs_metric.training.trainer import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TrainConfig(

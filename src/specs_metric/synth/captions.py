@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specs_metric.processing.tokenizer import Tokenizer
 from specs_metric.synth.world import (
     COLOUR_NAMES,
     GRID,
@@ -52,7 +53,6 @@ from specs_metric.synth.world import (
     scene_facts,
     truth,
 )
-from specs_metric.tokenizer import Tokenizer
 
 MIN_CAPTION_TOKENS = 60
 MAX_CAPTION_TOKENS = 240

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from specs_metric.processing.tokenizer import default_tokenizer
 from specs_metric.synth import world
 from specs_metric.synth.captions import (
     GRADED_PER_SCENE,
@@ -40,7 +41,6 @@ from specs_metric.synth.captions import (
 )
 from specs_metric.synth.render import render_scene
 from specs_metric.synth.world import Split, sample_scene, scene_rng
-from specs_metric.tokenizer import default_tokenizer
 
 SPLITS: tuple[Split, ...] = ("train", "test")
 

@@ -1,6 +1,6 @@
 """Training SPECS: data preparation, the specificity objective and the trainer.
 
-- :mod:`~specs_metric.training.segment`: cutting captions into detail segments.
+- :mod:`~specs_metric.processing.segmentation`: cutting captions into detail segments.
 - :mod:`~specs_metric.training.examples`: reading the input rows of ``specs prepare``.
 - :mod:`~specs_metric.training.prepare`: building cumulative captions and negatives.
 - :mod:`~specs_metric.training.loss`: :class:`SpecificityLoss` (docs/training.md, "Objective"),

@@ -29,9 +29,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
-from specs_metric.tokenizer import Tokenizer, default_tokenizer, truncate_ids
+from specs_metric.data.images import image_source
+from specs_metric.errors import DataError, ImageError, TrainError
+from specs_metric.processing.tokenizer import Tokenizer, default_tokenizer, truncate_ids
+from specs_metric.processing.transform import open_image, preprocess
 from specs_metric.training.examples import read_table
-from specs_metric.transform import ImageError, open_image, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def training_pixels(image: Image.Image, resolution: int) -> torch.Tensor:
     This is the reference's training recipe: its SPECS training script decodes every image
     file straight to RGB (torchvision's RGB read mode) and only then applies its resize /
     crop / normalise transform, while its scoring pipeline converts to RGB after resizing
-    (:func:`specs_metric.transform.preprocess`). The two agree on RGB images; on RGBA
+    (:func:`specs_metric.processing.transform.preprocess`). The two agree on RGB images; on RGBA
     images (PIL resizes them with premultiplied alpha) and palette images (PIL resizes
     them with nearest-neighbour) they differ, and training keeps the reference's order.
     """
@@ -68,7 +70,8 @@ class SpecificityDataset(Dataset):
         details: build ``B``, ``D``, ``N`` (the specificity objective). When False only
             ``image`` and ``caption`` are needed (contrastive pre-training).
         seed: seed of the per-row index draw.
-        image_root: directory relative image paths are joined to.
+        image_root: folder relative image paths resolve against (default: the folder of
+            the data file, or the working folder for an in-memory table).
         tokenizer: the tokenizer (default: the project tokenizer).
 
     Items are dicts with ``pixels`` (3, R, R), ``row``, and LongTensor token ids for each of
@@ -88,6 +91,15 @@ class SpecificityDataset(Dataset):
         tokenizer: Tokenizer | None = None,
     ) -> None:
         source = str(table) if not isinstance(table, pa.Table) else "training table"
+        # Relative image paths resolve like every other input's: against the image root,
+        # else the data file's folder (a datasets folder: itself), else the working folder.
+        if image_root is not None:
+            self.image_root = Path(image_root)
+        elif not isinstance(table, pa.Table):
+            path = Path(table)
+            self.image_root = path if path.is_dir() else path.parent
+        else:
+            self.image_root = Path.cwd()
         if not isinstance(table, pa.Table):
             table = read_table(table)
         needed = ["image", "caption"] + (["captions", "neg_captions"] if details else [])
@@ -110,7 +122,6 @@ class SpecificityDataset(Dataset):
         self.context_length = context_length
         self.details = details
         self.seed = seed
-        self.image_root = Path(image_root) if image_root is not None else None
         self.tokenizer = tokenizer or default_tokenizer()
         self.epoch = 0
 
@@ -124,12 +135,14 @@ class SpecificityDataset(Dataset):
     def _cell(self, column: str, row: int):
         return self.table.column(column)[row].as_py()
 
-    def _image_source(self, value) -> str | bytes:
-        if isinstance(value, dict):
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, str) and self.image_root is not None and not Path(value).is_absolute():
-            return str(self.image_root / value)
-        return value
+    def image_source(self, index: int) -> str | bytes:
+        """Item ``index``'s image, as a path or encoded bytes.
+
+        Raises:
+            DataError: a cell that names no image.
+        """
+        row = int(self.rows[index])
+        return image_source(self._cell("image", row), self.image_root, f"row {row}")
 
     def _ids(self, text: str) -> torch.Tensor:
         ids = truncate_ids(self.tokenizer.token_ids(text), self.context_length)
@@ -137,10 +150,9 @@ class SpecificityDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict | None:
         row = int(self.rows[index])
-        source = self._image_source(self._cell("image", row))
         try:
-            pixels = training_pixels(open_image(source), self.resolution)
-        except (ImageError, OSError, ValueError) as exc:
+            pixels = training_pixels(open_image(self.image_source(index)), self.resolution)
+        except (DataError, ImageError) as exc:
             log.warning("row %d: skipping image: %s", row, exc)
             return None
         item = {"row": row, "pixels": pixels, "caption": self._ids(self._cell("caption", row))}
@@ -215,3 +227,28 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return max(self.num_samples - self.start, 0)
+
+
+# Images tried before training starts: one that decodes is enough to go on.
+PROBE_IMAGES = 256
+
+
+def check_images_readable(dataset: SpecificityDataset, limit: int = PROBE_IMAGES) -> None:
+    """Refuse a data set none of whose first ``limit`` images can be read: training would
+    skip every batch and save an unchanged model.
+
+    Raises:
+        TrainError: naming the first failure and where relative paths resolve.
+    """
+    first = None
+    tried = min(limit, len(dataset))
+    for index in range(tried):
+        try:
+            open_image(dataset.image_source(index))
+            return
+        except (DataError, ImageError) as exc:
+            first = first or str(exc)
+    raise TrainError(
+        f"none of the {tried} image(s) tried can be read (first: {first}); relative image "
+        f"paths resolve against --image-root, else the data file's folder ({dataset.image_root})"
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,19 +17,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
-from specs_metric.errors import DataError
-from specs_metric.hf_datasets import (
+from specs_metric.data.hf_folders import (
     choose_split,
     dataset_splits,
     is_dataset_folder,
     read_files,
     split_files,
 )
-from specs_metric.jsonio import read_jsonl
-
-
-class PrepareError(DataError):
-    """Input that cannot be read at all (the message names the file and the row)."""
+from specs_metric.data.images import resolve_image_cell
+from specs_metric.errors import DataError, ImageError, PrepareError
+from specs_metric.io.jsonio import read_jsonl
+from specs_metric.io.reading import open_regular
+from specs_metric.limits import MAX_IMAGE_BYTES
 
 
 @dataclass
@@ -139,25 +139,30 @@ def iter_examples(path: str | Path) -> Iterator[Example]:
 
 
 def resolve_image(image: Any, root: Path) -> str | bytes | None:
-    """A path string (relative paths joined to ``root``) or encoded bytes; None if absent."""
-    if isinstance(image, dict):  # the datasets Image feature: {"bytes": ..., "path": ...}
-        image = image.get("bytes") or image.get("path")
-    if isinstance(image, (bytes, bytearray)):
-        return bytes(image)
-    if not isinstance(image, str) or not image.strip():
+    """A path (relative paths resolved by the one rule of :mod:`specs_metric.data.images`,
+    made absolute so the training table works from any folder) or encoded bytes; None for a
+    cell that names no image."""
+    try:
+        source = resolve_image_cell(image, root).source
+    except DataError:
         return None
-    path = Path(image)
-    return str(path if path.is_absolute() else root / path)
+    return source if isinstance(source, bytes) else os.path.abspath(source)
 
 
 def image_problem(image: str | bytes | None) -> str | None:
-    """``"missing_image"``, ``"unreadable_image"`` or None (header check, like the reference)."""
+    """``"missing_image"``, ``"unreadable_image"`` or None (header check, like the reference).
+
+    Files are opened by the bounded reader: a FIFO or a device is missing, never read."""
     if image is None:
         return "missing_image"
-    if isinstance(image, str) and not Path(image).is_file():
+    try:
+        fh = io.BytesIO(image) if isinstance(image, bytes) else open_regular(
+            image, max_bytes=MAX_IMAGE_BYTES, what="image file", error=ImageError
+        )
+    except ImageError:
         return "missing_image"
     try:
-        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+        with fh, Image.open(fh) as img:
             img.size  # noqa: B018 - the header must parse
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return "unreadable_image"

@@ -37,15 +37,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from specs_metric.tokenizer import Tokenizer, clean_text, default_tokenizer
-from specs_metric.training.examples import (
-    Example,
-    PrepareError,
-    image_problem,
-    iter_examples,
-    resolve_image,
-)
-from specs_metric.training.segment import DEFAULT_SEGMENTER, Segmenter, get_segmenter
+from specs_metric.errors import PrepareError
+from specs_metric.processing.segmentation import DEFAULT_SEGMENTER, Segmenter, get_segmenter
+from specs_metric.processing.tokenizer import Tokenizer, clean_text, default_tokenizer
+from specs_metric.training.examples import Example, image_problem, iter_examples, resolve_image
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ SPECS recipe) and the learning-rate schedule (:func:`lr_factor`).
 Learning rate of optimizer update ``k`` (1-based): ``lr * (k + 1) / warmup`` for
 ``k < warmup``, else ``lr * (1 + cos(pi * (k - warmup) / (total - warmup))) / 2``, as the
 reference's rank 0 applies it. The trainer (:mod:`specs_metric.training.trainer`) and the
-demo pre-training (:mod:`specs_metric.synth.grounding`) both follow it.
+demo pre-training (:mod:`specs_metric.demo.grounding`) both follow it.
 """
 
 from __future__ import annotations
@@ -12,14 +12,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from specs_metric.runtime import TRAINING_AUTOCAST
+from specs_metric.errors import TrainError
+from specs_metric.runtime.policy import TRAINING_AUTOCAST
 
 OBJECTIVES = ("specs", "clip")
 PRECISIONS = TRAINING_AUTOCAST  # training autocast, not the scorer's inference precision
 
-
-class TrainError(ValueError):
-    """A configuration or resume problem (the message names the argument or file)."""
 
 
 @dataclass

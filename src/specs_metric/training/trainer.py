@@ -44,20 +44,22 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from specs_metric.checkpoint import save_state_dict, write_torch
-from specs_metric.config import config_metadata
-from specs_metric.distributed import DistInfo, gather_with_grad, init_from_env
-from specs_metric.factory import model_from_checkpoint
-from specs_metric.loading import read_checkpoint
-from specs_metric.runtime import resolve_device, resolve_training_autocast
-from specs_metric.training.data import ResumableSampler, SpecificityDataset, collate_examples
+from specs_metric.errors import TrainError
+from specs_metric.models.config import config_metadata
+from specs_metric.models.factory import model_from_checkpoint
+from specs_metric.models.weights.checkpoint import save_state_dict, write_torch
+from specs_metric.models.weights.loading import read_checkpoint
+from specs_metric.runtime.distributed import DistInfo, gather_with_grad, init_from_env
+from specs_metric.runtime.policy import resolve_device, resolve_training_autocast
+from specs_metric.training.data import (
+    ResumableSampler,
+    SpecificityDataset,
+    check_images_readable,
+    collate_examples,
+)
 from specs_metric.training.logs import LOG_COLUMNS, CsvLog, tensorboard_writer
 from specs_metric.training.loss import LossOutput, SpecificityLoss, clip_loss
-from specs_metric.training.recipe import (  # also importable from here, as before
-    TrainConfig,
-    TrainError,
-    lr_factor,
-)
+from specs_metric.training.recipe import TrainConfig, lr_factor
 from specs_metric.training.state import (
     CHECKPOINT_DIR,
     STATE_FILE,
@@ -154,6 +156,7 @@ class Trainer:
             seed=config.seed,
             image_root=config.image_root,
         )
+        check_images_readable(self.dataset)
         self.sampler = ResumableSampler(
             self.dataset, self.dist.world_size, self.dist.rank, config.seed
         )
@@ -230,7 +233,7 @@ class Trainer:
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        from specs_metric.checkpoint import load_weights_only, read_state_dict
+        from specs_metric.models.weights.checkpoint import load_weights_only, read_state_dict
 
         state = load_weights_only(path / STATE_FILE, "trainer state")
         needed = ("world_size", "batch_size", "optimizer", "scheduler", "step", "rng")

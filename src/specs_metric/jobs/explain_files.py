@@ -1,0 +1,195 @@
+"""``specs explain`` over a file: rows in, one explanation per row out (JSON lines).
+
+The attribution itself is :mod:`specs_metric.scoring.explain`; this module reads the rows as
+``specs score`` does (bad rows become row errors naming their line), embeds each distinct
+image once through :class:`~specs_metric.scoring.image_embeddings.ImageEncoder`, and writes each
+chunk's records to ``<output>.part`` as it finishes, which becomes the output at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from specs_metric.data.sources import read_rows
+from specs_metric.errors import CaptionTooLongError
+from specs_metric.io.jsonio import dumps, write_json
+from specs_metric.processing.segmentation import SEGMENTERS, Segmenter
+from specs_metric.processing.tokenizer import literal_special_warning
+from specs_metric.scoring.explain import (
+    ATTRIBUTIONS,
+    DEFAULT_CHAINS_PER_BATCH,
+    DEFAULT_SEGMENTER,
+    NEUTRAL_SENTENCE,
+    CaptionPlan,
+    explain_embedded,
+    plan_caption,
+    resolve_segmenter,
+)
+from specs_metric.scoring.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncoder
+from specs_metric.scoring.scales import check_scale
+
+OUTPUT_FIELDS = (
+    "id",
+    "image",
+    "caption",
+    "score",
+    "cosine",
+    "tokens",
+    "truncated",
+    "warning",
+    "segments",
+    "error",
+)
+
+
+@dataclass
+class ExplainConfig:
+    """Settings of one ``specs explain`` run."""
+
+    input: Path
+    output: Path
+    image_root: Path | None = None
+    segmenter: str = DEFAULT_SEGMENTER
+    attribution: str = "prefix"
+    scale: str = "specs"
+    neutral: str = NEUTRAL_SENTENCE
+    chunk_rows: int = 64  # rows prepared and written together
+    batch_size: int = 64  # images per image batch
+    chains_per_batch: int = DEFAULT_CHAINS_PER_BATCH
+    memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE  # image embeddings kept in memory
+    show_progress: bool = True
+
+
+def _explain_chunk(
+    scorer, rows: list, config: ExplainConfig, segmenter: Segmenter, images: ImageEncoder
+) -> list[dict]:
+    records = []
+    todo: list[tuple[dict, CaptionPlan, Path, int]] = []
+    for row in rows:
+        rec = {k: None for k in OUTPUT_FIELDS}
+        rec.update(id=row.id, image=row.image, caption=row.caption, error=row.error)
+        records.append(rec)
+        if row.error is not None:
+            continue
+        try:
+            plan = plan_caption(
+                row.caption,
+                segmenter,
+                config.attribution,
+                scorer.tokenizer,
+                scorer.context_length,
+                scorer.long_captions,
+                config.neutral,
+            )
+        except CaptionTooLongError as exc:
+            rec["error"] = f"{row.label}: {exc}"
+            ids = scorer.tokenizer.token_ids(row.caption)
+            rec.update(tokens=len(ids), truncated=True, warning=literal_special_warning(ids))
+            continue
+        todo.append((rec, plan, row.image_source, row.label))
+    embedded = images.embed([t[2] for t in todo])
+    errors = dict(embedded.errors)
+    ready = []
+    for i, (rec, plan, _, label) in enumerate(todo):
+        if i in errors:
+            rec["error"] = f"{label}: {errors[i]}"
+            rec.update(tokens=plan.tokens, truncated=plan.truncated, warning=plan.warning)
+        else:
+            ready.append((rec, plan, embedded.embeddings[i]))
+    if ready:
+        stacked = torch.stack([e for _, _, e in ready])
+        results = explain_embedded(
+            scorer, stacked, [p for _, p, _ in ready], config.scale, config.chains_per_batch
+        )
+        for (rec, _, _), ex in zip(ready, results, strict=True):
+            rec.update(ex.to_dict())
+    return records
+
+
+def summarize_records(records: Sequence[dict]) -> dict:
+    """Counts and mean score of explain records."""
+    scored = [r for r in records if r.get("error") is None]
+    segs = [s for r in scored for s in r["segments"]]
+    mean = float(np.mean([r["score"] for r in scored])) if scored else math.nan
+    return {
+        "n_rows": len(records),
+        "n_scored": len(scored),
+        "n_errors": len(records) - len(scored),
+        "n_segments": len(segs),
+        "n_beyond_context": sum(bool(s["beyond_context"]) for s in segs),
+        "n_warnings": sum(bool(r.get("warning")) for r in scored),
+        "mean": mean,
+    }
+
+
+def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
+    """Explain every row of ``config.input`` into ``config.output`` (JSONL).
+
+    Rows are written to ``<output>.part`` as each chunk finishes, which becomes the output
+    when the run completes. Bad rows become row errors naming their line, as in
+    ``specs score``.
+
+    Returns:
+        The summary (also written to ``<output>.summary.json``) and the records.
+    """
+    check_scale(config.scale)
+    if config.attribution not in ATTRIBUTIONS:
+        raise ValueError(
+            f"unknown attribution {config.attribution!r}; choose one of {ATTRIBUTIONS}"
+        )
+    if isinstance(config.segmenter, str) and config.segmenter not in SEGMENTERS:
+        raise ValueError(
+            f"unknown segmenter {config.segmenter!r}; choose one of {', '.join(SEGMENTERS)}"
+        )
+    started = time.perf_counter()
+    segmenter = resolve_segmenter(config.segmenter)
+    rows = list(read_rows(config.input, config.image_root))
+    config.output.parent.mkdir(parents=True, exist_ok=True)
+    part = config.output.with_name(config.output.name + ".part")
+    images = ImageEncoder(scorer, config.batch_size, config.memory_cache_size)
+    records: list[dict] = []
+    bar = tqdm(
+        total=len(rows),
+        unit="row",
+        file=sys.stderr,
+        disable=not config.show_progress,
+        desc="explaining",
+    )
+    with open(part, "w", encoding="utf-8") as out:
+        for start in range(0, len(rows), config.chunk_rows):
+            chunk = _explain_chunk(
+                scorer, rows[start : start + config.chunk_rows], config, segmenter, images
+            )
+            out.write("".join(dumps(r, ensure_ascii=False) + "\n" for r in chunk))
+            out.flush()
+            records += chunk
+            bar.update(len(chunk))
+    bar.close()
+    os.replace(part, config.output)
+    summary = summarize_records(records)
+    summary.update(
+        {
+            "segmenter": config.segmenter if isinstance(config.segmenter, str) else "custom",
+            "attribution": config.attribution,
+            "scale": config.scale,
+            **scorer.summary_fields(),
+            "images_encoded": images.encoded,
+            "seconds": round(time.perf_counter() - started, 3),
+            "output": str(config.output),
+        }
+    )
+    if config.attribution == "neutral":
+        summary["neutral"] = config.neutral
+    summary_path = config.output.with_name(config.output.name + ".summary.json")
+    write_json(summary_path, summary)
+    return summary, records

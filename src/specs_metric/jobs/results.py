@@ -1,0 +1,214 @@
+"""The result files of a scoring job: the output rows' columns and JSON lines, the part
+files a job appends to and cuts back on resume, the final output made from them (only with
+one row per input row), and reading an output back with its summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from specs_metric.errors import JobError
+from specs_metric.jobs.outputs import read_table_output, write_output
+
+OUTPUT_FIELDS = (
+    "id", "image", "caption", "score", "cosine", "tokens", "truncated", "warning", "error"
+)
+
+
+
+def finite_or_none(value: object) -> object:
+    """``value`` with every non-finite float (at any depth) replaced by ``None``: JSON has no
+    NaN or Infinity, and a NaN in an input row's id or caption must not leak into ours."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def json_line(rec: dict) -> str:
+    out = {k: finite_or_none(rec.get(k)) for k in OUTPUT_FIELDS}
+    line = json.dumps(out, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (legal in JSON input): write it escaped
+        line = json.dumps(out, ensure_ascii=True, allow_nan=False) + "\n"
+    return line
+
+
+def part_path(output: Path, rank: int, world_size: int) -> Path:
+    return output.with_name(f"{output.name}.part-{rank}-of-{world_size}.jsonl")
+
+
+def job_path(output: Path) -> Path:
+    return output.with_name(f"{output.name}.job.json")
+
+
+def resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
+    """Rows of ``path`` to keep on resume: its whole chunks of sound JSON lines.
+
+    A crash can leave a torn last line, or a chunk written only in part (a chunk's text
+    may reach the file in several writes). Both are cut off, so that the resumed run starts
+    at a chunk boundary and forms the same batches as an uninterrupted run.
+    """
+    if not path.exists():
+        return 0
+    count, keep_rows, keep_bytes = 0, 0, 0
+    with open(path, "rb") as fh:
+        offset = 0
+        for line in fh:
+            offset += len(line)
+            if not line.endswith(b"\n") or count >= shard_rows:
+                break
+            try:
+                json.loads(line)
+            except ValueError:
+                break
+            count += 1
+            if count % chunk_rows == 0 or count == shard_rows:
+                keep_rows, keep_bytes = count, offset
+    with open(path, "r+b") as fh:
+        fh.truncate(keep_bytes)
+    return keep_rows
+
+
+def write_final(output: Path, world_size: int, total: int) -> None:
+    """Concatenate the part files (input order) into ``output``, in its format.
+
+    The output appears (by rename) only if it holds exactly ``total`` rows; otherwise the
+    part files stay for ``--resume`` and nothing else is left behind.
+    """
+    parts = [part_path(output, r, world_size) for r in range(world_size)]
+    tmp = output.with_name(output.name + ".tmp")
+    rows = 0
+    for part in parts:
+        with open(part, "rb") as fh:
+            rows += sum(1 for _ in fh)
+    if rows != total:
+        raise JobError(
+            f"{output}: the part files hold {rows} rows but the input has {total}; "
+            "kept them, run again with --resume"
+        )
+    try:
+        write_output(parts, tmp, output.suffix.lower(), OUTPUT_FIELDS)
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for part in parts:
+        part.unlink()
+
+
+def read_output(path: str | os.PathLike[str]) -> Iterator[dict]:
+    """Stream the rows of a ``specs score`` output (JSONL, CSV or parquet), typed as in
+    JSONL."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        yield from read_table_output(path)
+        return
+    if path.suffix.lower() != ".csv":
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield json.loads(line)
+        return
+    with open(path, encoding="utf-8", newline="") as fh:
+        for rec in csv.DictReader(fh):
+            for key in ("score", "cosine"):
+                rec[key] = float(rec[key]) if rec[key] not in ("", None) else None
+            rec["tokens"] = int(rec["tokens"]) if rec["tokens"] not in ("", None) else None
+            rec["truncated"] = {"True": True, "False": False}.get(rec["truncated"])
+            rec["error"] = rec["error"] or None
+            rec["warning"] = rec.get("warning") or None
+            yield rec
+
+
+def _id_key(value: object) -> int:
+    """A 64-bit hash of an id (type-aware: the JSON ids ``1`` and ``"1"`` differ)."""
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def summarize(path: Path) -> dict:
+    """Counts, mean and std of the scores of an output file (one streaming pass).
+
+    ``mean`` and ``std`` are ``None`` when no row was scored. ``n_duplicate_ids`` counts rows
+    whose id an earlier row already had (ids are compared by 64-bit hashes); ``n_warnings``
+    counts rows with a ``warning`` (e.g. a literal special token in the caption).
+    """
+    n = n_err = n_trunc = n_dup = n_warn = 0
+    total = total_sq = 0.0
+    seen: set[int] = set()
+    first_duplicate = None
+    for rec in read_output(path):
+        key = _id_key(rec["id"])
+        if key in seen:
+            n_dup += 1
+            first_duplicate = rec["id"] if first_duplicate is None else first_duplicate
+        seen.add(key)
+        if rec["error"]:
+            n_err += 1
+            continue
+        n += 1
+        total += rec["score"]
+        total_sq += rec["score"] ** 2
+        n_trunc += bool(rec["truncated"])
+        n_warn += bool(rec.get("warning"))
+    mean = total / n if n else None
+    std = math.sqrt(max(total_sq / n - mean * mean, 0.0)) if n else None
+    return {
+        "n_rows": n + n_err,
+        "n_scored": n,
+        "n_errors": n_err,
+        "n_truncated": n_trunc,
+        "n_duplicate_ids": n_dup,
+        "first_duplicate_id": first_duplicate,
+        "n_warnings": n_warn,
+        "mean": mean,
+        "std": std,
+    }
+
+
+def check_resumable(previous: dict, identity: dict, output: Path) -> None:
+    """Refuse to resume ``output`` when its job record (``previous``) names other settings
+    than ``identity``: rows scored with other settings must not meet in one output.
+
+    Raises:
+        JobError: naming the settings that differ.
+    """
+    settings = {k: v for k, v in previous.items() if k != "complete"}
+    if settings != identity:
+        keys = settings.keys() | identity.keys()
+        changed = sorted(k for k in keys if settings.get(k) != identity.get(k))
+        raise JobError(
+            f"--resume: the output {output} was made with other settings "
+            f"({', '.join(changed)}); remove it or run without --resume"
+        )
+
+
+def read_job_record(path: Path) -> dict | None:
+    """The settings a job recorded in ``<output>.job.json`` (None if there is none).
+
+    Raises:
+        JobError: the record is not a JSON object (it is written atomically, so only a
+            hand edit or another program makes it so).
+    """
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise JobError(
+            f"{path}: cannot read the job record ({exc}); remove it to start over"
+        ) from None
+    if not isinstance(record, dict):
+        raise JobError(f"{path}: the job record is not a JSON object; remove it to start over")
+    return record
