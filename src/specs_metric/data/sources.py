@@ -32,6 +32,7 @@ from specs_metric.data.tables import dataset_folder_rows, table_rows
 from specs_metric.data.text import text_rows
 from specs_metric.data.webdataset import shard_rows
 from specs_metric.errors import DataError
+from specs_metric.io.writing import protect, protect_all
 
 
 def read_file_rows(
@@ -138,3 +139,19 @@ def input_identity(spec: str | os.PathLike[str], options: SourceOptions | None =
     if options is not None and options != SourceOptions():
         identity["source"] = options.as_dict()
     return identity
+
+
+def protect_inputs(spec: str | os.PathLike[str]) -> list[str]:
+    """Register every local file of ``spec`` as an input no writer of this process may
+    replace (:func:`specs_metric.io.writing.protect`), before any output is written; returns
+    the files. An output that is one of them (a glob's file, an ``--output-dir`` shard) is
+    then refused before any work."""
+    files = [os.fspath(spec)] if is_plain_file(spec) else expand(spec)
+    for name in files:
+        if is_url(name):
+            continue
+        if os.path.isdir(name):
+            protect_all(dataset_folder_files(name))
+        else:
+            protect(name)
+    return files

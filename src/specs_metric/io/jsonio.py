@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
 from specs_metric.errors import DataError
+from specs_metric.io.reading import open_regular
+from specs_metric.io.writing import write_text
 from specs_metric.limits import MAX_LINE_CHARS
 
 
@@ -45,16 +45,9 @@ def dumps(obj: Any, **kwargs: Any) -> str:
 def write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> None:
     """Write ``obj`` as strict JSON to ``path`` atomically: a temporary file in the same
     folder renamed over it, so a job killed mid-write leaves the old file or the new one,
-    never a torn one that a later ``--resume`` cannot read."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(dumps(obj, indent=indent) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    never a torn one that a later ``--resume`` cannot read (:mod:`specs_metric.io.writing`)."""
+    text = dumps(obj, indent=indent) + "\n"  # before the file is touched: nothing torn
+    write_text(path, text)
 
 
 def read_jsonl(
@@ -78,17 +71,24 @@ def read_jsonl(
         >>> list(read_jsonl(fh.name))
         [(1, {'a': 1}), (3, [2])]
     """
-    with open(path, "rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
+    with open_regular(path, what="JSON-lines file", error=error) as fh:
+        line_no = 0
+        while raw := fh.readline(MAX_LINE_CHARS + 1):
+            line_no += 1
+            here = where.format(path=path, line=line_no)
+            if len(raw) > MAX_LINE_CHARS and not raw.endswith(b"\n"):
+                raise error(f"{here}: line longer than {MAX_LINE_CHARS} bytes")
             if not raw.strip():
                 continue
-            here = where.format(path=path, line=line_no)
             try:
                 value = json.loads(raw.decode("utf-8").rstrip("\r\n"))
             except UnicodeDecodeError:
                 raise error(f"{here}: not UTF-8 text") from None
             except json.JSONDecodeError as err:
                 raise error(f"{here}: not valid JSON ({err.msg} at column {err.colno})") from None
+            except (ValueError, RecursionError) as err:  # too deep, or too many digits
+                kind = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+                raise error(f"{here}: not valid JSON ({kind})") from None
             if objects and not isinstance(value, dict):
                 raise error(f"{here}: expected a JSON object, got {type(value).__name__}")
             yield line_no, value

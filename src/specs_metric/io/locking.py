@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from specs_metric.errors import OutputLockedError
+from specs_metric.io.writing import open_lock_file
 
 
 class OutputLock:
@@ -26,7 +27,7 @@ class OutputLock:
     def acquire(self) -> None:
         """Take the lock now, or raise :class:`OutputLockedError` naming the output."""
         for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_lock_file(self.path)  # never through a planted link
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

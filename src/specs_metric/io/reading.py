@@ -24,6 +24,7 @@ import stat
 from typing import IO, Any
 
 from specs_metric.errors import DataError, ImageError, SpecsError
+from specs_metric.io import writing
 from specs_metric.limits import MAX_IMAGE_BYTES
 
 
@@ -87,8 +88,11 @@ def open_regular(
     what: str = "file",
     error: type[SpecsError] = DataError,
     name: str | None = None,
+    protect: bool = True,
 ) -> IO[bytes]:
-    """Open a regular file for reading bytes (see the module docstring).
+    """Open a regular file for reading bytes (see the module docstring). With ``protect``
+    (all but image files) the file is registered as an input that no writer of this process
+    may replace (:func:`specs_metric.io.writing.protect`).
 
     Raises:
         ``error``: not found, permission denied, a directory, not a regular file, a path
@@ -107,11 +111,14 @@ def open_regular(
     except ValueError as exc:  # a NUL byte, or text that is not a valid file name
         raise error(f"{name!r}: not a valid file path ({exc})") from None
     try:
-        check_regular(name, os.fstat(fd), max_bytes, what=what, error=error)
+        st = os.fstat(fd)
+        check_regular(name, st, max_bytes, what=what, error=error)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
+    if protect:
+        writing.protect(path, st)
     return os.fdopen(fd, "rb")
 
 
@@ -123,10 +130,13 @@ def read_bounded(
     error: type[SpecsError] = DataError,
     name: str | None = None,
     allow_empty: bool = False,
+    protect: bool = True,
 ) -> bytes:
     """The bytes of a regular file of at most ``max_bytes``, read in bounded memory."""
     name = printable(name or os.fspath(path))
-    with open_regular(path, max_bytes=max_bytes, what=what, error=error, name=name) as fh:
+    with open_regular(
+        path, max_bytes=max_bytes, what=what, error=error, name=name, protect=protect
+    ) as fh:
         try:
             data = fh.read(max_bytes + 1)
         except OSError as exc:
@@ -149,7 +159,9 @@ def read_image_bytes(
             that cannot name a file (a NUL byte), empty, or larger than ``max_bytes``.
     """
     limit = MAX_IMAGE_BYTES if max_bytes is None else max_bytes
-    return read_bounded(path, limit, what="image file", error=ImageError, name=name)
+    return read_bounded(
+        path, limit, what="image file", error=ImageError, name=name, protect=False
+    )
 
 
 def parse_json(text: str | bytes, name: str, error: type[SpecsError] = DataError) -> Any:

@@ -55,10 +55,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from specs_metric.data.rows import SourceOptions
-from specs_metric.data.sources import count_rows, input_identity, read_rows
+from specs_metric.data.sources import count_rows, input_identity, protect_inputs, read_rows
 from specs_metric.errors import JobError
 from specs_metric.io.jsonio import write_json
 from specs_metric.io.locking import OutputLock
+from specs_metric.io.writing import check_not_input, create_empty, open_append
 from specs_metric.jobs.chunks import Chunk, ChunkStream, pack_chunk, unpack_chunk
 from specs_metric.jobs.results import (
     check_resumable,
@@ -249,7 +250,7 @@ def _score_shard(
         desc="scoring",
     )
     non_finite = 0
-    with open(part, "a", encoding="utf-8") as out:
+    with open_append(part) as out:
         for chunk in map(unpack_chunk, loader):
             img = _image_embeddings(images, chunk) if chunk.valid else None
             if chunk.valid:
@@ -305,6 +306,8 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
     info = dist_info or DistInfo()
     started = time.perf_counter()
     config.output.parent.mkdir(parents=True, exist_ok=True)
+    protect_inputs(config.input)
+    check_not_input(config.output, "--output")
     lock = _lock_output(config, info)
     try:
         return _run_locked(config, scorer, info, started)
@@ -337,7 +340,7 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
             done = resume_point(my_part, config.chunk_rows, len(shard))
         else:
             done = 0
-            my_part.unlink(missing_ok=True)
+            create_empty(my_part)
         encoded, non_finite = _score_shard(config, scorer, info, total, done, my_part)
         barrier(info)
         if info.is_main:

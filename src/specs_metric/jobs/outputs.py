@@ -13,9 +13,12 @@ import csv
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import IO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from specs_metric.io.writing import atomic_write
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 _ROW_GROUP = 65536
@@ -61,13 +64,13 @@ def parquet_schema(fields: Sequence[str], integer_ids: bool) -> pa.Schema:
     return pa.schema([(name, types[name]) for name in fields])
 
 
-def _write_parquet(parts: Sequence[Path], target: Path, fields: Sequence[str]) -> None:
+def _write_parquet(parts: Sequence[Path], out: IO[bytes], fields: Sequence[str]) -> None:
     integer_ids = _integer_ids(parts)
     schema = parquet_schema(fields, integer_ids)
     convert = {name: _text for name in ("image", "caption", "warning", "error")}
     if not integer_ids:
         convert["id"] = _text
-    with pq.ParquetWriter(target, schema) as writer:
+    with pq.ParquetWriter(out, schema) as writer:
         batch: list[dict] = []
 
         def flush() -> None:
@@ -86,15 +89,18 @@ def _write_parquet(parts: Sequence[Path], target: Path, fields: Sequence[str]) -
             flush()
 
 
-def write_output(parts: Sequence[Path], target: Path, suffix: str, fields: Sequence[str]) -> None:
-    """Concatenate the JSONL ``parts`` into ``target`` in the format of ``suffix``
-    (``.csv``, ``.parquet``; anything else is JSONL)."""
+def write_output(parts: Sequence[Path], target: Path, fields: Sequence[str]) -> None:
+    """Concatenate the JSONL ``parts`` into ``target`` in the format of its suffix
+    (``.csv``, ``.parquet``; ``.jsonl`` otherwise), through the safe writer: the target
+    appears whole or not at all, and no link at its path is followed."""
+    suffix = target.suffix.lower()
     if suffix == ".parquet":
-        _write_parquet(parts, target, fields)
+        with atomic_write(target, "wb") as out:
+            _write_parquet(parts, out, fields)
         return
     # CSV has no escapes: a lone surrogate from the input is written as \ud800
     errors = "backslashreplace" if suffix == ".csv" else "strict"
-    with open(target, "w", encoding="utf-8", errors=errors, newline="") as out:
+    with atomic_write(target, "w", errors=errors, newline="") as out:
         writer = csv.DictWriter(out, fieldnames=fields) if suffix == ".csv" else None
         if writer:
             writer.writeheader()

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from specs_metric.data.locations import expand, is_plain_file
 from specs_metric.data.rows import SourceOptions
-from specs_metric.data.sources import count_rows, read_rows
+from specs_metric.data.sources import count_rows, protect_inputs, read_rows
 from specs_metric.io.jsonio import write_json
+from specs_metric.io.writing import check_not_input, create_empty, open_append
 from specs_metric.jobs import results
 from specs_metric.jobs.job import job_identity
 from specs_metric.jobs.ray import RayOptions, load_scorer, require_ray, score
@@ -118,8 +119,11 @@ class _RayJobs:
         self.todo: list[int] = []  # job numbers with rows still to write
         self.items: list[dict] = []  # the files (and first rows) Ray reads
         self.totals: dict[int, int] = {}  # rows of the jobs counted already (to resume them)
+        for config in configs:
+            protect_inputs(config.input)
         for number, config in enumerate(configs):
             config.output.parent.mkdir(parents=True, exist_ok=True)
+            check_not_input(config.output, "--output")
             identity = {**job_identity(config, probe, 1), "engine": "ray"}
             self.identities.append(identity)
             done = self._resume_point(number, identity)
@@ -127,7 +131,7 @@ class _RayJobs:
                 continue  # complete, with the same settings
             write_json(results.job_path(config.output), {**identity, "complete": False}, indent=1)
             if not done:
-                results.part_path(config.output, 0, 1).write_bytes(b"")
+                create_empty(results.part_path(config.output, 0, 1))
             self.todo.append(number)
             self.items.extend(_job_items(config, number, done))
 
@@ -155,7 +159,7 @@ class _RayJobs:
         return self.totals[number]
 
     def append(self, number: int):
-        return open(results.part_path(self.configs[number].output, 0, 1), "a", encoding="utf-8")
+        return open_append(results.part_path(self.configs[number].output, 0, 1))
 
     def finish(self, number: int, handle) -> None:
         handle.close()

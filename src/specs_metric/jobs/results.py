@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from specs_metric.errors import JobError
+from specs_metric.io.writing import truncate
 from specs_metric.jobs.outputs import read_table_output, write_output
 
 OUTPUT_FIELDS = (
@@ -75,8 +76,7 @@ def resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
             count += 1
             if count % chunk_rows == 0 or count == shard_rows:
                 keep_rows, keep_bytes = count, offset
-    with open(path, "r+b") as fh:
-        fh.truncate(keep_bytes)
+    truncate(path, keep_bytes)
     return keep_rows
 
 
@@ -87,7 +87,6 @@ def write_final(output: Path, world_size: int, total: int) -> None:
     part files stay for ``--resume`` and nothing else is left behind.
     """
     parts = [part_path(output, r, world_size) for r in range(world_size)]
-    tmp = output.with_name(output.name + ".tmp")
     rows = 0
     for part in parts:
         with open(part, "rb") as fh:
@@ -97,11 +96,7 @@ def write_final(output: Path, world_size: int, total: int) -> None:
             f"{output}: the part files hold {rows} rows but the input has {total}; "
             "kept them, run again with --resume"
         )
-    try:
-        write_output(parts, tmp, output.suffix.lower(), OUTPUT_FIELDS)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_output(parts, output, OUTPUT_FIELDS)
     for part in parts:
         part.unlink()
 

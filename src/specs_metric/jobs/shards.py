@@ -15,7 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from specs_metric.data.locations import SHARD_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, expand
+from specs_metric.data.sources import protect_inputs
 from specs_metric.io.jsonio import write_json
+from specs_metric.io.writing import check_not_input
 from specs_metric.jobs.job import JobConfig
 from specs_metric.scoring.scales import corpus_from_mean
 
@@ -88,7 +90,10 @@ def run_shards(
     summaries); returns (and, on the main process, writes) the combined summary."""
     started = time.perf_counter()
     output_dir.mkdir(parents=True, exist_ok=True)
+    protect_inputs(config.input)  # every shard, before the first output is written
     pairs = plan(config.input, output_dir, fmt)
+    for _, out in pairs:
+        check_not_input(out, "--output-dir file")
     summaries = run([replace(config, input=name, output=out) for name, out in pairs])
     if not is_main:
         return {}

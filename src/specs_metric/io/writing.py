@@ -1,0 +1,208 @@
+"""The safe writer: every file a command writes goes through this module.
+
+Outputs live in folders other people or programs may write to, so a write must not be
+turned against the user:
+
+- **No symlink is followed.** A whole file is written to a temporary created exclusively
+  (``O_CREAT | O_EXCL | O_NOFOLLOW``, a random name) in the target's folder and renamed over
+  the target (:func:`atomic_write`); ``rename`` replaces a link at the target instead of
+  writing through it. Files appended to (a job's part files) and lock files are opened with
+  ``O_NOFOLLOW`` and must be regular files with one link (:func:`open_append`,
+  :func:`open_lock_file`), so a planted symlink or hard link is refused, not written through.
+- **No input is overwritten.** The bounded reader registers every data and model file it
+  opens (:func:`protect`); a command also registers all the files its inputs name before it
+  starts. Writing over a registered file, by any path to it (a symlink, a hard link, a
+  relative path), is an :class:`~specs_metric.errors.OutputError` (:func:`check_not_input`).
+- **The user's umask decides the mode.** Files are created with mode ``0o666`` and the
+  process umask applies (``tempfile.mkstemp`` would make them ``0600``).
+- **Nothing half-written is left.** A failed write removes its temporary; the target keeps
+  its old content or gets the whole new one.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import secrets
+import stat
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from specs_metric.errors import OutputError
+
+_FILE_MODE = 0o666  # the umask applies
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+# (device, inode) of every input file of this process: never a write target.
+_PROTECTED: dict[tuple[int, int], str] = {}
+
+
+def protect(path: str | os.PathLike[str], st: os.stat_result | None = None) -> None:
+    """Register an input file: no writer of this process may replace or write it."""
+    try:
+        st = st or os.stat(path)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode):
+        _PROTECTED.setdefault((st.st_dev, st.st_ino), os.fspath(path))
+
+
+def protect_all(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """:func:`protect` each of ``paths`` (e.g. every file an input pattern names)."""
+    for path in paths:
+        protect(path)
+
+
+def check_not_input(path: str | os.PathLike[str], what: str = "output") -> None:
+    """Refuse a write target that is (by any path to it) a registered input file.
+
+    Raises:
+        OutputError: naming the target and the input it would overwrite.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return  # nothing there (yet): nothing to overwrite
+    source = _PROTECTED.get((st.st_dev, st.st_ino))
+    if source is not None:
+        shown = "" if os.fspath(path) == source else f" ({source})"
+        raise OutputError(
+            f"{what} {os.fspath(path)} is an input file{shown}; choose another {what}"
+        )
+
+
+def _create_exclusive(path: Path) -> int:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    return os.open(path, flags, _FILE_MODE)
+
+
+def _temporary(target: Path) -> tuple[int, Path]:
+    """A new file next to ``target`` that this process created (never an existing one)."""
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return _create_exclusive(tmp), tmp
+        except FileExistsError:
+            continue
+    raise OutputError(f"{target}: could not create a temporary file next to it")
+
+
+@contextmanager
+def atomic_write(
+    path: str | os.PathLike[str],
+    mode: str = "w",
+    *,
+    encoding: str = "utf-8",
+    errors: str = "strict",
+    newline: str | None = None,
+    fsync: bool = False,
+) -> Iterator[IO]:
+    """Write ``path`` whole: into a new temporary next to it, renamed over it when the
+    ``with`` block ends without error (see the module docstring).
+
+    Args:
+        mode: ``"w"`` (text) or ``"wb"`` (bytes).
+        fsync: flush the data to the disk before the rename (files whose loss after a
+            power cut would cost more than rewriting them).
+
+    Raises:
+        OutputError: ``path`` is an input file of this process, or an existing folder.
+    """
+    target = Path(path)
+    check_not_input(target)
+    if target.is_dir() and not target.is_symlink():
+        raise OutputError(f"{target} is a folder; give a file name")
+    fd, tmp = _temporary(target)
+    try:
+        raw = os.fdopen(fd, "wb")
+        fh: IO = raw if mode == "wb" else io.TextIOWrapper(
+            raw, encoding=encoding, errors=errors, newline=newline
+        )
+        with fh:
+            yield fh
+            fh.flush()
+            if fsync:
+                os.fsync(raw.fileno())
+        check_not_input(target)  # it may have become one meanwhile (a link to an input)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> None:
+    """``Path.write_text`` through :func:`atomic_write`."""
+    with atomic_write(path, "w", encoding=encoding) as fh:
+        fh.write(text)
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """``Path.write_bytes`` through :func:`atomic_write`."""
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+def copy_file(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Copy a regular file through :func:`atomic_write` (no link followed at the target)."""
+    with open(source, "rb") as src, atomic_write(target, "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+
+
+def _open_regular_for_writing(path: Path, flags: int, what: str) -> int:
+    """An fd of the regular, singly linked file at ``path`` (created when absent), never
+    through a link; a FIFO or device is refused without blocking."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, _FILE_MODE)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK):
+            raise OutputError(
+                f"{what} {path} is a symbolic link; remove it (a job never writes through one)"
+            ) from None
+        if exc.errno == errno.ENXIO:
+            raise OutputError(f"{what} {path} is not a regular file") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        kind = "has other hard links" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+        raise OutputError(f"{what} {path} {kind}; remove it (a job never writes through one)")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_append(path: str | os.PathLike[str], what: str = "part file") -> IO[str]:
+    """A text file opened for appending (created when absent), refused if it is a link, a
+    file with other hard links, a FIFO or a device, or an input file."""
+    path = Path(path)
+    check_not_input(path, what)
+    fd = _open_regular_for_writing(path, os.O_WRONLY | os.O_APPEND, what)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def create_empty(path: str | os.PathLike[str], what: str = "part file") -> None:
+    """``path`` as a new empty file: whatever was there (a link included) is removed first,
+    never written through."""
+    path = Path(path)
+    check_not_input(path, what)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    os.close(_create_exclusive(path))
+
+
+def truncate(path: str | os.PathLike[str], size: int, what: str = "part file") -> None:
+    """Cut a file (never through a link) to ``size`` bytes."""
+    fd = _open_regular_for_writing(Path(path), os.O_WRONLY, what)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def open_lock_file(path: str | os.PathLike[str]) -> int:
+    """The fd of a lock file (created when absent), never through a link."""
+    return _open_regular_for_writing(Path(path), os.O_RDWR, "lock file")
