@@ -340,17 +340,18 @@ def test_clean_head_is_a_prefix_followed_by_a_space(parts, limit):
 
 
 def test_encode_head_with_the_cut_inside_a_word():
-    """Whitespace runs collapse, so the first raw cut falls in few tokens and inside a
-    word whose BPE changes when it is cut ("photogr" is not "photograph")."""
+    """Whitespace runs collapse, so a raw cut falls in few tokens and inside a word whose
+    BPE changes when it is cut ("photogr" is not "photograph"): at each limit it tries."""
     plain = _PlainBPE()
     tok = Tokenizer()
-    limit = 2 * (tok.longest_token + 1)  # n = 1
-    for word in ("photograph", "understanding", "xylophones"):
-        for pad in range(limit - len(word) - 1, limit + 2):
-            for text in (" " * pad + word + " cat", "é\n" + "\n" * pad + word + "\ncat"):
-                full = plain.token_ids(text)[1:-1]
-                for n in (1, 2):
-                    assert tok.encode_head(text, n) == (full[:n], len(full) > n), (pad, text)
+    for n in (1, 2):
+        limits = (n + 1) * tokenizer_module._TYPICAL_TOKEN_CHARS, (n + 1) * (tok.longest_token + 1)
+        for limit in limits:
+            for word in ("photograph", "understanding", "xylophones"):
+                for pad in range(limit - len(word) - 1, limit + 2):
+                    for text in (" " * pad + word + " cat", "é\n" + "\n" * pad + word + "\ncat"):
+                        full = plain.token_ids(text)[1:-1]
+                        assert tok.encode_head(text, n) == (full[:n], len(full) > n), text
 
 
 def test_encode_head_reads_a_bounded_head(monkeypatch):

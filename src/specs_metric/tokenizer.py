@@ -4,6 +4,10 @@ The vocabulary (``assets/bpe_simple_vocab_16e6.txt.gz``, 49408 ids) is OpenAI's 
 file. Text is cleaned the way the reference does it (``ftfy.fix_text``, HTML unescaped
 twice, whitespace collapsed, stripped, lower-cased) before BPE, and every sequence is
 ``[SOT] + bpe + [EOT]``, zero padded to the model's context length.
+
+Cost is linear in the text up to a log factor: BPE merges a word of n characters in
+O(n log n) (:func:`bpe_merge`), and :meth:`Tokenizer.encode_head` reads only as much of a
+long text as its first ids need.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ LONG_CAPTION_POLICIES = ("truncate", "error")
 # Longest pre-tokenised piece kept in the per-word caches: words are short, and a caption
 # that is one huge run of letters must not stay in memory (nor evict useful words).
 CACHED_PIECE_CHARS = 64
+# Characters of cleaned text per token, space included, that ordinary text stays under.
+_TYPICAL_TOKEN_CHARS = 8
 
 # Pre-tokenisation: special tokens, English contractions, letter runs, single digits,
 # runs of other non-space characters.
@@ -289,8 +295,9 @@ class Tokenizer:
 
     def encode_head(self, text: str, n: int) -> tuple[list[int], bool]:
         """``encode(text)[:n]`` and whether ``encode(text)`` has more than ``n`` ids, reading
-        only a head of the text: about ``n`` times the longest token's length for text
-        without long whitespace runs, words or (outside plain ASCII) lines.
+        only a head of the text: a few characters per id, more for text with long
+        whitespace runs or words (and, outside plain ASCII, the line holding the cut, as
+        ftfy cleans whole lines).
 
         Exactness: the head is a prefix of the cleaned text that ends where the cleaned
         text has a space (:func:`_clean_head`), so the pre-tokenisation finds in it the
@@ -298,8 +305,10 @@ class Tokenizer:
         every literal alternative), and BPE works piece by piece. Bound: a token spells at
         most ``self.longest_token`` characters and pieces are at most one space apart, so a
         head of ``(n + 1) * (self.longest_token + 1)`` cleaned characters holds more than
-        ``n`` tokens. A shorter head (the raw text's whitespace runs collapsed, or HTML
-        references shrank) is read again with twice the limit.
+        ``n`` tokens. A first, shorter head of ``8 * (n + 1)`` characters is enough for
+        most text; after it, the bound; a head shorter than the bound (the raw text's
+        whitespace runs collapsed, or HTML references shrank) is read again with twice the
+        limit.
 
         Example:
             >>> tok = Tokenizer()
@@ -309,13 +318,14 @@ class Tokenizer:
             ([320, 1125, 539, 320, 2368], False)
         """
         plain = _PLAIN_ASCII.fullmatch(text) is not None
-        limit = (n + 1) * (self.longest_token + 1)
+        bound = (n + 1) * (self.longest_token + 1)
+        limit = (n + 1) * _TYPICAL_TOKEN_CHARS  # enough for most text, else the bound
         while True:
             head, whole = _clean_head(text, limit, plain)
             ids = self._encode_clean(head)
             if len(ids) > n or whole:
                 return ids[:n], len(ids) > n
-            limit *= 2
+            limit = max(2 * limit, bound)
 
     def truncated_ids(self, text: str, context_length: int) -> tuple[list[int], bool]:
         """``truncate_ids(token_ids(text), context_length)`` and whether it cut, reading a
