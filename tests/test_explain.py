@@ -8,6 +8,7 @@ compared with ``Scorer.score`` of that text on its own.
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import numpy as np
@@ -20,8 +21,14 @@ from specs_metric import load
 from specs_metric.cli import main
 from specs_metric.jobs.results import OUTPUT_FIELDS as SCORE_FIELDS
 from specs_metric.models.factory import build_model
-from specs_metric.processing.segmentation import ChunkSegmenter
-from specs_metric.scoring.explain import leave_one_out_texts, locate_segments, prefix_texts
+from specs_metric.processing.segmentation import ChunkSegmenter, sentence_segments
+from specs_metric.processing.tokenizer import Tokenizer, clean_text
+from specs_metric.scoring.explain import (
+    leave_one_out_texts,
+    locate_segments,
+    plan_caption,
+    prefix_texts,
+)
 from specs_metric.scoring.scorer import Scorer
 from specs_metric.synth import generate
 
@@ -306,3 +313,85 @@ def test_explain_rows_carry_the_warning_of_specs_score(images, tmp_path):
     assert summary["n_warnings"] == json.loads((tmp_path / "s.jsonl.summary.json").read_text())[
         "n_warnings"
     ]
+
+
+# ---------------------------------------------------------------- long captions
+
+
+class _CountingTokenizer(Tokenizer):
+    """Counts full tokenizations and the characters that reach pre-tokenisation and BPE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full_calls = 0
+        self.chars = 0
+
+    def token_ids(self, text):
+        self.full_calls += 1
+        return super().token_ids(text)
+
+    def _encode_clean(self, text):
+        self.chars += len(text)
+        return super()._encode_clean(text)
+
+
+def _short_sentences(n, seed=0):
+    rng = random.Random(seed)
+    words = ["red", "blue", "cat", "dog", "big", "small", "tree", "house", "old", "wet"]
+    return [
+        f"The {rng.choice(words)} {rng.choice(words)} is {rng.choice(words)}." for _ in range(n)
+    ]
+
+
+def _first_prefix_past(tokenizer, sentences, context=248):
+    """The first k whose caption through sentence k has more than ``context`` tokens."""
+    k = 0
+    while len(tokenizer.token_ids(" ".join(sentences[: k + 1]))) <= context:
+        k += 1
+    return k
+
+
+@pytest.mark.parametrize("attribution", ["prefix", "leave-one-out", "neutral"])
+def test_a_caption_of_thousands_of_sentences_costs_what_the_context_needs(attribution):
+    """Beyond the caption's one full tokenization, the characters tokenized do not grow
+    with the caption (1,000 or 4,000 sentences, the same first ones)."""
+    sentences = _short_sentences(4000)
+    plain = Tokenizer()
+    past = _first_prefix_past(plain, sentences)
+    extra = []
+    for n in (1000, 4000):
+        caption = " ".join(sentences[:n])
+        tok = _CountingTokenizer()
+        plan = plan_caption(caption, sentence_segments, attribution, tok, 248)
+        assert tok.full_calls == 1  # the caption itself: its token count
+        assert plan.tokens == len(plain.token_ids(caption)) and plan.truncated
+        assert [pick is None for pick in plan.picks] == [k >= past for k in range(n)]
+        assert all(len(seq) <= 248 for seq in plan.sequences)
+        extra.append(tok.chars - len(clean_text(caption)))
+    assert extra[0] == extra[1]
+    # at most: each prefix within the context (at most 40 sentences, 1 kB) and the head
+    # of each other text (twice the characters of 248 tokens)
+    assert extra[0] <= past * (1_000 + 2 * 249 * (plain.longest_token + 1))
+
+
+def test_long_caption_scores_within_the_context_equal_scoring_them_alone(tiny, images):
+    sentences = _short_sentences(1000, seed=1)
+    caption = " ".join(sentences)
+    past = _first_prefix_past(tiny.tokenizer, sentences)
+    assert 0 < past < 100
+    [ex] = tiny.explain([images[0]], [caption])
+    assert ex.tokens == len(tiny.tokenizer.token_ids(caption)) and ex.truncated
+    assert [s.text for s in ex.segments] == sentences
+    assert [s.beyond_context for s in ex.segments] == [k >= past for k in range(1000)]
+    assert all(s.score is None and s.delta is None for s in ex.segments[past:])
+    texts = [" ".join(sentences[: k + 1]) for k in range(past)]
+    alone = tiny.score([images[0]] * (past + 2), ["", *texts, caption])
+    np.testing.assert_allclose([s.score for s in ex.segments[:past]], alone[1:-1], atol=TOL)
+    np.testing.assert_allclose([s.delta for s in ex.segments[:past]], np.diff(alone[:-1]), atol=TOL)
+    assert ex.score == pytest.approx(alone[-1], abs=TOL)
+
+    [loo] = tiny.explain([images[0]], [caption], attribution="leave-one-out")
+    without = [" ".join(sentences[:k] + sentences[k + 1 :]) for k in range(past)]
+    alone = tiny.score([images[0]] * past, without)  # each truncated as specs score does
+    np.testing.assert_allclose([s.score for s in loo.segments[:past]], alone, atol=TOL)
+    assert [s.beyond_context for s in loo.segments] == [k >= past for k in range(1000)]

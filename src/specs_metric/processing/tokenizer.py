@@ -4,14 +4,19 @@ The vocabulary (``assets/bpe_simple_vocab_16e6.txt.gz``, 49408 ids) is OpenAI's 
 file. Text is cleaned the way the reference does it (``ftfy.fix_text``, HTML unescaped
 twice, whitespace collapsed, stripped, lower-cased) before BPE, and every sequence is
 ``[SOT] + bpe + [EOT]``, zero padded to the model's context length.
+
+Cost is linear in the text up to a log factor: BPE merges a word of n characters in
+O(n log n) (:func:`bpe_merge`), and :meth:`Tokenizer.encode_head` reads only as much of a
+long text as its first ids need.
 """
 
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 
@@ -29,6 +34,11 @@ SOT_ID = 49406
 EOT_ID = 49407
 
 LONG_CAPTION_POLICIES = ("truncate", "error")
+# Longest pre-tokenised piece kept in the per-word caches: words are short, and a caption
+# that is one huge run of letters must not stay in memory (nor evict useful words).
+CACHED_PIECE_CHARS = 64
+# Characters of cleaned text per token, space included, that ordinary text stays under.
+_TYPICAL_TOKEN_CHARS = 8
 
 # Pre-tokenisation: special tokens, English contractions, letter runs, single digits,
 # runs of other non-space characters.
@@ -37,6 +47,7 @@ _WORD_PATTERN = regex.compile(
     regex.IGNORECASE,
 )
 _WHITESPACE = re.compile(r"\s+")
+_SPACE = re.compile(r"\s")
 # Text that ftfy and HTML unescaping leave unchanged: printable ASCII and ordinary
 # whitespace, with no "&" (entities) and no ESC (terminal escapes). Most captions are like
 # this, and skipping ftfy for them halves the cost of tokenizing (ids unchanged: tested).
@@ -81,13 +92,126 @@ def _byte_alphabet() -> dict[int, str]:
     return mapping
 
 
+def bpe_merge(word: list[str], ranks: Mapping[tuple[str, str], int]) -> tuple[list[str], int]:
+    """Merge the symbols of one word by rank, as CLIP's BPE does, in O(n log n).
+
+    Returns the merged symbols and the number of heap operations (pushes and pops: at most
+    ``3n`` of each, so the work is O(n log n) in the word's length ``n``).
+
+    The reference loop repeatedly takes the lowest-ranked adjacent pair ``(a, b)`` and merges
+    all its occurrences left to right, skipping one that overlaps the previous merge (so
+    ``a a a`` becomes ``aa a``), which costs O(n) per round and O(n^2) for a long word. Here
+    the symbols are a linked list over their first positions and every adjacent pair with a
+    rank sits in a heap keyed ``(rank, position)``; an entry whose pair has since changed
+    is skipped when popped. One round pops *all* entries of the lowest rank ``r`` first
+    (positions ascending) and only then merges them, so a new pair of rank below ``r``
+    waits for the next round as it does in the reference. A new pair is ``(x, ab)`` or
+    ``(ab, y)``, never ``(a, b)`` itself because ``ab`` is longer than ``a`` and ``b``, and a
+    rank names one pair, so no new pair can join the round. Within the round, an occurrence
+    whose first symbol was absorbed by the merge to its left (``a a a``: the second ``a``)
+    is dead and skipped, exactly the reference's left-to-right rule; any other occurrence is
+    untouched by the merges to its left, so it is merged as the reference merges it.
+
+    Example:
+        >>> bpe_merge(list("aaa"), {("a", "a"): 0})  # overlapping occurrences
+        (['aa', 'a'], 4)
+        >>> # (ab, a) ranks before (a, b) but only forms in the round merging (a, b)
+        >>> bpe_merge(list("abab"), {("ab", "a"): 0, ("a", "b"): 1})[0]
+        ['ab', 'ab']
+    """
+    n = len(word)
+    if n < 2:
+        return list(word), 0
+    sym: list[str | None] = list(word)  # None: merged into the symbol to its left
+    nxt = list(range(1, n + 1))
+    nxt[-1] = -1
+    prv = list(range(-1, n - 1))
+    get = ranks.get
+    heap = []
+    for i in range(n - 1):
+        r = get((word[i], word[i + 1]))
+        if r is not None:
+            heap.append((r, i))
+    heapq.heapify(heap)
+    ops = len(heap)
+    push, pop = heapq.heappush, heapq.heappop
+    while heap:
+        rank, i = pop(heap)
+        batch = [i]
+        while heap and heap[0][0] == rank:
+            batch.append(pop(heap)[1])
+        ops += len(batch)
+        for i in batch:
+            left = sym[i]
+            j = nxt[i]
+            if left is None or j == -1 or get((left, sym[j])) != rank:
+                continue  # absorbed by the merge to its left, or a stale entry
+            merged = sym[i] = left + sym[j]
+            sym[j] = None
+            k = nxt[i] = nxt[j]
+            if k != -1:
+                prv[k] = i
+                r = get((merged, sym[k]))
+                if r is not None:
+                    push(heap, (r, i))
+                    ops += 1
+            p = prv[i]
+            if p != -1:
+                r = get((sym[p], merged))
+                if r is not None:
+                    push(heap, (r, p))
+                    ops += 1
+    out = []
+    i = 0  # the first symbol is never absorbed
+    while i != -1:
+        out.append(sym[i])
+        i = nxt[i]
+    return out, ops
+
+
+def _fix(text: str) -> str:
+    return html.unescape(html.unescape(ftfy.fix_text(text)))
+
+
+def _collapse(text: str) -> str:
+    return _WHITESPACE.sub(" ", text.strip()).strip().lower()
+
+
 def clean_text(text: str) -> str:
     """Normalise text exactly as the reference tokenizer does before BPE."""
-    if not _PLAIN_ASCII.fullmatch(text):
-        text = ftfy.fix_text(text)
-        text = html.unescape(html.unescape(text))
-    text = _WHITESPACE.sub(" ", text.strip()).strip()
-    return text.lower()
+    return _collapse(text if _PLAIN_ASCII.fullmatch(text) else _fix(text))
+
+
+def _clean_head(text: str, limit: int, plain: bool) -> tuple[str, bool]:
+    """A prefix of ``clean_text(text)`` of about ``limit`` characters, and whether it is all
+    of it. When it is not (and is not empty), the cleaned text goes on with a space, or
+    ends (the rest of the raw text was whitespace).
+
+    The raw text is cut at or after ``limit``. Plain text at a whitespace: its cleaning
+    collapses whitespace, strips and lower-cases ASCII, each acting on the two sides of a
+    whitespace run independently. Other text after a line break: ftfy fixes each line on
+    its own (only an earlier line can turn its HTML unescaping off), HTML references never
+    span a line break and Python's final-sigma lower-casing stops at whitespace. The
+    cleaned head is then cut at its first space at or after ``limit``.
+    """
+    head, whole = None, True
+    if limit < len(text):
+        if plain:
+            found = _SPACE.search(text, limit)
+            if found is not None:
+                head, whole = _collapse(text[: found.start()]), False
+        else:
+            end = text.find("\n", limit) + 1
+            if end:
+                fixed = _fix(text[:end])
+                if fixed.endswith("\n"):  # else the line break was rewritten: read it all
+                    head, whole = _collapse(fixed), False
+    if head is None:
+        head = _collapse(text if plain else _fix(text))
+    cut = head.find(" ", limit)
+    if cut != -1:
+        head, whole = head[:cut], False
+    return head, whole
 
 
 def truncate_ids(ids: list[int], context_length: int) -> list[int]:
@@ -137,47 +261,86 @@ class Tokenizer:
         self._cache: dict[str, str] = {SOT_TOKEN: SOT_TOKEN, EOT_TOKEN: EOT_TOKEN}
         # Pre-tokenised piece -> its ids: one dict look-up per word for repeated words.
         self._piece_ids: dict[str, tuple[int, ...]] = {}
+        # Characters of text the longest token spells (a byte is at most one character).
+        self.longest_token = max(len(t.removesuffix("</w>")) for t in vocab)
         assert len(self.encoder) == VOCAB_SIZE
 
     def _bpe(self, token: str) -> str:
         cached = self._cache.get(token)
         if cached is not None:
             return cached
-        word = list(token[:-1]) + [token[-1] + "</w>"]
-        while len(word) > 1:
-            pairs = {(word[i], word[i + 1]) for i in range(len(word) - 1)}
-            best = min(pairs, key=lambda p: self._ranks.get(p, float("inf")))
-            if best not in self._ranks:
-                break
-            first, second = best
-            merged: list[str] = []
-            i = 0
-            while i < len(word):
-                if i < len(word) - 1 and word[i] == first and word[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
+        word, _ = bpe_merge(list(token[:-1]) + [token[-1] + "</w>"], self._ranks)
         result = " ".join(word)
-        if len(self._cache) < 100_000:
+        if len(token) <= CACHED_PIECE_CHARS and len(self._cache) < 100_000:
             self._cache[token] = result
         return result
 
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text`` without SOT/EOT."""
+        return self._encode_clean(clean_text(text))
+
+    def _encode_clean(self, text: str) -> list[int]:
         ids: list[int] = []
         known = self._piece_ids
-        for piece in _WORD_PATTERN.findall(clean_text(text)):
+        for piece in _WORD_PATTERN.findall(text):
             piece_ids = known.get(piece)
             if piece_ids is None:
                 mapped = "".join(self._byte_encoder[b] for b in piece.encode("utf-8"))
                 piece_ids = tuple(self.encoder[t] for t in self._bpe(mapped).split(" "))
-                if len(known) < 100_000:
+                if len(piece) <= CACHED_PIECE_CHARS and len(known) < 100_000:
                     known[piece] = piece_ids
             ids.extend(piece_ids)
         return ids
+
+    def encode_head(self, text: str, n: int) -> tuple[list[int], bool]:
+        """``encode(text)[:n]`` and whether ``encode(text)`` has more than ``n`` ids, reading
+        only a head of the text: a few characters per id, more for text with long
+        whitespace runs or words (and, outside plain ASCII, the line holding the cut, as
+        ftfy cleans whole lines).
+
+        Exactness: the head is a prefix of the cleaned text that ends where the cleaned
+        text has a space (:func:`_clean_head`), so the pre-tokenisation finds in it the
+        pieces that start the whole text (a space ends every letter or symbol run and fails
+        every literal alternative), and BPE works piece by piece. Bound: a token spells at
+        most ``self.longest_token`` characters and pieces are at most one space apart, so a
+        head of ``(n + 1) * (self.longest_token + 1)`` cleaned characters holds more than
+        ``n`` tokens. A first, shorter head of ``8 * (n + 1)`` characters is enough for
+        most text; after it, the bound; a head shorter than the bound (the raw text's
+        whitespace runs collapsed, or HTML references shrank) is read again with twice the
+        limit.
+
+        Example:
+            >>> tok = Tokenizer()
+            >>> tok.encode_head("a photo of a cat", 2)
+            ([320, 1125], True)
+            >>> tok.encode_head("a photo of a cat", 5)
+            ([320, 1125, 539, 320, 2368], False)
+        """
+        plain = _PLAIN_ASCII.fullmatch(text) is not None
+        bound = (n + 1) * (self.longest_token + 1)
+        limit = (n + 1) * _TYPICAL_TOKEN_CHARS  # enough for most text, else the bound
+        while True:
+            head, whole = _clean_head(text, limit, plain)
+            ids = self._encode_clean(head)
+            if len(ids) > n or whole:
+                return ids[:n], len(ids) > n
+            limit = max(2 * limit, bound)
+
+    def truncated_ids(self, text: str, context_length: int) -> tuple[list[int], bool]:
+        """``truncate_ids(token_ids(text), context_length)`` and whether it cut, reading a
+        head of the text only (:meth:`encode_head`).
+
+        Example:
+            >>> tok = Tokenizer()
+            >>> tok.truncated_ids("a photo of a cat", 4)
+            ([49406, 320, 1125, 49407], True)
+        """
+        if context_length < 2:  # no room for SOT and EOT: the plain rule
+            full = self.token_ids(text)
+            return truncate_ids(full, context_length), len(full) > context_length
+        # Cut or not, the sequence is SOT, the first context_length - 2 ids, EOT.
+        head, cut = self.encode_head(text, context_length - 2)
+        return [SOT_ID, *head, EOT_ID], cut
 
     def decode(self, ids: Iterable[int]) -> str:
         """Inverse of :meth:`encode` up to text cleaning (padding and specials dropped)."""

@@ -24,9 +24,11 @@ the last prefix is the caption itself up to trailing text outside every segment.
 segmenter rewrites its text so that a segment cannot be found (the ``chunk`` segmenter's
 tokenised quotes), all texts of that caption are the segments joined by single spaces.
 
-Context. A segment whose prefix has more tokens (SOT and EOT included) than the context is
-marked ``beyond_context`` with null score and delta; the caption's own score is that of the
-truncated caption, as ``specs score`` computes it.
+Context. A segment is beyond the context when the caption has run past the context at or
+before it: when the prefix ``p_j`` of some segment ``j <= k`` has more tokens (SOT and EOT
+included) than the context. Such a segment is marked ``beyond_context`` with null score and
+delta, whatever the attribution; the caption's own score is that of the truncated caption,
+as ``specs score`` computes it, and ``tokens`` its full token count.
 
 Cost and exactness. All texts of a caption are one chain for
 :func:`~specs_metric.evaluation.intrinsic.encode_chains`: the longest text runs once, keeping
@@ -34,6 +36,13 @@ each layer's keys and values, and every other text computes only its tokens afte
 prefix it shares with it, found by comparing token ids (nothing is assumed about how BPE
 treats a segment boundary). A ``prefix`` caption costs one forward pass plus a one-token
 query per segment; every score equals scoring that text alone up to float rounding.
+
+Tokenizing is bounded by the context too. The caption is tokenized once in full (its token
+count and warning); the prefixes are tokenized in order up to the first one past the
+context, and no later one is made; a leave-one-out or neutral text is read only as far as
+its first context tokens need
+(:meth:`~specs_metric.processing.tokenizer.Tokenizer.truncated_ids`, the same ids as
+truncating its full tokenization). Only truncated ids are kept.
 
 ``specs explain`` files (reading rows, writing explanations as they go) are
 :mod:`specs_metric.jobs.explain_files`.
@@ -58,7 +67,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -161,20 +170,32 @@ def locate_segments(caption: str, segments: Sequence[str]) -> list[tuple[int, in
     return spans
 
 
+def _texts(
+    caption: str, segments: Sequence[str], spans: list[tuple[int, int]] | None
+) -> tuple[Callable[[int], str], Callable[[int], str]]:
+    """``p_k`` and ``w_k`` as functions of ``k``: made one at a time, as each is a copy of
+    (up to) the whole caption."""
+    if spans is None:
+        return (
+            lambda k: " ".join(segments[: k + 1]),
+            lambda k: " ".join([*segments[:k], *segments[k + 1 :]]),
+        )
+    return (
+        lambda k: caption[: spans[k][1]],
+        lambda k: caption[: spans[k][0]] + caption[spans[k][1] :],
+    )
+
+
 def prefix_texts(caption: str, segments: Sequence[str]) -> list[str]:
     """``p_1 .. p_n``: the caption through each segment (see the module docstring)."""
-    spans = locate_segments(caption, segments)
-    if spans is None:
-        return [" ".join(segments[: k + 1]) for k in range(len(segments))]
-    return [caption[:end] for _, end in spans]
+    prefix, _ = _texts(caption, segments, locate_segments(caption, segments))
+    return [prefix(k) for k in range(len(segments))]
 
 
 def leave_one_out_texts(caption: str, segments: Sequence[str]) -> list[str]:
     """``w_1 .. w_n``: the caption without each segment (see the module docstring)."""
-    spans = locate_segments(caption, segments)
-    if spans is None:
-        return [" ".join(segments[:k] + segments[k + 1 :]) for k in range(len(segments))]
-    return [caption[:start] + caption[end:] for start, end in spans]
+    _, without = _texts(caption, segments, locate_segments(caption, segments))
+    return [without(k) for k in range(len(segments))]
 
 
 @dataclass
@@ -201,22 +222,18 @@ class _Sequences:
         self.tokenizer, self.context = tokenizer, context
         self.items: list[list[int]] = []
         self._index: dict[tuple[int, ...], int] = {}
-        self._texts: dict[str, list[int]] = {}
 
-    def full_ids(self, text: str) -> list[int]:
-        """Token ids before truncation (each distinct text tokenised once)."""
-        ids = self._texts.get(text)
-        if ids is None:
-            ids = self._texts[text] = self.tokenizer.token_ids(text)
-        return ids
-
-    def add(self, text: str) -> int:
-        ids = truncate_ids(self.full_ids(text), self.context)
+    def add_ids(self, ids: list[int]) -> int:
+        """The index of truncated ids ``ids``, added when new."""
         key = tuple(ids)
         if key not in self._index:
             self._index[key] = len(self.items)
             self.items.append(ids)
         return self._index[key]
+
+    def add(self, text: str) -> int:
+        """The index of ``text``'s truncated ids (only a head of a long text is read)."""
+        return self.add_ids(self.tokenizer.truncated_ids(text, self.context)[0])
 
 
 def plan_caption(
@@ -236,33 +253,37 @@ def plan_caption(
     """
     if attribution not in ATTRIBUTIONS:
         raise ValueError(f"unknown attribution {attribution!r}; choose one of {ATTRIBUTIONS}")
-    seqs = _Sequences(tokenizer, context)
-    n_tokens = len(seqs.full_ids(caption))
+    ids = tokenizer.token_ids(caption)  # the one full tokenization: count and warning
+    n_tokens, warning = len(ids), literal_special_warning(ids)
     if n_tokens > context and long_captions == "error":
         raise CaptionTooLongError(
             f"caption has {n_tokens} tokens, more than the context length {context}"
         )
+    seqs = _Sequences(tokenizer, context)
+    full = seqs.add_ids(truncate_ids(ids, context))
+    del ids
     segments = [s for s in segmenter(caption) if s.strip()]
-    full = seqs.add(caption)
-    prefixes = prefix_texts(caption, segments)
-    within = [len(seqs.full_ids(p)) <= context for p in prefixes]
+    prefix, without = _texts(caption, segments, locate_segments(caption, segments))
+    # Truncated ids of the prefixes within the context, in order, up to the first one past it.
+    within: list[list[int]] = []
+    for k in range(len(segments)):
+        ids, cut = tokenizer.truncated_ids(prefix(k), context)
+        if cut:
+            break
+        within.append(ids)
     picks: list[tuple[int, int, int] | None] = []
-    if attribution == "leave-one-out":
-        for ok, text in zip(within, leave_one_out_texts(caption, segments), strict=True):
-            picks.append((w := seqs.add(text), full, w) if ok else None)
-    else:
-        previous = [""] + prefixes[:-1]
-        for ok, text, before in zip(within, prefixes, previous, strict=True):
-            if not ok:
-                picks.append(None)
-                continue
-            p = seqs.add(text)
-            if attribution == "prefix":
-                base = seqs.add(before)
-            else:
-                base = seqs.add(f"{before} {neutral}" if before else neutral)
-            picks.append((p, p, base))
-    warning = literal_special_warning(seqs.full_ids(caption))
+    for k, ids in enumerate(within):  # sequences added in the order of earlier versions
+        if attribution == "leave-one-out":
+            w = seqs.add(without(k))
+            picks.append((w, full, w))
+            continue
+        p = seqs.add_ids(ids)
+        if attribution == "prefix":
+            base = seqs.add_ids(within[k - 1]) if k else seqs.add("")
+        else:
+            base = seqs.add(f"{prefix(k - 1)} {neutral}" if k else neutral)
+        picks.append((p, p, base))
+    picks += [None] * (len(segments) - len(within))
     return CaptionPlan(segments, seqs.items, full, picks, n_tokens, n_tokens > context, warning)
 
 
