@@ -22,7 +22,6 @@ turned against the user:
 from __future__ import annotations
 
 import errno
-import io
 import os
 import secrets
 import stat
@@ -75,20 +74,13 @@ def check_not_input(path: str | os.PathLike[str], what: str = "output") -> None:
         )
 
 
-def _create_exclusive(path: Path) -> int:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
-    return os.open(path, flags, _FILE_MODE)
+def _exclusive(path: str, flags: int) -> int:
+    """``open`` opener: create a new file, never an existing one, never through a link."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, _FILE_MODE)
 
 
-def _temporary(target: Path) -> tuple[int, Path]:
-    """A new file next to ``target`` that this process created (never an existing one)."""
-    for _ in range(100):
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
-        try:
-            return _create_exclusive(tmp), tmp
-        except FileExistsError:
-            continue
-    raise OutputError(f"{target}: could not create a temporary file next to it")
+def _temporary_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
 
 
 @contextmanager
@@ -116,21 +108,19 @@ def atomic_write(
     check_not_input(target)
     if target.is_dir() and not target.is_symlink():
         raise OutputError(f"{target} is a folder; give a file name")
-    fd, tmp = _temporary(target)
+    text = {} if "b" in mode else {"encoding": encoding, "errors": errors, "newline": newline}
+    tmp = _temporary_name(target)
     try:
-        raw = os.fdopen(fd, "wb")
-        fh: IO = raw if mode == "wb" else io.TextIOWrapper(
-            raw, encoding=encoding, errors=errors, newline=newline
-        )
-        with fh:
+        # builtin open with an opener: the flags are ours, the file object is the usual one
+        with open(tmp, mode.replace("w", "x"), opener=_exclusive, **text) as fh:
             yield fh
             fh.flush()
             if fsync:
-                os.fsync(raw.fileno())
+                os.fsync(fh.fileno())
         check_not_input(target)  # it may have become one meanwhile (a link to an input)
         os.replace(tmp, target)
     finally:
-        if tmp.exists() or tmp.is_symlink():
+        if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
 
 
@@ -153,35 +143,39 @@ def copy_file(source: str | os.PathLike[str], target: str | os.PathLike[str]) ->
             out.write(chunk)
 
 
-def _open_regular_for_writing(path: Path, flags: int, what: str) -> int:
-    """An fd of the regular, singly linked file at ``path`` (created when absent), never
-    through a link; a FIFO or device is refused without blocking."""
-    try:
-        fd = os.open(path, flags | os.O_CREAT | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK, _FILE_MODE)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.EMLINK):
-            raise OutputError(
-                f"{what} {path} is a symbolic link; remove it (a job never writes through one)"
-            ) from None
-        if exc.errno == errno.ENXIO:
-            raise OutputError(f"{what} {path} is not a regular file") from None
-        raise
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        os.close(fd)
-        kind = "has other hard links" if stat.S_ISREG(st.st_mode) else "is not a regular file"
-        raise OutputError(f"{what} {path} {kind}; remove it (a job never writes through one)")
-    os.set_blocking(fd, True)
-    return fd
+def _regular_opener(what: str):
+    """``open`` opener for a file written in place: created when absent; refused when it is
+    a link, has other hard links, or is not a regular file (a FIFO is refused without
+    blocking)."""
+
+    def opener(path: str, flags: int) -> int:
+        flags |= os.O_CREAT | _NOFOLLOW | _CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(path, flags, _FILE_MODE)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise OutputError(
+                    f"{what} {path} is a symbolic link; remove it (nothing is written through one)"
+                ) from None
+            if exc.errno == errno.ENXIO:
+                raise OutputError(f"{what} {path} is not a regular file") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            kind = "has other hard links" if stat.S_ISREG(st.st_mode) else "is not a regular file"
+            raise OutputError(f"{what} {path} {kind}; remove it (nothing is written through it)")
+        os.set_blocking(fd, True)
+        return fd
+
+    return opener
 
 
 def open_append(path: str | os.PathLike[str], what: str = "part file") -> IO[str]:
     """A text file opened for appending (created when absent), refused if it is a link, a
     file with other hard links, a FIFO or a device, or an input file."""
-    path = Path(path)
     check_not_input(path, what)
-    fd = _open_regular_for_writing(path, os.O_WRONLY | os.O_APPEND, what)
-    return os.fdopen(fd, "a", encoding="utf-8")
+    return open(path, "a", encoding="utf-8", opener=_regular_opener(what))
 
 
 def create_empty(path: str | os.PathLike[str], what: str = "part file") -> None:
@@ -191,18 +185,15 @@ def create_empty(path: str | os.PathLike[str], what: str = "part file") -> None:
     check_not_input(path, what)
     if path.is_symlink() or path.exists():
         path.unlink()
-    os.close(_create_exclusive(path))
+    open(path, "xb", opener=_exclusive).close()
 
 
 def truncate(path: str | os.PathLike[str], size: int, what: str = "part file") -> None:
     """Cut a file (never through a link) to ``size`` bytes."""
-    fd = _open_regular_for_writing(Path(path), os.O_WRONLY, what)
-    try:
-        os.ftruncate(fd, size)
-    finally:
-        os.close(fd)
+    with open(path, "r+b", opener=_regular_opener(what)) as fh:
+        fh.truncate(size)
 
 
 def open_lock_file(path: str | os.PathLike[str]) -> int:
     """The fd of a lock file (created when absent), never through a link."""
-    return _open_regular_for_writing(Path(path), os.O_RDWR, "lock file")
+    return _regular_opener("lock file")(os.fspath(path), os.O_RDWR)

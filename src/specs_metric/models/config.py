@@ -128,8 +128,17 @@ DESCRIBED_FIELDS = (
 # --- inference from tensors -----------------------------------------------------------------
 
 
-def _count_layers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
-    return sum(1 for k in state_dict if k.startswith(prefix) and k.endswith(".attn.in_proj_weight"))
+# Dimensions of the tensors the sizes are read from (a 1-d text_projection must be an error,
+# not an IndexError).
+_SHAPE_KEYS = {
+    "visual.conv1.weight": 4,
+    "visual.positional_embedding": 2,
+    "visual.proj": 2,
+    "text_projection": 2,
+    "token_embedding.weight": 2,
+    "positional_embedding": 2,
+    "ln_final.weight": 1,
+}
 
 
 def shapes_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -143,40 +152,38 @@ def shapes_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
             "this is a ResNet-tower CLIP checkpoint (keys 'visual.layer1.*', "
             "'visual.attnpool.*'); only ViT image towers are supported"
         )
-    required = [
-        "visual.conv1.weight",
-        "visual.positional_embedding",
-        "visual.proj",
-        "text_projection",
-        "token_embedding.weight",
-        "positional_embedding",
-        "ln_final.weight",
-    ]
-    missing = [k for k in required if k not in state_dict]
+    missing = [k for k in _SHAPE_KEYS if k not in state_dict]
     if missing:
         raise ValueError(f"not a CLIP/LongCLIP ViT state dict: missing keys {missing}")
+    for key, dims in _SHAPE_KEYS.items():
+        if state_dict[key].dim() != dims:
+            raise ValueError(
+                f"{key} has shape {tuple(state_dict[key].shape)}; expected {dims} dimensions"
+            )
+    from specs_metric.models.weights.limits import layer_count
+
     conv = state_dict["visual.conv1.weight"]
     patch = conv.shape[-1]
     rows = state_dict["visual.positional_embedding"].shape[0]
-    grid = round(math.sqrt(rows - 1))
+    grid = math.isqrt(max(rows - 1, 0))
     if grid * grid + 1 != rows:
         raise ValueError("visual.positional_embedding does not hold a square grid plus a class row")
 
     def mlp(prefix: str, width: int) -> int:
-        key = f"{prefix}resblocks.0.mlp.c_fc.weight"
-        return state_dict[key].shape[0] if key in state_dict else 4 * width
+        weight = state_dict.get(f"{prefix}resblocks.0.mlp.c_fc.weight")
+        return weight.shape[0] if weight is not None and weight.dim() else 4 * width
 
     vision_width, text_width = conv.shape[0], state_dict["ln_final.weight"].shape[0]
     return {
         "embed_dim": state_dict["text_projection"].shape[1],
         "image_resolution": patch * grid,
-        "vision_layers": _count_layers(state_dict, "visual.transformer.resblocks."),
+        "vision_layers": layer_count(state_dict, "visual.transformer.resblocks"),
         "vision_width": vision_width,
         "vision_patch_size": patch,
         "context_length": state_dict["positional_embedding"].shape[0],
         "vocab_size": state_dict["token_embedding.weight"].shape[0],
         "text_width": text_width,
-        "text_layers": _count_layers(state_dict, "transformer.resblocks."),
+        "text_layers": layer_count(state_dict, "transformer.resblocks"),
         "vision_mlp_width": mlp("visual.transformer.", vision_width),
         "text_mlp_width": mlp("transformer.", text_width),
         "positional": "split" if "positional_embedding_res" in state_dict else "plain",

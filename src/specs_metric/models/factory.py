@@ -10,6 +10,7 @@ from specs_metric.errors import CheckpointError, ConfigError
 from specs_metric.models.config import ModelConfig
 from specs_metric.models.model import LongCLIP, config_from_state_dict, is_fp16_rounded
 from specs_metric.models.weights.loading import Checkpoint, read_checkpoint
+from specs_metric.models.weights.validation import check_model_size
 
 
 def load_state_dict(
@@ -61,7 +62,8 @@ def build_model(
         source: name of the file, for error messages.
 
     Raises:
-        CheckpointError: unsupported architecture or tensors that do not fit it.
+        CheckpointError: unsupported architecture, tensors that do not fit it, or a config
+            the tensors could not fill (refused before the model is allocated).
     """
     if config is None:
         try:
@@ -70,31 +72,14 @@ def build_model(
             raise CheckpointError(str(exc)) from exc
         except (ValueError, KeyError, IndexError) as exc:
             raise CheckpointError(f"{source}: {exc}") from exc
+    # Keys and shapes are compared with the config's before a module is allocated.
+    check_model_size(config, state_dict, source, exact=True)
     model = LongCLIP(config)
     weights = (
         round_like_reference(state_dict)
         if reference_rounding
         else {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     )
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [
-        f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if wrong:
-            parts.append(f"wrong shapes {wrong[:3]}")
-        raise CheckpointError(
-            f"{source}: tensors do not match the inferred {config}: " + "; ".join(parts)
-        )
     model.load_state_dict(weights)
     return model.eval()
 

@@ -24,6 +24,26 @@ import torch
 
 from specs_metric.errors import ConfigError
 from specs_metric.models.config import ModelConfig
+from specs_metric.models.weights.limits import (
+    MAX_CONTEXT,
+    MAX_IMAGE_SIZE,
+    MAX_LAYERS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    layer_count,
+)
+from specs_metric.models.weights.validation import (
+    Where,
+    preprocess_config,
+    read_json_file,
+    require_bool,
+    require_float,
+    require_int,
+    require_numbers,
+    require_object,
+    require_str,
+    show,
+)
 from specs_metric.processing.preprocess import CLIP_MEAN, CLIP_STD, PreprocessConfig
 
 CONFIG_FILE = "config.json"
@@ -60,44 +80,78 @@ _PIL_RESAMPLE = {3: "bicubic", 2: "bilinear", 0: "nearest"}
 # --- config.json ------------------------------------------------------------------------------
 
 
-def _tower(data: Mapping[str, Any], name: str, defaults: Mapping[str, Any]) -> dict[str, Any]:
-    sub = data.get(f"{name}_config") or data.get(f"{name}_config_dict") or {}
-    return {**defaults, **{k: v for k, v in sub.items() if v is not None}}
+def _tower(data: Mapping[str, Any], name: str, where: Where) -> tuple[dict[str, Any], Where]:
+    """A tower's config (``<name>_config``, or the older ``<name>_config_dict``), checked to
+    be an object, and where it sits in the file."""
+    key = f"{name}_config"
+    if data.get(key) in (None, {}) and data.get(f"{key}_dict") is not None:
+        key = f"{key}_dict"
+    sub = require_object(data, key, where, default={})
+    return {k: v for k, v in sub.items() if v is not None}, where / key
 
 
-def _activation(value: str, tower: str) -> str:
-    if value not in _ACTIVATIONS:
-        raise ConfigError(
-            f"config.json: {tower} hidden_act {value!r} is not supported "
-            f"(one of {sorted(_ACTIVATIONS)})"
+def _tower_sizes(
+    sub: Mapping[str, Any], where: Where, defaults: Mapping[str, Any], own: Mapping[str, int]
+) -> dict[str, Any]:
+    """The fields of a tower this package reads, each checked for type and range (missing
+    ones get transformers' defaults); ``own`` maps the tower's own fields to their maxima."""
+
+    def size(key: str, high: int = MAX_WIDTH) -> int:
+        return require_int(sub, key, where, high=high, default=defaults[key])
+
+    out = {
+        "hidden_size": size("hidden_size"),
+        "intermediate_size": size("intermediate_size"),
+        "num_hidden_layers": size("num_hidden_layers", MAX_LAYERS),
+        "num_attention_heads": size("num_attention_heads"),
+        "hidden_act": require_str(sub, "hidden_act", where, choices=_ACTIVATIONS,
+                                  default=defaults["hidden_act"]),
+        "layer_norm_eps": require_float(sub, "layer_norm_eps", where, low=0.0, high=1.0,
+                                        low_open=True, default=defaults["layer_norm_eps"]),
+        **{key: size(key, high) for key, high in own.items()},
+    }  # fmt: skip
+    if out["hidden_size"] % out["num_attention_heads"]:
+        raise where.error(
+            "hidden_size",
+            f"{out['hidden_size']} is not divisible by num_attention_heads "
+            f"{out['num_attention_heads']}",
         )
-    return _ACTIVATIONS[value]
+    return out
 
 
-def config_from_hf(data: Mapping[str, Any]) -> ModelConfig:
-    """A :class:`ModelConfig` from an HF ``CLIPModel`` ``config.json`` (as a dict)."""
-    model_type = data.get("model_type", "clip")
+def config_from_hf(data: Mapping[str, Any], where: str = CONFIG_FILE) -> ModelConfig:
+    """A :class:`ModelConfig` from an HF ``CLIPModel`` ``config.json`` (as a dict).
+
+    Every field read is checked for type and range first (``where`` names the file in
+    messages).
+
+    Raises:
+        ConfigError: a field of the wrong type, out of range or unsupported.
+    """
+    top = Where(str(where))
+    model_type = require_str(data, "model_type", top, default="clip")
     if model_type != "clip":
-        raise ConfigError(f"config.json: model_type {model_type!r} is not a CLIP model")
-    text = _tower(data, "text", _TEXT_DEFAULTS)
-    vision = _tower(data, "vision", _VISION_DEFAULTS)
-    text_act = _activation(text["hidden_act"], "text")
-    vision_act = _activation(vision["hidden_act"], "vision")
+        raise top.error("model_type", f"{model_type!r} is not a CLIP model")
+    text_sub, text_at = _tower(data, "text", top)
+    vision_sub, vision_at = _tower(data, "vision", top)
+    text = _tower_sizes(
+        text_sub, text_at, _TEXT_DEFAULTS,
+        {"max_position_embeddings": MAX_CONTEXT, "vocab_size": MAX_VOCAB},
+    )  # fmt: skip
+    vision = _tower_sizes(
+        vision_sub, vision_at, _VISION_DEFAULTS,
+        {"image_size": MAX_IMAGE_SIZE, "patch_size": MAX_IMAGE_SIZE},
+    )  # fmt: skip
+    text_act, vision_act = _ACTIVATIONS[text["hidden_act"]], _ACTIVATIONS[vision["hidden_act"]]
     if text_act != vision_act:
         raise ConfigError(
-            f"config.json: the towers use different activations ({vision_act} / {text_act}), "
+            f"{where}: the towers use different activations ({vision_act} / {text_act}), "
             "which this package does not support"
         )
-    for tower, cfg in (("text", text), ("vision", vision)):
-        if cfg["hidden_size"] % cfg["num_attention_heads"]:
-            raise ConfigError(
-                f"config.json: {tower} hidden_size {cfg['hidden_size']} is not divisible by "
-                f"num_attention_heads {cfg['num_attention_heads']}"
-            )
-    if vision.get("num_channels", 3) != 3:
-        raise ConfigError("config.json: only 3-channel images are supported")
+    if require_int(vision_sub, "num_channels", vision_at, high=1 << 10, default=3) != 3:
+        raise vision_at.error("num_channels", "must be 3: only RGB images are supported")
     return ModelConfig(
-        embed_dim=data.get("projection_dim", 512),
+        embed_dim=require_int(data, "projection_dim", top, default=512),
         image_resolution=vision["image_size"],
         vision_layers=vision["num_hidden_layers"],
         vision_width=vision["hidden_size"],
@@ -111,8 +165,8 @@ def config_from_hf(data: Mapping[str, Any]) -> ModelConfig:
         activation=text_act,
         vision_mlp_width=vision["intermediate_size"],
         text_mlp_width=text["intermediate_size"],
-        vision_layer_norm_eps=float(vision["layer_norm_eps"]),
-        text_layer_norm_eps=float(text["layer_norm_eps"]),
+        vision_layer_norm_eps=vision["layer_norm_eps"],
+        text_layer_norm_eps=text["layer_norm_eps"],
     )
 
 
@@ -159,39 +213,58 @@ def hf_config(config: ModelConfig, logit_scale: float | None = None) -> dict[str
 # --- preprocessor_config.json -------------------------------------------------------------------
 
 
-def _square(value: Any, what: str) -> int:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, Mapping):
-        if "shortest_edge" in value:
-            return int(value["shortest_edge"])
-        if value.get("height") == value.get("width") and value.get("height"):
-            return int(value["height"])
-    raise ConfigError(f"{PREPROCESSOR_FILE}: unsupported {what} {value!r}")
+def _square(data: Mapping[str, Any], key: str, where: Where, default: int) -> int:
+    """An image size: an integer, ``{"shortest_edge": n}`` or ``{"height": n, "width": n}``."""
+    value = data.get(key)
+    if not isinstance(value, Mapping):
+        return require_int(data, key, where, high=MAX_IMAGE_SIZE, default=default)
+    at = where / key
+    if "shortest_edge" in value:
+        return require_int(value, "shortest_edge", at, high=MAX_IMAGE_SIZE)
+    if "height" in value or "width" in value:
+        height = require_int(value, "height", at, high=MAX_IMAGE_SIZE)
+        if require_int(value, "width", at, high=MAX_IMAGE_SIZE) == height:
+            return height
+    raise where.error(key, f"{show(value)} is not supported (only square sizes)")
 
 
-def preprocess_from_hf(data: Mapping[str, Any], resolution: int) -> PreprocessConfig:
+def preprocess_from_hf(
+    data: Mapping[str, Any], resolution: int, where: str = PREPROCESSOR_FILE
+) -> PreprocessConfig:
     """A :class:`PreprocessConfig` from an HF ``CLIPImageProcessor`` config.
 
-    HF centre-crops at ``floor((size - crop) / 2)``; the reference rounds.
+    HF centre-crops at ``floor((size - crop) / 2)``; the reference rounds. Every field read is
+    checked for type and range first (``where`` names the file in messages).
+
+    Raises:
+        ConfigError: a field of the wrong type, out of range or unsupported.
     """
+    at = Where(str(where))
     for flag in ("do_resize", "do_center_crop", "do_rescale"):
-        if data.get(flag, True) is False:
-            raise ConfigError(f"{PREPROCESSOR_FILE}: {flag}=false is not supported")
-    if abs(float(data.get("rescale_factor", 1 / 255)) - 1 / 255) > 1e-12:
-        raise ConfigError(f"{PREPROCESSOR_FILE}: only rescale_factor 1/255 is supported")
-    resample = data.get("resample", 3)
+        if not require_bool(data, flag, at, default=True):
+            raise at.error(flag, "= false is not supported")
+    rescale = require_float(data, "rescale_factor", at, low=0.0, high=1.0, default=1 / 255)
+    if abs(rescale - 1 / 255) > 1e-12:
+        raise at.error("rescale_factor", "must be 1/255 (the only one supported)")
+    resample = require_int(data, "resample", at, low=0, high=5, default=3)
     if resample not in _PIL_RESAMPLE:
-        raise ConfigError(f"{PREPROCESSOR_FILE}: unsupported resample {resample!r}")
-    normalize = data.get("do_normalize", True)
-    return PreprocessConfig(
-        resize=_square(data.get("size", resolution), "size"),
-        crop=_square(data.get("crop_size", resolution), "crop_size"),
+        raise at.error("resample", f"{resample} is not supported (one of {sorted(_PIL_RESAMPLE)})")
+    normalize = require_bool(data, "do_normalize", at, default=True)
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if normalize:
+        mean = require_numbers(data, "image_mean", at, length=3, low=-1e3, high=1e3,
+                               default=CLIP_MEAN)
+        std = require_numbers(data, "image_std", at, length=3, low=0.0, high=1e3,
+                              low_open=True, default=CLIP_STD)
+    return preprocess_config(
+        at,
+        resize=_square(data, "size", at, resolution),
+        crop=_square(data, "crop_size", at, resolution),
         interpolation=_PIL_RESAMPLE[resample],
         crop_rounding="floor",
-        mean=tuple(data.get("image_mean", CLIP_MEAN)) if normalize else (0.0, 0.0, 0.0),
-        std=tuple(data.get("image_std", CLIP_STD)) if normalize else (1.0, 1.0, 1.0),
-    )
+        mean=mean,
+        std=std,
+    )  # fmt: skip
 
 
 def hf_preprocessor_config(pre: PreprocessConfig) -> dict[str, Any]:
@@ -252,10 +325,6 @@ _TRANSPOSED = (
 _TEXT_POSITIONS = "text_model.embeddings.position_embedding.weight"
 
 
-def _layers(state: Mapping[str, torch.Tensor], prefix: str, suffix: str) -> int:
-    return sum(1 for k in state if k.startswith(prefix + ".") and k.endswith(suffix))
-
-
 def hf_to_openai(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint") -> dict:
     """Map an HF ``CLIPModel`` state dict to the OpenAI/LongCLIP key layout.
 
@@ -281,7 +350,11 @@ def hf_to_openai(state: Mapping[str, torch.Tensor], *, source: str = "checkpoint
     if table.shape[0] > 77:
         out["positional_embedding_res"] = table.clone()
     for ours, theirs in _TOWERS:
-        for i in range(_layers(state, theirs, ".self_attn.q_proj.weight")):
+        try:
+            layers = layer_count(state, theirs)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+        for i in range(layers):
             src, dst = f"{theirs}.{i}", f"{ours}.{i}"
             for part in ("weight", "bias"):
                 out[f"{dst}.attn.in_proj_{part}"] = torch.cat(
@@ -329,18 +402,44 @@ def openai_to_hf(state: Mapping[str, torch.Tensor], config: ModelConfig) -> dict
 # --- folders ----------------------------------------------------------------------------------
 
 
+def _shard_names(index: Path) -> list[str]:
+    """The shard files a ``*.index.json`` names, in order: its ``weight_map`` must map tensor
+    names to plain file names inside the folder."""
+    weight_map = require_object(read_json_file(index, "shard index"), "weight_map", index)
+    names: list[str] = []
+    for key, name in weight_map.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"{index}: weight_map[{show(key)}] must be a file name, not "
+                              f"{show(name)}")
+        if (
+            not name
+            or name.startswith(".")  # also "..", and hidden files
+            or any(c in name for c in "/\\\0:")
+            or Path(name).is_absolute()
+        ):
+            raise ConfigError(f"{index}: weight_map[{show(key)}] is {show(name)}; shard names "
+                              "must be plain file names in the folder")
+        names.append(name)
+    return list(dict.fromkeys(names))
+
+
 def weight_files(folder: Path) -> list[Path]:
-    """The weight file(s) of a ``save_pretrained`` folder (shards in index order)."""
+    """The weight file(s) of a ``save_pretrained`` folder (shards in index order).
+
+    Raises:
+        ConfigError: a shard index that is malformed, names a file outside the folder or one
+            that is not there, or a folder without weights.
+    """
     for index_name in SHARD_INDEX_FILES:
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise ConfigError(f"{index}: not a readable shard index ({exc})") from exc
-            names = list(dict.fromkeys(weight_map.values()))
-            if any("/" in n or "\\" in n or n.startswith(".") for n in names):
-                raise ConfigError(f"{index}: shard names must be plain file names")
+            names = _shard_names(index)
+            if not names:
+                raise ConfigError(f"{index}: weight_map names no shard files")
+            for name in names:
+                if not (folder / name).is_file():
+                    raise ConfigError(f"{index}: weight_map names {name!r}, which is not a "
+                                      f"file in {folder}")
             return [folder / n for n in names]
     for name in WEIGHT_FILES:
         if (folder / name).is_file():
@@ -352,13 +451,9 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a readable JSON file ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return data
+    """A model description file as a JSON object, read bounded
+    (:func:`specs_metric.models.weights.validation.read_json_file`)."""
+    return read_json_file(path, "JSON file")
 
 
 def write_folder(

@@ -19,7 +19,6 @@ Every command that takes ``--model`` goes through here.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,12 +42,19 @@ from specs_metric.models.weights.checkpoint import (
     clip_to_longclip,
     read_state_dict,
 )
+from specs_metric.models.weights.limits import check_safetensors_header, parse_json
 from specs_metric.models.weights.pretrained import (
     REGISTRY,
     PretrainedModel,
     file_sha256,
     lookup,
     resolve,
+)
+from specs_metric.models.weights.validation import (
+    Where,
+    check_model_fields,
+    check_model_size,
+    check_preprocess_fields,
 )
 from specs_metric.processing.preprocess import PreprocessConfig
 
@@ -82,26 +88,23 @@ class Checkpoint:
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
-    if path.suffix != ".safetensors":
-        return {}
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), "pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception:  # unreadable files are reported by read_state_dict
-        return {}
+    """The ``__metadata__`` of a safetensors file, from its checked header (nothing else of
+    the file is read)."""
+    if path.suffix != ".safetensors" or not path.is_file() or path.stat().st_size == 0:
+        return {}  # read_state_dict reports missing and empty files
+    return check_safetensors_header(path).get("__metadata__", {})
 
 
 def _json_field(meta: dict[str, str], key: str, path: Path) -> dict[str, Any] | None:
+    """A JSON object our files keep in one metadata string (nested no deeper than JSON
+    configs allow)."""
     if key not in meta:
         return None
-    try:
-        value = json.loads(meta[key])
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: unreadable {key} metadata ({exc})") from exc
+    value = parse_json(meta[key], f"{path}: __metadata__.{key}")
     if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: {key} metadata is not a JSON object")
+        raise CheckpointError(
+            f"{path}: __metadata__.{key} must hold a JSON object, not {type(value).__name__}"
+        )
     return value
 
 
@@ -116,19 +119,21 @@ def _read_hf_folder(folder: Path, source: str) -> tuple[dict, ModelConfig, Prepr
         weight_files,
     )
 
-    described = config_from_hf(read_json(folder / CONFIG_FILE))
+    # The descriptions are checked before any weights are read (config.json's image size
+    # is the model's: the weights are checked against it below).
+    described = config_from_hf(read_json(folder / CONFIG_FILE), str(folder / CONFIG_FILE))
+    pre_file = folder / PREPROCESSOR_FILE
+    preprocess = (
+        preprocess_from_hf(read_json(pre_file), described.image_resolution, str(pre_file))
+        if pre_file.is_file()
+        else PreprocessConfig.reference(described.image_resolution)
+    )
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(folder):
         state.update(read_state_dict(file))
     state = hf_to_openai(state, source=source)
     pins = {k: v for k, v in described.to_dict().items() if k != "positional"}
     config = config_from_state_dict(state, pins, source=source, pinned_by=f"{folder / CONFIG_FILE}")
-    pre_file = folder / PREPROCESSOR_FILE
-    preprocess = (
-        preprocess_from_hf(read_json(pre_file), config.image_resolution)
-        if pre_file.is_file()
-        else PreprocessConfig.reference(config.image_resolution)
-    )
     return state, config, preprocess
 
 
@@ -163,33 +168,36 @@ def _read_file(
     """Weights, architecture and own preprocessing of a checkpoint file: the config recorded
     in its metadata (checked against ``chosen``), else the architecture ``chosen``, the
     open_clip config next to it or the registry entry's, else what the tensors say."""
-    state = read_state_dict(location)
+    # Descriptions (recorded metadata, an open_clip sidecar) are checked before the tensors
+    # are read.
     meta = _safetensors_metadata(location)
     recorded = _json_field(meta, CONFIG_METADATA_KEY, location)
     recorded_pre = _json_field(meta, PREPROCESS_METADATA_KEY, location)
+    own_pre: PreprocessConfig | None = None
+    if recorded_pre is not None:
+        at = Where(str(location), f"__metadata__.{PREPROCESS_METADATA_KEY}")
+        own_pre = check_preprocess_fields(recorded_pre, at)
     if recorded is not None:
-        recorded = {k: v for k, v in recorded.items() if k != "positional"}
-        config = config_from_state_dict(
-            state, recorded, source=source, pinned_by="its recorded config"
-        )
+        at = Where(str(location), f"__metadata__.{CONFIG_METADATA_KEY}")
+        pins = {k: v for k, v in check_model_fields(recorded, at).items() if k != "positional"}
+        state = read_state_dict(location)
+        config = config_from_state_dict(state, pins, source=source, pinned_by="its recorded config")
         if chosen is not None:
             check_against(config, chosen.pins, source=source, by=f"--arch {chosen.name}")
     else:
         chosen = _open_clip_arch(location, chosen)
         if chosen is None and entry is not None:
             chosen = ARCHS[entry.arch]
+        state = read_state_dict(location)
         config = config_from_state_dict(
             state,
             chosen.pins if chosen is not None else None,
             source=source,
             pinned_by=f"architecture {chosen.name}" if chosen else "the architecture",
         )
-    own_pre = (
-        PreprocessConfig.from_dict(recorded_pre)
-        if recorded_pre is not None
-        else (chosen.preprocess if chosen is not None and chosen.preprocess else None)
-    ) or PreprocessConfig.reference(config.image_resolution)
-    return state, config, own_pre
+    if own_pre is None and chosen is not None:
+        own_pre = chosen.preprocess
+    return state, config, own_pre or PreprocessConfig.reference(config.image_resolution)
 
 
 def read_checkpoint(
@@ -231,6 +239,8 @@ def read_checkpoint(
         else:
             state, config, own_pre = _read_file(location, source, entry, chosen)
             files, layout = [location], "openai"
+        # Before anything is built from the config: its tensors must be able to fill it.
+        check_model_size(config, state, source)
         if entry is not None and layout == "hf" and entry.name in REGISTRY:
             known = ARCHS[entry.arch]
             check_against(config, known.pins, source=source, by=f"registry arch {known.name}")
@@ -276,5 +286,5 @@ def _choose_preprocess(
                 f"--preprocess {choice!r}: expected auto, reference or a "
                 "preprocessor_config.json file"
             )
-        pre = preprocess_from_hf(read_json(path), config.image_resolution)
+        pre = preprocess_from_hf(read_json(path), config.image_resolution, str(path))
     return check_preprocess_size(pre, config)
