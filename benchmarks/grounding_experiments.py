@@ -12,7 +12,7 @@ Each command trains from random weights with the replication's model shape
   ``softplus(s(false) - s(true))`` on logit-scaled cosines; ``--in-batch W`` adds a loss
   asking each true segment to pick its image among the batch's; ``--vision-parse N`` first
   trains the image tower for N steps to parse scenes from its embedding (per cell: colour or
-  empty, shape, size, texture; the background colour). Intrinsic rates (README) of the
+  empty, shape, size, texture; the background colour). Intrinsic rates (docs/intrinsic.md) of the
   first ``--eval-scenes`` test scenes are printed every ``--eval-every`` steps.
 * ``finetune``: the replication's two fine-tuning arms (contrastive baseline and SPECS, 400
   steps of batch 32) from ``--init`` on this world's train split, then each arm and the

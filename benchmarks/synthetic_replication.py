@@ -11,7 +11,7 @@ The experiment of the SPECS paper in miniature, with ground truth instead of ann
    the specificity objective (docs/training.md, "Objective": the released loss weights and
    adaptive margin);
 4. evaluate all three on the test split, whose scenes each contain a colour-shape pair that
-   no training scene or caption contains: the intrinsic benchmark (README) and Kendall
+   no training scene or caption contains: the intrinsic benchmark (docs/intrinsic.md) and Kendall
    tau-b between the score and the fact-level F1 of the graded candidates.
 
 It writes ``OUT/results.md`` (markdown table), ``OUT/results.json``, ``OUT/replication.png``

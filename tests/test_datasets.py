@@ -179,7 +179,8 @@ def test_parquet_output_has_the_rows_of_the_jsonl_output(world, tmp_path):
 
 
 def test_filter_by_score_one_liner(world, tmp_path):
-    """The README's pyarrow one-liner keeps exactly the scored rows at or above a threshold."""
+    """The pyarrow one-liner of docs/datasets.md keeps exactly the scored rows at or above a
+    threshold."""
     d, _ = world
     rows = _score(d, _jsonl(world, tmp_path / "in.jsonl"), tmp_path / "scores.parquet")
     threshold = float(np.median([r["score"] for r in rows]))

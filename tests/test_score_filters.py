@@ -1,5 +1,5 @@
-"""The README's one-liners that filter a ``specs score --output-dir`` by score (DuckDB,
-Polars), run as written there on parquet outputs and checked against a filter of the JSONL
+"""The one-liners of docs/datasets.md that filter a ``specs score --output-dir`` by score
+(DuckDB, Polars), run as written there on parquet outputs and checked against a filter of the JSONL
 outputs computed here."""
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from specs_metric.cli import main
 from specs_metric.jobs.results import read_output
 from test_datasets import world  # noqa: F401
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "datasets.md"
 
 
 def _one_liner(prefix: str) -> str:
-    """The quoted program of the README line starting with ``prefix`` (e.g. ``duckdb -c``)."""
-    lines = [line for line in README.read_text().splitlines() if line.startswith(prefix)]
-    assert len(lines) == 1, f"README: {len(lines)} lines start with {prefix!r}"
+    """The quoted program of the line of docs/datasets.md starting with ``prefix`` (e.g.
+    ``duckdb -c``)."""
+    lines = [line for line in PAGE.read_text().splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, f"{PAGE.name}: {len(lines)} lines start with {prefix!r}"
     match = re.fullmatch(rf'{re.escape(prefix)} "(.*)"', lines[0])
     assert match, lines[0]
     return match.group(1)
@@ -34,7 +35,7 @@ def _with_threshold(program: str, threshold: float) -> str:
 
 @pytest.fixture(scope="module")
 def scores(world, tmp_path_factory):  # noqa: F811
-    """``scores/`` of two parquet shards (one with an error row) and the rows the README
+    """``scores/`` of two parquet shards (one with an error row) and the rows the page's
     filters keep at a threshold, chosen from the JSONL outputs of the same shards."""
     d, pairs = world
     tmp = tmp_path_factory.mktemp("filters")

@@ -3,7 +3,7 @@
 Inputs are untrusted: a small file must not make a command allocate gigabytes, run for
 hours or block. Each reader checks its limit before it allocates (a size declared in a
 header, a member of an archive, a cell of a table) and turns a breach into a one-line error
-or a row error naming the file or row. The README's "Errors" section lists them.
+or a row error naming the file or row. docs/errors.md lists them.
 """
 
 from __future__ import annotations

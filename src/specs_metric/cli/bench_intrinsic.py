@@ -1,5 +1,5 @@
-"""``specs bench intrinsic``: positive / negative / average rates (README, "The intrinsic
-specificity benchmark")."""
+"""``specs bench intrinsic``: positive / negative / average rates
+(docs/intrinsic.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Intrinsic specificity benchmark (README, "The intrinsic specificity benchmark") with
+"""Intrinsic specificity benchmark (docs/intrinsic.md) with
 prefix-sharing text encoding.
 
 For each image with cumulative captions ``c_1..c_n`` and negatives ``n_2..n_n``

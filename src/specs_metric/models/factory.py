@@ -27,8 +27,8 @@ def load_state_dict(
 
 
 def round_like_reference(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Round the weights the reference loader keeps in fp16 (README, "Exactness and reference
-    quirks") and return fp32.
+    """Round the weights the reference loader keeps in fp16 (docs/models.md,
+    "Exactness and reference quirks") and return fp32.
 
     The reference builds the model, casts Conv/Linear/projection weights to fp16, loads the
     state dict into them, and on CPU casts back to fp32: scores equal these rounded weights

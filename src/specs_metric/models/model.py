@@ -342,7 +342,8 @@ class LongCLIP(nn.Module):
         return self.encode_image(pixels), self.encode_text(tokens)
 
 
-# Parameters the reference loader stores in fp16 (README, "Exactness and reference quirks"):
+# Parameters the reference loader stores in fp16 (docs/models.md, "Exactness and reference
+# quirks"):
 # all Conv2d/Linear weights and biases, attention input projections, and the two output
 # projections.
 def is_fp16_rounded(key: str) -> bool:

@@ -221,7 +221,7 @@ def save_state_dict(
 
 def stretch_positional_embedding(table: torch.Tensor, *, exact: bool = False) -> torch.Tensor:
     """Knowledge-preserved stretching of a 77-row positional table to 248 rows (LongCLIP;
-    README, "Exactness and reference quirks").
+    docs/models.md, "Exactness and reference quirks").
 
     Rows 0..19 are kept; each later gap between rows ``20+i`` and ``21+i`` is filled with
     four rows interpolated at 0, 1/4, 1/2, 3/4; the last four rows extrapolate from the
