@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import time
 from pathlib import Path
 
@@ -104,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
             "seconds": elapsed,
             "results": [dataclasses.asdict(r) for r in results],
         }
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1) + "\n")
-        os.replace(tmp, args.json)
+        from specs_metric.io.jsonio import write_json
+
+        write_json(args.json, payload, indent=1)
         print(f"wrote {args.json}")
     return 0

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         run_metrics,
     )
     from specs_metric.evaluation.reports.report import human_markdown, write_human_report
+    from specs_metric.io.writing import atomic_write, open_append
 
     try:
         metrics = parse_metrics(args.metrics, args.model)
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             return
         # write each metric's scores as soon as they exist, so a long run keeps its work
         name = res.spec.label.replace("/", "_")
-        with open(args.out / f"scores_{name}.jsonl", "a", encoding="utf-8") as fh:
+        with open_append(args.out / f"scores_{name}.jsonl", "scores file") as fh:
             for rec, value in zip(jset.rows, res.scores.tolist(), strict=True):
                 fh.write(dumps({"set": jset.name, "id": rec.id, "score": value}) + "\n")
         rate = res.seconds_per_1000
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate(s, results[s.name], n_boot=args.n_boot, level=args.level, seed=args.seed)
         for s in sets
     ]
-    with open(scores_path, "w", encoding="utf-8") as fh:
+    with atomic_write(scores_path) as fh:
         for s in sets:
             for rec in iter_score_rows(s, results[s.name]):
                 fh.write(dumps(rec) + "\n")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from specs_metric.cli.common import (
     nonnegative_int,
     positive_int,
 )
-from specs_metric.io.jsonio import dumps
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,10 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _write_json(path: Path, payload: dict) -> None:
+    from specs_metric.io.jsonio import write_json
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, payload, indent=1)
 
 
 def _per_image(rows, scores, rates=None) -> list[dict]:

@@ -61,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         plot_distributions,
         write_json,
     )
+    from specs_metric.io.writing import write_text
 
     try:
         result = compare_files(
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "report.md").write_text(text, "utf-8")
+        write_text(args.out / "report.md", text)
         write_json(result.as_dict(), args.out / "report.json")
         plot = None
         if not args.no_plots:
@@ -94,6 +95,6 @@ def run(args: argparse.Namespace) -> int:
             ).read_bytes()
         roots = [args.image_root, args.a.parent, args.b.parent]
         html = compare_page(result, image_roots=roots, plot_png=plot)
-        (args.out / "report.html").write_text(html, "utf-8")
+        write_text(args.out / "report.html", html)
         print(f"report written to {args.out}", file=sys.stderr)
     return 0

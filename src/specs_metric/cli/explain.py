@@ -63,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from specs_metric.errors import SegmenterError
+    from specs_metric.io.writing import write_text
     from specs_metric.jobs.explain_files import ExplainConfig, explain_file
 
     if args.chunk_rows < 1 or args.batch_size < 1:
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
         title = f"specs explain: {args.input.name} ({scorer.name}, {args.attribution})"
         root = args.image_root if args.image_root is not None else args.input.parent
-        args.html.write_text(explain_page(records, root, title), encoding="utf-8")
+        write_text(args.html, explain_page(records, root, title))
         summary["html"] = str(args.html)
     print(json.dumps(summary, indent=2), file=sys.stderr)
     if args.strict and summary["n_errors"]:

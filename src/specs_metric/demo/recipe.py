@@ -37,6 +37,7 @@ from specs_metric.evaluation.intrinsic import run_intrinsic
 from specs_metric.evaluation.sdci import read_sdci
 from specs_metric.evaluation.stats import kendall_tau, pairwise_accuracy
 from specs_metric.io.jsonio import read_jsonl
+from specs_metric.io.writing import atomic_write, copy_file, write_text
 from specs_metric.models.model import LongCLIP, ModelConfig
 from specs_metric.models.weights.checkpoint import read_state_dict, save_state_dict
 from specs_metric.processing.tokenizer import default_tokenizer
@@ -106,7 +107,8 @@ def training_table(data: Path, out: Path) -> Path:
         return source
     captions = table.column("captions").to_pylist()
     table = table.append_column("caption", pa.array([c[-1] for c in captions], pa.string()))
-    pq.write_table(table, out)
+    with atomic_write(out, "wb") as fh:
+        pq.write_table(table, fh)
     return out
 
 
@@ -233,7 +235,7 @@ def write_examples(settings: Settings, work: Path, target: Path, n_scenes: int =
     lines = []
     for i, row in enumerate(rows):
         name = f"scene{i + 1}.png"
-        shutil.copyfile(fresh / row["image"], images / name)
+        copy_file(fresh / row["image"], images / name)
         captions, negatives = row["captions"], row["neg_captions"]
         scene = Scene.from_dict(json.loads(row["scene"]))
         # true long caption; the first few facts only; those facts plus a false one
@@ -249,7 +251,7 @@ def write_examples(settings: Settings, work: Path, target: Path, n_scenes: int =
                     {"id": f"scene{i + 1}-{kind}", "image": f"images/{name}", "caption": caption}
                 )
             )
-    (target / "captions.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(target / "captions.jsonl", "\n".join(lines) + "\n")
 
 
 def export_demo(models: dict[str, Path], out: Path, settings: Settings, work: Path) -> Path:

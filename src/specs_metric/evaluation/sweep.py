@@ -243,7 +243,8 @@ def write_sweep_report(result: dict, out: Path, *, plot: bool = True) -> None:
     from specs_metric.evaluation.reports.html import sweep_page
     from specs_metric.evaluation.reports.report import plot_sweep
     from specs_metric.io.jsonio import dumps
+    from specs_metric.io.writing import write_text
 
-    (out / "sweep.json").write_text(dumps(result, indent=2) + "\n", "utf-8")
+    write_text(out / "sweep.json", dumps(result, indent=2) + "\n")
     png = plot_sweep(result, out / "sweep.png").read_bytes() if plot else None
-    (out / "report.html").write_text(sweep_page(result, plot_png=png), "utf-8")
+    write_text(out / "report.html", sweep_page(result, plot_png=png))

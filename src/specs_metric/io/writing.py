@@ -197,3 +197,10 @@ def truncate(path: str | os.PathLike[str], size: int, what: str = "part file") -
 def open_lock_file(path: str | os.PathLike[str]) -> int:
     """The fd of a lock file (created when absent), never through a link."""
     return _regular_opener("lock file")(os.fspath(path), os.O_RDWR)
+
+
+def publish(part: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Rename a file this process wrote (a part file) to ``target``: a link at ``target`` is
+    replaced, not followed; an input at ``target`` is refused."""
+    check_not_input(target)
+    os.replace(part, target)

@@ -9,7 +9,6 @@ chunk's records to ``<output>.part`` as it finishes, which becomes the output at
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from specs_metric.data.sources import read_rows
 from specs_metric.errors import CaptionTooLongError
 from specs_metric.io.jsonio import dumps, write_json
+from specs_metric.io.writing import check_not_input, create_empty, open_append, publish
 from specs_metric.processing.segmentation import SEGMENTERS, Segmenter
 from specs_metric.processing.tokenizer import literal_special_warning
 from specs_metric.scoring.explain import (
@@ -165,7 +165,9 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
         disable=not config.show_progress,
         desc="explaining",
     )
-    with open(part, "w", encoding="utf-8") as out:
+    check_not_input(config.output, "--output")
+    create_empty(part)
+    with open_append(part) as out:
         for start in range(0, len(rows), config.chunk_rows):
             chunk = _explain_chunk(
                 scorer, rows[start : start + config.chunk_rows], config, segmenter, images
@@ -175,7 +177,7 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
             records += chunk
             bar.update(len(chunk))
     bar.close()
-    os.replace(part, config.output)
+    publish(part, config.output)
     summary = summarize_records(records)
     summary.update(
         {

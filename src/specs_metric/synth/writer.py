@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from specs_metric.io.writing import atomic_write, write_text
 from specs_metric.processing.tokenizer import default_tokenizer
 from specs_metric.synth import world
 from specs_metric.synth.captions import (
@@ -87,7 +88,8 @@ def _write_split(
     for i, (scene, desc) in enumerate(zip(scenes, descriptions, strict=True)):
         scene_id = f"{split}_{i:06d}"
         image = f"images/{scene_id}.png"
-        render_scene(scene, image_size).save(output / image, format="PNG")
+        with atomic_write(output / image, "wb") as fh:
+            render_scene(scene, image_size).save(fh, format="PNG")
         ctx = SceneContext(desc, scene, pool, i, split, counter)
         chain = build_chain(ctx, np.random.default_rng([seed, split_id, i, 1]))
         rows["id"].append(scene_id)
@@ -122,8 +124,10 @@ def _write_split(
         ]
     )
     table = pa.table(rows, schema=schema)
-    pq.write_table(table, output / f"{split}.parquet", compression="zstd")
-    (output / f"graded_{split}.jsonl").write_text(
+    with atomic_write(output / f"{split}.parquet", "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+    write_text(
+        output / f"graded_{split}.jsonl",
         "".join(line + "\n" for line in graded_lines), encoding="utf-8"
     )
     return SplitSummary(
@@ -228,5 +232,5 @@ def generate(
         "splits": {s.split: s.scenes for s in summaries},
         "world": world_parameters(),
     }
-    (output / "world.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text(output / "world.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return summaries

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from specs_metric.io.writing import create_empty, open_append
+
 LOG_COLUMNS = (
     "step", "epoch", "lr", "loss", "contrastive", "detail", "negative", "margin",
     "logit_scale", "images", "skipped_images", "seconds",
@@ -21,7 +23,8 @@ class CsvLog:
         if resume_step is not None and path.is_file():
             with path.open(newline="") as fh:
                 rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
-        self.fh = path.open("w", newline="")
+        create_empty(path, "training log")  # never through a link planted at its name
+        self.fh = open_append(path, "training log")
         self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
         self.writer.writeheader()
         self.writer.writerows(rows)

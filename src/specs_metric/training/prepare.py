@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from specs_metric.errors import PrepareError
+from specs_metric.io.writing import atomic_write, write_text
 from specs_metric.processing.segmentation import DEFAULT_SEGMENTER, Segmenter, get_segmenter
 from specs_metric.processing.tokenizer import Tokenizer, clean_text, default_tokenizer
 from specs_metric.training.examples import Example, image_problem, iter_examples, resolve_image
@@ -398,7 +399,7 @@ def prepare_dataset(
         report.segments_per_row = sum(map(len, out["captions"])) / report.kept
     report.output = write_training_table(out, output_path)
     report_file = output_path.with_name(output_path.name + ".report.json")
-    report_file.write_text(json.dumps(report.to_dict(), indent=2))
+    write_text(report_file, json.dumps(report.to_dict(), indent=2))
     (log_fn or log.info)(report.summary())
     return report
 
@@ -417,7 +418,8 @@ def write_training_table(columns: dict[str, list], output_path: str | Path) -> P
     table = pa.Table.from_pydict({k: columns[k] for k in OUTPUT_COLUMNS}, schema=schema)
     if output_path.suffix == ".parquet":
         output_path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, output_path)
+        with atomic_write(output_path, "wb") as out:
+            pq.write_table(table, out)
         return output_path
     try:
         import datasets

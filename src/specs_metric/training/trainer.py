@@ -45,6 +45,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from specs_metric.errors import TrainError
+from specs_metric.io.writing import copy_file, write_text
 from specs_metric.models.config import config_metadata
 from specs_metric.models.factory import model_from_checkpoint
 from specs_metric.models.weights.checkpoint import save_state_dict, write_torch
@@ -313,8 +314,8 @@ class Trainer:
             self.load_checkpoint(resume_from)
         if self.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
-            (self.output / "config.json").write_text(
-                json.dumps(dataclasses.asdict(config), indent=2)
+            write_text(
+                self.output / "config.json", json.dumps(dataclasses.asdict(config), indent=2)
             )
         csv_log = CsvLog(self.output / "train_log.csv", self.step if resume_from else None) \
             if self.is_main else None
@@ -342,7 +343,7 @@ class Trainer:
         final = self.output / CHECKPOINT_DIR / f"step-{self.step}"
         if self.is_main:
             for name in MODEL_FILES:
-                shutil.copyfile(final / name, self.output / name)
+                copy_file(final / name, self.output / name)
         if self.dist.enabled:
             dist.barrier()
         return TrainResult(self.output, self.output / MODEL_FILES[0], self.step,

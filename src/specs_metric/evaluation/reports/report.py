@@ -15,6 +15,7 @@ import numpy as np
 
 from specs_metric.evaluation.stats import STATISTICS, Estimate
 from specs_metric.io.jsonio import dumps
+from specs_metric.io.writing import atomic_write, write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from specs_metric.evaluation.compare import Comparison
@@ -31,7 +32,7 @@ STAT_TITLES = {
 def write_json(data: dict, path: Path) -> Path:
     """Write ``data`` as strict JSON (no NaN)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps(data, indent=2) + "\n", "utf-8")
+    write_text(path, dumps(data, indent=2) + "\n")
     return path
 
 
@@ -150,7 +151,8 @@ def _canvas(nrows: int, ncols: int, width: float, height: float):
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    with atomic_write(path, "wb") as fh:
+        fig.savefig(fh, format="png")
     return path
 
 
@@ -229,7 +231,7 @@ def write_human_report(
         "json": write_json(human_report_dict(reports, meta), out_dir / "report.json"),
         "markdown": out_dir / "report.md",
     }
-    files["markdown"].write_text(human_markdown(reports, meta), "utf-8")
+    write_text(files["markdown"], human_markdown(reports, meta))
     if plots:
         for rep in reports:
             stem = rep.name.replace("/", "_")

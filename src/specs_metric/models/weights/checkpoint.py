@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from specs_metric.errors import CheckpointError
+from specs_metric.io.writing import atomic_write
 from specs_metric.models.weights.limits import (
     check_loaded_tensors,
     check_safetensors_header,
@@ -107,7 +107,11 @@ def write_torch(
     message names ``shown`` (the final name of a file written under a temporary one).
     """
     try:
-        torch.save(obj, path)
+        if isinstance(path, (str, os.PathLike)):
+            with atomic_write(path, "wb") as out:
+                torch.save(obj, out)
+        else:  # a file object the caller opened
+            torch.save(obj, path)
     except RuntimeError as exc:
         raise OSError(f"could not write {shown or path} (disk full?): {exc}") from exc
 
@@ -196,23 +200,17 @@ def save_state_dict(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(path, "wb") as out:  # never through a link; whole or not at all
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             try:
-                save_file(tensors, tmp, metadata=metadata)
+                out.write(save(tensors, metadata=metadata))
             except SafetensorError as exc:
                 raise OSError(f"could not write {path}: {exc}") from exc
         else:
-            write_torch(tensors, tmp, shown=path)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            write_torch(tensors, out, shown=path)
     return path
 
 

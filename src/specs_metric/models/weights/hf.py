@@ -463,16 +463,16 @@ def write_folder(
     preprocess: PreprocessConfig,
 ) -> Path:
     """Write an OpenAI-layout model as a ``save_pretrained``-style folder (safetensors)."""
+    from specs_metric.io.writing import write_text
     from specs_metric.models.weights.checkpoint import save_state_dict
 
     folder.mkdir(parents=True, exist_ok=True)
     hf_state = openai_to_hf(state, config)
     save_state_dict(hf_state, folder / WEIGHT_FILES[0], metadata={"format": "pt"})
     logit_scale = float(state["logit_scale"]) if "logit_scale" in state else None
-    (folder / CONFIG_FILE).write_text(
-        json.dumps(hf_config(config, logit_scale), indent=2) + "\n", encoding="utf-8"
-    )
-    (folder / PREPROCESSOR_FILE).write_text(
-        json.dumps(hf_preprocessor_config(preprocess), indent=2) + "\n", encoding="utf-8"
+    write_text(folder / CONFIG_FILE, json.dumps(hf_config(config, logit_scale), indent=2) + "\n")
+    write_text(
+        folder / PREPROCESSOR_FILE,
+        json.dumps(hf_preprocessor_config(preprocess), indent=2) + "\n",
     )
     return folder

@@ -20,7 +20,6 @@ import hashlib
 import http.client
 import logging
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from specs_metric.errors import ModelNotAvailableError
+from specs_metric.io.writing import atomic_write
 
 
 @dataclass(frozen=True)
@@ -224,22 +224,21 @@ def _download_url(entry: PretrainedModel) -> Path:
     if reason is not None:
         raise _unavailable(entry, reason)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=30) as src:
+        digest = hashlib.sha256()
+        with atomic_write(target, "wb") as out, urllib.request.urlopen(
+            entry.url, timeout=30
+        ) as src:
             while block := src.read(1 << 20):
+                digest.update(block)
                 out.write(block)
-        digest = file_sha256(tmp)
-        if digest != entry.sha256:
-            raise ModelNotAvailableError(
-                f"downloaded {entry.url} has sha256 {digest}, expected {entry.sha256}"
-            )
-        os.replace(tmp, target)
+            if digest.hexdigest() != entry.sha256:  # raised inside: the file never appears
+                raise ModelNotAvailableError(
+                    f"downloaded {entry.url} has sha256 {digest.hexdigest()}, "
+                    f"expected {entry.sha256}"
+                )
     except OSError as exc:
         raise _unavailable(entry, str(exc)) from exc
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
