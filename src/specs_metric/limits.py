@@ -20,3 +20,6 @@ MAX_LINE_CHARS = 1 << 20
 MAX_INPUT_FILES = 1_000_000
 # A small JSON description (dataset state, shard index, config) read whole.
 MAX_METADATA_BYTES = 16 * 2**20
+# Memory one decoding worker may need (the largest image PIL decodes, resized): the device
+# policy runs at most one worker per this much of the machine's memory.
+WORKER_MEMORY_BYTES = 2**30

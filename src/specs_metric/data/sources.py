@@ -12,6 +12,7 @@ sweep, Ray) reads them here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +33,7 @@ from specs_metric.data.tables import dataset_folder_rows, table_rows
 from specs_metric.data.text import text_rows
 from specs_metric.data.webdataset import shard_rows
 from specs_metric.errors import DataError
+from specs_metric.io.reading import open_regular
 from specs_metric.io.writing import protect, protect_all
 
 
@@ -107,29 +109,42 @@ def count_rows(
     return sum(1 for _ in read_rows(spec, image_root, options))
 
 
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a regular file's content, read in bounded memory (about 0.7 s per GB
+    from the page cache on a 2-core machine)."""
+    digest = hashlib.sha256()
+    with open_regular(path, what="input file") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_identity(name: str) -> list:
-    """``[name, size, mtime]`` of one input file, for a job's resume check."""
+    """What identifies one input file for a job's resume check: a local file by its path,
+    size and content (sha256), so a file edited in place is noticed even when its size and
+    times were restored (``cp -p``, ``rsync -t``); an fsspec URL by its size and the
+    server's modification time or ETag (its content would have to be downloaded)."""
     if is_url(name):
         fs, _, (path,) = fsspec_module().get_fs_token_paths(name)
         info = fs.info(path)
         mtime = info.get("mtime", info.get("LastModified", info.get("created")))
-        return [name, info.get("size"), str(mtime) if mtime is not None else None]
+        etag = info.get("ETag", info.get("etag"))
+        return [name, info.get("size"), str(etag or mtime) if (etag or mtime) else None]
     if os.path.isdir(name):
-        parts = [file_identity(p) for p in dataset_folder_files(name)]
+        parts = [file_identity(str(p)) for p in dataset_folder_files(name)]
         return [os.path.abspath(name), sum(p[1] for p in parts), [p[2] for p in parts]]
-    stat = os.stat(name)
-    return [os.path.abspath(name), stat.st_size, stat.st_mtime_ns]
+    return [os.path.abspath(name), os.stat(name).st_size, file_digest(name)]
 
 
 def input_identity(spec: str | os.PathLike[str], options: SourceOptions | None = None) -> dict:
-    """What identifies an input for ``--resume``: its files' sizes and times, and options."""
+    """What identifies an input for ``--resume``: its files' contents (see
+    :func:`file_identity`) and the source options."""
     if is_plain_file(spec):
         path = Path(spec)
-        stat = path.stat()
         identity = {
             "input": str(path.resolve()),
-            "input_size": stat.st_size,
-            "input_mtime_ns": stat.st_mtime_ns,
+            "input_size": path.stat().st_size,
+            "input_sha256": file_digest(path),
         }
     else:
         identity = {

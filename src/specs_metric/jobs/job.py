@@ -45,6 +45,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -56,7 +57,7 @@ from tqdm import tqdm
 
 from specs_metric.data.rows import SourceOptions
 from specs_metric.data.sources import count_rows, input_identity, protect_inputs, read_rows
-from specs_metric.errors import JobError
+from specs_metric.errors import InterruptedJobError, JobError
 from specs_metric.io.jsonio import write_json
 from specs_metric.io.locking import OutputLock
 from specs_metric.io.writing import check_not_input, create_empty, open_append
@@ -251,7 +252,7 @@ def _score_shard(
     )
     non_finite = 0
     with open_append(part) as out:
-        for chunk in map(unpack_chunk, loader):
+        for chunk in map(unpack_chunk, _chunks_or_dead_worker(loader, part)):
             img = _image_embeddings(images, chunk) if chunk.valid else None
             if chunk.valid:
                 txt = scorer.embed_token_ids(
@@ -268,6 +269,21 @@ def _score_shard(
             bar.update(len(chunk.rows))
     bar.close()
     return images.encoded, non_finite
+
+
+def _chunks_or_dead_worker(loader: DataLoader, part: Path) -> Iterator[Chunk]:
+    """The loader's chunks; a worker that died (killed by the kernel's out-of-memory killer,
+    or any signal) ends the job with one line, its rows so far kept for ``--resume``."""
+    try:
+        yield from loader
+    except RuntimeError as exc:
+        if "DataLoader worker" not in str(exc):
+            raise
+        raise InterruptedJobError(
+            f"a decoding worker died ({' '.join(str(exc).split())}): most likely the machine "
+            "ran out of memory (large images with many --workers; try fewer); the rows "
+            f"scored so far are kept in {part}"
+        ) from None
 
 
 def _lock_output(config: JobConfig, info: DistInfo) -> OutputLock | None:

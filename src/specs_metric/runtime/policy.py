@@ -26,6 +26,8 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from specs_metric.limits import WORKER_MEMORY_BYTES
+
 if TYPE_CHECKING:
     import torch
 
@@ -92,30 +94,47 @@ def available_cpus() -> int:
     return max(1, cores // ranks)
 
 
-def device_policy(device: str | torch.device, cpus: int | None = None) -> DevicePolicy:
+def memory_bytes() -> int | None:
+    """Physical memory of this machine, or None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def device_policy(
+    device: str | torch.device, cpus: int | None = None, memory: int | None = None
+) -> DevicePolicy:
     """The batch policy for a resolved device (see :class:`DevicePolicy`).
 
     ``cpu`` (and any other non-CUDA device) -> :data:`CPU_POLICY`, the defaults the
     scoring job always had. ``cuda`` -> 256-image and 65,536-token batches in chunks of
     2,048 rows, one preparation worker per core but one (the main process feeds the GPU),
-    at most :data:`CUDA_MAX_WORKERS`, pinned memory and fixed-shape image batches.
-    ``cpus`` defaults to :func:`available_cpus`.
+    at most :data:`CUDA_MAX_WORKERS` and at most one per
+    :data:`~specs_metric.limits.WORKER_MEMORY_BYTES` of the machine's memory (less one for
+    the main process: a worker decoding the largest image PIL accepts holds about that
+    much), pinned memory and fixed-shape image batches. ``cpus`` defaults to
+    :func:`available_cpus`, ``memory`` to :func:`memory_bytes`.
 
     Example:
         >>> device_policy("cpu").image_batch
         1
         >>> device_policy("cuda", cpus=16).workers
         15
+        >>> device_policy("cuda", cpus=16, memory=8 * WORKER_MEMORY_BYTES).workers
+        7
     """
     if _device_type(device) != "cuda":
         return CPU_POLICY
     cpus = available_cpus() if cpus is None else max(1, cpus)
+    memory = memory_bytes() if memory is None else memory
+    by_memory = CUDA_MAX_WORKERS if memory is None else memory // WORKER_MEMORY_BYTES - 1
     return DevicePolicy(
         image_batch=256,
         token_budget=CUDA_TOKEN_BUDGET,
         max_text_rows=2048,
         chunk_rows=2048,
-        workers=min(max(1, cpus - 1), CUDA_MAX_WORKERS),
+        workers=max(1, min(cpus - 1, CUDA_MAX_WORKERS, by_memory)),
         prefetch_chunks=2,
         pin_memory=True,
         fixed_shape_images=True,

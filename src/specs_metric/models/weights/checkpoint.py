@@ -203,10 +203,10 @@ def save_state_dict(
     with atomic_write(path, "wb") as out:  # never through a link; whole or not at all
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError
-            from safetensors.torch import save
+            from safetensors.torch import save_file
 
-            try:
-                out.write(save(tensors, metadata=metadata))
+            try:  # into the temporary this process just created (its name is random)
+                save_file(tensors, out.name, metadata=metadata)
             except SafetensorError as exc:
                 raise OSError(f"could not write {path}: {exc}") from exc
         else:
