@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from specs_metric.data.locations import SHARD_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, expand
+from specs_metric.errors import UsageError
 from specs_metric.io.jsonio import write_json
 from specs_metric.jobs.job import JobConfig
 from specs_metric.scoring.scales import corpus_from_mean
@@ -39,14 +40,14 @@ def plan(spec: str | Path, output_dir: Path, fmt: str) -> list[tuple[str, Path]]
     """``(input file, output file)`` per shard, in input order.
 
     Raises:
-        ValueError: two shards would write the same output (same name in two folders).
+        UsageError: two shards would write the same output (same name in two folders).
     """
     pairs: list[tuple[str, Path]] = []
     seen: dict[Path, str] = {}
     for name in expand(spec):
         out = output_dir / f"{shard_name(name)}.{fmt}"
         if out in seen:
-            raise ValueError(
+            raise UsageError(
                 f"--output-dir: {name} and {seen[out]} would both write {out}; "
                 "give shards with distinct names"
             )

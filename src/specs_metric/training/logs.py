@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from specs_metric.errors import TrainError, reading
+
 LOG_COLUMNS = (
     "step", "epoch", "lr", "loss", "contrastive", "detail", "negative", "margin",
     "logit_scale", "images", "skipped_images", "seconds",
@@ -19,8 +21,11 @@ class CsvLog:
         self.path = path
         rows = []
         if resume_step is not None and path.is_file():
-            with path.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+            with path.open(newline="") as fh, reading(path, TrainError, "cannot resume the log"):
+                reader = csv.DictReader(fh)
+                if "step" not in (reader.fieldnames or ()):
+                    raise TrainError(f"{path}: no 'step' column; remove it to start a new log")
+                rows = [r for r in reader if int(r["step"] or "") <= resume_step]
         self.fh = path.open("w", newline="")
         self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)
         self.writer.writeheader()
