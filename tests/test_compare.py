@@ -292,7 +292,9 @@ def test_duplicate_ids_are_refused_in_one_line(tmp_path, capsys):
     for pair_by in ("id", "image"):
         assert main(["compare", str(a), str(dup), "--pair-by", pair_by]) == 2
         err = capsys.readouterr().err.strip()
-        assert err == f"specs compare: {dup}: id 'x' appears twice (row 3); ids must be unique"
+        assert err == (
+            f"specs compare: error: {dup}: id 'x' appears twice (row 3); ids must be unique"
+        )
 
 
 def test_error_rows_without_an_id_are_not_duplicates(tmp_path):

@@ -16,6 +16,9 @@ Example:
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+
 
 class SpecsError(ValueError):
     """A problem with the user's input, files or settings (a one-line message)."""
@@ -83,3 +86,51 @@ class SweepError(SpecsError):
 
 class TrainError(SpecsError):
     """A training run that cannot start or continue."""
+
+
+def describe_parse_error(exc: BaseException) -> str:
+    """A short description of a parser's failure on a user's file (for a one-line message)."""
+    if isinstance(exc, UnicodeDecodeError):
+        bad = exc.object[exc.start : exc.start + 1]
+        return f"not UTF-8 text (byte 0x{bad.hex()})" if bad else "not UTF-8 text"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def parse_errors() -> tuple[type[BaseException], ...]:
+    """What the parsers of users' files raise: ValueError (JSON, UTF-8, numbers, and
+    pyarrow's ArrowInvalid), RecursionError (deep JSON), ``csv.Error`` and the other pyarrow
+    errors. Modules are looked up only if loaded: an error cannot come from one that is not."""
+    found: list[type[BaseException]] = [ValueError, RecursionError]
+    if "csv" in sys.modules:
+        found.append(sys.modules["csv"].Error)
+    if "pyarrow" in sys.modules:
+        found.append(sys.modules["pyarrow"].ArrowException)
+    return tuple(found)
+
+
+@contextmanager
+def reading(path: object, kind: type[SpecsError] = DataError, what: str = "cannot read"):
+    """Turn a parser's error on the user's file ``path`` into ``kind`` naming the file.
+
+    Keep the block to the parsing itself: any ``ValueError`` inside becomes a file error.
+    ``SpecsError`` and ``OSError`` pass unchanged.
+
+    Example:
+        >>> import json
+        >>> try:
+        ...     with reading("a.json"):
+        ...         json.loads("[1,")
+        ... except DataError as exc:
+        ...     print(exc)
+        a.json: cannot read (Expecting value: line 1 column 4 (char 3))
+    """
+    try:
+        yield
+    except SpecsError:
+        raise
+    except OSError:
+        raise
+    except parse_errors() as exc:
+        raise kind(f"{path}: {what} ({describe_parse_error(exc)})") from exc

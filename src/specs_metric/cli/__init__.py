@@ -21,6 +21,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from specs_metric.errors import SpecsError
+
 # (command, module under specs_metric.cli, help line), in the order ``specs --help`` lists
 # them. The help line is the one the module's ``register`` gives (a test keeps them equal).
 COMMANDS: list[tuple[str, str, str]] = [
@@ -169,27 +171,15 @@ def check_output_locations(args: argparse.Namespace) -> None:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions reported in one line. The package's own are looked up only in modules
-    already imported (an error cannot come from a module that never loaded), so that
-    handling them imports nothing heavy."""
-    found: list[type[BaseException]] = [OSError, ValueError]
-    for module, name in (
-        ("specs_metric.models.weights.checkpoint", "CheckpointError"),
-        ("specs_metric.models.weights.pretrained", "ModelNotAvailableError"),
-    ):
-        if module in sys.modules:
-            found.append(getattr(sys.modules[module], name))
-    return tuple(found)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``specs`` console script.
 
-    Errors caused by the user's input or the machine (a missing file, an unusable checkpoint,
-    a model that cannot be downloaded, a bad value, a read-only or full disk) print one line
-    and exit with status 2; any other exception is a bug and keeps its traceback. Set
-    ``SPECS_DEBUG=1`` for the traceback of every error.
+    Errors caused by the user's input or the machine (a
+    :class:`~specs_metric.errors.SpecsError` of any kind: a bad value, an unusable file or
+    checkpoint, a model that cannot be downloaded; or an ``OSError``: a missing file, a
+    read-only or full disk) print one line and exit with status 2; any other exception,
+    a plain ``ValueError`` included, is a bug and keeps its traceback. Set ``SPECS_DEBUG=1``
+    for the traceback of every error.
     """
     argv = sys.argv[1:] if argv is None else argv
     if "torch" not in sys.modules:
@@ -209,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         code = int(args.func(args) or 0)
         succeeded = True
         return code
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()) or os.environ.get("SPECS_DEBUG") == "1":
+    except (SpecsError, OSError) as exc:
+        if os.environ.get("SPECS_DEBUG") == "1":
             raise
         message = describe_os_error(exc, args) if isinstance(exc, OSError) else str(exc)
         # One line: a message that spans lines (a wrapped library error) is joined.

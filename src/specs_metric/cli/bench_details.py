@@ -7,7 +7,8 @@ import dataclasses
 import time
 from pathlib import Path
 
-from specs_metric.cli.common import add_model_options, load_scorer
+from specs_metric.cli.common import add_model_options, load_scorer, positive_int
+from specs_metric.errors import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=150, help="graded captions evaluated (default 150)")
     p.add_argument(
         "--calibration-limit",
-        type=int,
+        type=positive_int,
         default=300,
         help="graded captions of the calibration split (default 300)",
     )
@@ -50,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="attributions to evaluate (repeatable; default all)",
     )
     p.add_argument("--neutral", default=NEUTRAL_SENTENCE, help="the neutral sentence")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap samples (default 1000)")
+    p.add_argument(
+        "--n-boot", type=positive_int, default=1000, help="bootstrap samples (default 1000)"
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     add_model_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from specs_metric.evaluation.details import markdown_table, read_graded, run_details
 
     if args.limit is not None and args.limit < 1:
-        raise ValueError("--limit must be at least 1")
+        raise UsageError("--limit must be at least 1")
     test = read_graded(args.data, args.split, args.limit)
     train = None
     if args.calibration_split != "none":

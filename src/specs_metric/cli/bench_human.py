@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from specs_metric.cli.common import add_model_options, load_scorer, positive_int, probability
+from specs_metric.errors import UsageError
 from specs_metric.evaluation.human import DEFAULT_MODEL, FORMATS
 from specs_metric.io.jsonio import dumps
 
@@ -18,7 +19,7 @@ def _candidates(text: str | None) -> dict[str, str] | None:
     for item in text.split(","):
         cap, sep, score = item.partition(":")
         if not sep or not cap.strip() or not score.strip():
-            raise ValueError(f"--candidates: expected CAPTION_COLUMN:SCORE_COLUMN, got {item!r}")
+            raise UsageError(f"--candidates: expected CAPTION_COLUMN:SCORE_COLUMN, got {item!r}")
         pairs[cap.strip()] = score.strip()
     return pairs
 
@@ -74,19 +75,15 @@ def run(args: argparse.Namespace) -> int:
     from specs_metric.evaluation.reports.report import human_markdown, write_human_report
     from specs_metric.io.writing import atomic_write, open_append
 
-    try:
-        metrics = parse_metrics(args.metrics, args.model)
-        sets = read_judgments(
-            args.data,
-            args.format,
-            split=args.split,
-            image_root=args.image_root,
-            candidates=_candidates(args.candidates),
-            aggregate=args.aggregate,
-        )
-    except ValueError as err:  # DataError included
-        print(f"specs bench human: {err}", file=sys.stderr)
-        return 2
+    metrics = parse_metrics(args.metrics, args.model)
+    sets = read_judgments(
+        args.data,
+        args.format,
+        split=args.split,
+        image_root=args.image_root,
+        candidates=_candidates(args.candidates),
+        aggregate=args.aggregate,
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     scores_path = args.out / "scores.jsonl"
     scores_path.unlink(missing_ok=True)

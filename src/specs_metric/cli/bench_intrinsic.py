@@ -70,16 +70,6 @@ def _per_image(rows, scores, rates=None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.errors import DataError, ImageError
-
-    try:
-        return _run(args)
-    except (DataError, ImageError) as exc:
-        print(f"specs bench intrinsic: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _run(args: argparse.Namespace) -> int:
     from specs_metric.evaluation.intrinsic import embed_row_images, run_intrinsic, time_prefix_reuse
     from specs_metric.evaluation.sdci import read_sdci
 

@@ -14,6 +14,7 @@ from specs_metric.cli.common import (
     nonnegative_int,
     positive_int,
 )
+from specs_metric.errors import UsageError
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -97,7 +98,7 @@ def parse_ks(text: str) -> list[int]:
     except ValueError:
         ks = []
     if not ks or min(ks) < 1:
-        raise SystemExit(f"--ks {text!r}: expected positive integers such as 1,5,10")
+        raise UsageError(f"--ks {text!r}: expected positive integers such as 1,5,10")
     return ks
 
 

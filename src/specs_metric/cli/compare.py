@@ -53,7 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.errors import CompareError
     from specs_metric.evaluation.compare import compare_files
     from specs_metric.evaluation.reports.html import compare_page
     from specs_metric.evaluation.reports.report import (
@@ -63,21 +62,17 @@ def run(args: argparse.Namespace) -> int:
     )
     from specs_metric.io.writing import write_text
 
-    try:
-        result = compare_files(
-            args.a,
-            args.b,
-            pair_by=args.pair_by,
-            n_boot=args.n_boot,
-            n_perm=args.n_perm,
-            level=args.level,
-            seed=args.seed,
-            top=args.top,
-            tie_tolerance=args.tie_tolerance,
-        )
-    except (CompareError, ValueError) as err:
-        print(f"specs compare: {err}", file=sys.stderr)
-        return 2
+    result = compare_files(
+        args.a,
+        args.b,
+        pair_by=args.pair_by,
+        n_boot=args.n_boot,
+        n_perm=args.n_perm,
+        level=args.level,
+        seed=args.seed,
+        top=args.top,
+        tie_tolerance=args.tie_tolerance,
+    )
     text = compare_markdown(result)
     print(text)
     if args.out:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from specs_metric.cli.common import add_architecture_options
+from specs_metric.errors import UsageError
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if to == "auto":
         to = "longclip" if args.output.suffix.lower() in FILE_SUFFIXES else "hf"
     if to == "hf" and args.output.is_file():
-        raise ValueError(f"{args.output}: an HF model is a folder, and this is a file")
+        raise UsageError(f"{args.output}: an HF model is a folder, and this is a file")
     checkpoint = read_checkpoint(
         args.input,
         arch=args.arch,

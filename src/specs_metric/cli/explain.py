@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from specs_metric.cli.common import add_model_options, load_scorer
+from specs_metric.errors import UsageError
 from specs_metric.scoring.scales import SCALES
 
 
@@ -62,12 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.errors import SegmenterError
     from specs_metric.io.writing import write_text
     from specs_metric.jobs.explain_files import ExplainConfig, explain_file
 
     if args.chunk_rows < 1 or args.batch_size < 1:
-        raise ValueError("--chunk-rows and --batch-size must be at least 1")
+        raise UsageError("--chunk-rows and --batch-size must be at least 1")
     scorer = load_scorer(args, args.model)
     config = ExplainConfig(
         input=args.input,
@@ -81,10 +81,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         show_progress=not args.no_progress,
     )
-    try:
-        summary, records = explain_file(scorer, config)
-    except SegmenterError as exc:
-        raise ValueError(str(exc)) from exc
+    summary, records = explain_file(scorer, config)
     if args.html is not None:
         from specs_metric.evaluation.reports.html import explain_page
 

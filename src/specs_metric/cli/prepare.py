@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from specs_metric.cli.common import positive_int
 
@@ -56,25 +55,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.errors import SegmenterError
-    from specs_metric.training.prepare import PrepareError, prepare_dataset
+    from specs_metric.training.prepare import prepare_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        report = prepare_dataset(
-            args.input,
-            args.output,
-            image_root=args.image_root,
-            segmenter=args.segmenter,
-            seed=args.seed,
-            shuffle_fraction=args.shuffle_fraction,
-            context_length=args.context_length,
-            check_images=not args.no_image_check,
-            workers=args.workers,
-            progress=not args.quiet,
-            log_fn=print,
-        )
-    except (PrepareError, SegmenterError, ValueError) as exc:
-        print(f"specs prepare: error: {exc}", file=sys.stderr)
-        return 2
+    report = prepare_dataset(
+        args.input,
+        args.output,
+        image_root=args.image_root,
+        segmenter=args.segmenter,
+        seed=args.seed,
+        shuffle_fraction=args.shuffle_fraction,
+        context_length=args.context_length,
+        check_images=not args.no_image_check,
+        workers=args.workers,
+        progress=not args.quiet,
+        log_fn=print,
+    )
     return 0 if report.kept else 1

@@ -14,6 +14,7 @@ from specs_metric.cli.common import (
     nonnegative_int,
     positive_int,
 )
+from specs_metric.errors import OutputError
 from specs_metric.runtime.policy import CPU_POLICY, CUDA_TOKEN_BUDGET
 from specs_metric.scoring.scales import SCALES
 
@@ -125,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def check_output_is_not_input(source: Path, output: Path) -> None:
     """Refuse an output that is the input file (by any path: a link, a relative path)."""
     if source.exists() and output.exists() and os.path.samefile(source, output):
-        raise ValueError(f"--output {output} is the input file {source}; choose another output")
+        raise OutputError(f"--output {output} is the input file {source}; choose another output")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_is_not_input(Path(args.input), args.output)
         if args.output.exists() and not args.output.is_file():
             # The result is renamed into place: that would replace a device or fail on a folder.
-            raise ValueError(f"--output {args.output} exists and is not a regular file")
+            raise OutputError(f"--output {args.output} exists and is not a regular file")
     source = SourceOptions(
         image_column=args.image_column,
         caption_column=args.caption_column,

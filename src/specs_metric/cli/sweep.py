@@ -14,6 +14,7 @@ from specs_metric.cli.common import (
     positive_int,
     probability,
 )
+from specs_metric.errors import UsageError
 from specs_metric.scoring.scales import SCALES
 
 
@@ -90,13 +91,12 @@ def _table(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.errors import SweepError
     from specs_metric.evaluation.sweep import SweepOptions, run_sweep
 
     if args.n_boot < 1 or args.n_perm < 1:
-        raise ValueError("--n-boot and --n-perm must be at least 1")
+        raise UsageError("--n-boot and --n-perm must be at least 1")
     if not 0 < args.level < 1:
-        raise ValueError(f"--level must be in (0, 1), got {args.level}")
+        raise UsageError(f"--level must be in (0, 1), got {args.level}")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     scorer = load_scorer(args, args.model)
     options = SweepOptions(
@@ -112,11 +112,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         plot=not args.no_plots,
     )
-    try:
-        result = run_sweep(args.files, scorer, args.out, labels=labels, options=options)
-    except SweepError as err:
-        print(f"specs sweep: {err}", file=sys.stderr)
-        return 2
+    result = run_sweep(args.files, scorer, args.out, labels=labels, options=options)
     print(_table(result))
     brief = {k: result[k] for k in ("model", "images", "images_encoded", "best")}
     print(json.dumps(brief), file=sys.stderr)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
 from specs_metric.cli.common import add_device_option, nonnegative_int, positive_int
 from specs_metric.runtime.policy import TRAINING_AUTOCAST
@@ -102,7 +101,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.errors import CheckpointError, TrainError
     from specs_metric.training.trainer import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -136,11 +134,7 @@ def run(args: argparse.Namespace) -> int:
         tensorboard=not args.no_tensorboard,
         arch=args.arch,
     )
-    try:
-        result = train(config)
-    except (TrainError, CheckpointError, ValueError, FileNotFoundError) as exc:
-        print(f"specs train: error: {exc}", file=sys.stderr)
-        return 2
+    result = train(config)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     print(

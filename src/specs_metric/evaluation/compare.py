@@ -32,7 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from specs_metric.errors import CompareError
+from specs_metric.errors import (
+    CompareError,
+    UsageError,
+    describe_parse_error,
+    parse_errors,
+    reading,
+)
 from specs_metric.jobs.results import read_output
 
 PAIR_BY = ("id", "image")
@@ -120,10 +126,11 @@ def _summary(path: Path) -> dict:
     summary = path.with_name(path.name + ".summary.json")
     if not summary.is_file():
         return {}
-    try:
-        return json.loads(summary.read_text("utf-8"))
-    except json.JSONDecodeError as err:
-        raise CompareError(f"{summary}: not valid JSON ({err.msg})") from None
+    with reading(summary, CompareError, "not valid JSON"):
+        data = json.loads(summary.read_text("utf-8"))
+    if not isinstance(data, dict):
+        raise CompareError(f"{summary}: not a `specs score` summary (a JSON object)")
+    return data
 
 
 def read_scores(path: str | os.PathLike[str]) -> dict[str, dict]:
@@ -138,6 +145,8 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     try:
         for n, rec in enumerate(read_output(path), 1):
+            if not isinstance(rec, dict):
+                raise CompareError(f"{path}: row {n} is not a JSON object")
             missing = {"id", "image", "caption", "score"} - set(rec)
             if missing:
                 raise CompareError(
@@ -152,10 +161,11 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict]:
                     f"{path}: id {key!r} appears twice (row {n}); ids must be unique"
                 )
             rows[key] = rec
-    except (json.JSONDecodeError, KeyError, ValueError) as err:
+    except (KeyError, *parse_errors()) as err:  # not a score file
         if isinstance(err, CompareError):
             raise
-        raise CompareError(f"{path}: cannot read as a `specs score` output ({err})") from None
+        problem = describe_parse_error(err)
+        raise CompareError(f"{path}: cannot read as a `specs score` output ({problem})") from None
     return rows
 
 
@@ -233,9 +243,9 @@ def paired_test(
 ) -> PairedTest:
     """Bootstrap CI, sign-flip p-value and win/tie/loss of B − A over paired units."""
     if n_boot < 1 or n_perm < 1:
-        raise ValueError("n_boot and n_perm must be at least 1")
+        raise UsageError("n_boot and n_perm must be at least 1")
     if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
+        raise UsageError(f"level must be in (0, 1), got {level}")
     if a.size == 0 or a.size != b.size:
         raise ValueError("paired_test needs two non-empty arrays of the same length")
     diff = b - a
@@ -402,7 +412,7 @@ def compare_files(
             disagree on a row's image, or were scored on different scales.
     """
     if pair_by not in PAIR_BY:
-        raise ValueError(f"pair_by must be one of {', '.join(PAIR_BY)}, got {pair_by!r}")
+        raise UsageError(f"pair_by must be one of {', '.join(PAIR_BY)}, got {pair_by!r}")
     a_path, b_path = Path(path_a), Path(path_b)
     sum_a, sum_b = _summary(a_path), _summary(b_path)
     scale = _common_scale(sum_a, sum_b, a_path, b_path)

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from specs_metric.errors import DataError, reading
 from specs_metric.evaluation.stats import bootstrap, rankdata
 from specs_metric.io.jsonio import read_jsonl
 from specs_metric.processing.segmentation import sentence_segments
@@ -91,7 +92,7 @@ def label_sentences(caption: str, scene: Scene) -> tuple[list[str], list[bool | 
     """The caption's sentences and each one's truth for ``scene``.
 
     Raises:
-        ValueError: a sentence outside the world's grammar.
+        DataError: a sentence outside the world's grammar.
     """
     sentences = sentence_segments(caption)
     return sentences, [truth(parse_segment(s), scene) for s in sentences]
@@ -104,22 +105,30 @@ def read_graded(data: Path, split: str, limit: int | None = None) -> list[Graded
     for path in (graded, table):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: --data must be a `specs synth` folder")
-    scenes = {
-        sid: Scene.from_dict(json.loads(js))
-        for sid, js in zip(
-            *pq.read_table(table, columns=["id", "scene"]).to_pydict().values(), strict=True
-        )
-    }
+    with reading(table):
+        columns = pq.read_table(table, columns=["id", "scene"]).to_pydict()
+        try:
+            scenes = {
+                sid: Scene.from_dict(json.loads(js))
+                for sid, js in zip(columns["id"], columns["scene"], strict=True)
+            }
+        except (KeyError, TypeError) as exc:
+            raise DataError(f"{table}: a scene is not a `specs synth` scene ({exc!r})") from exc
+    with reading(graded):  # deep nesting, huge numbers: what read_jsonl leaves to us
+        records = list(read_jsonl(graded, where="{path}:{line}", objects=True))
     out = []
-    for line_no, rec in read_jsonl(graded, where="{path}:{line}", objects=True):
+    for line_no, rec in records:
         if limit is not None and len(out) >= limit:
             break
+        where = f"{graded}:{line_no}"
+        if not all(isinstance(rec.get(k), str) for k in ("group", "caption", "image")):
+            raise DataError(f"{where}: 'group', 'caption' and 'image' must be strings")
         if rec["group"] not in scenes:
-            raise ValueError(f"{graded}:{line_no}: scene {rec['group']!r} not in {table}")
+            raise DataError(f"{where}: scene {rec['group']!r} not in {table}")
         try:
             sentences, labels = label_sentences(rec["caption"], scenes[rec["group"]])
-        except ValueError as exc:
-            raise ValueError(f"{graded}:{line_no}: {exc}") from exc
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from exc
         out.append(
             GradedCaption(rec["group"], data / rec["image"], rec["caption"], sentences, labels)
         )

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from specs_metric.data.images import ImageSource
-from specs_metric.errors import ImageError
+from specs_metric.errors import DataError, ImageError, SpecsError
 from specs_metric.processing.preprocess import PreprocessConfig
 from specs_metric.runtime.distributed import DistInfo, shard_range
 from specs_metric.scoring.image_embeddings import ImageEmbeddings, ImageEncoder, prepare_image
@@ -153,18 +153,20 @@ def embed_texts(scorer: Scorer, texts: Sequence[str], info: DistInfo | None = No
     shard = shard_range(len(texts), info.rank, info.world_size)
     mine = list(texts[shard.start : shard.stop])
     local = torch.zeros(len(mine), scorer.embed_dim)
-    failure: list[str] = []
+    failure: list[tuple[str, bool]] = []
     try:
         if mine:
             local = scorer.embed_texts(mine)
-    except ValueError as exc:  # e.g. a caption over the context with long_captions="error"
+    except Exception as exc:  # e.g. a caption over the context with long_captions="error"
         if not info.enabled:
             raise
-        failure.append(f"rank {info.rank}: {exc}")
+        failure.append((f"rank {info.rank}: {exc}", isinstance(exc, SpecsError)))
     # Every rank learns about a failure anywhere before the gather, so none waits forever.
     failures = _gather_objects(failure, info)
     if failures:
-        raise ValueError("; ".join(failures))
+        message = "; ".join(text for text, _ in failures)
+        # The user's problem (SpecsError) on every failing rank is one; else a bug.
+        raise (DataError if all(user for _, user in failures) else RuntimeError)(message)
     return gather_rows(local, len(texts), info)
 
 

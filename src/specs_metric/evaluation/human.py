@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from specs_metric.errors import UsageError
 from specs_metric.evaluation import stats
 from specs_metric.evaluation.human_readers import (
     FORMATS,
@@ -72,20 +73,20 @@ def parse_metrics(text: str, default_model: str = DEFAULT_MODEL) -> list[MetricS
         name = name.strip().lower()
         if name in TEXT_METRICS:
             if model:
-                raise ValueError(f"--metrics {item!r}: {name} takes no model")
+                raise UsageError(f"--metrics {item!r}: {name} takes no model")
             specs.append(MetricSpec(label or name, name))
         elif name in MODEL_SCALES:
             model = model.strip() or default_model
             specs.append(MetricSpec(label or (name if "@" not in body else body), name, model))
         else:
             choices = ", ".join(MODEL_SCALES + TEXT_METRICS)
-            raise ValueError(f"--metrics: unknown metric {name!r} in {item!r}; use {choices}")
+            raise UsageError(f"--metrics: unknown metric {name!r} in {item!r}; use {choices}")
     labels = [s.label for s in specs]
     dupes = sorted({x for x in labels if labels.count(x) > 1})
     if dupes:
-        raise ValueError(f"--metrics: label {dupes[0]!r} used twice; name them LABEL=NAME@MODEL")
+        raise UsageError(f"--metrics: label {dupes[0]!r} used twice; name them LABEL=NAME@MODEL")
     if not specs:
-        raise ValueError("--metrics: no metric given")
+        raise UsageError("--metrics: no metric given")
     return specs
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from specs_metric.data.images import image_source
-from specs_metric.errors import DataError
+from specs_metric.errors import DataError, UsageError, reading
 from specs_metric.io.jsonio import read_jsonl
 
 FORMATS = ("generic", "longcap-arena", "detailcaps", "flickr8k-expert", "flickr8k-cf")
@@ -82,10 +82,8 @@ def _as_references(value: object, where: str) -> tuple[str, ...]:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):  # a JSON list inside a CSV cell
-            try:
+            with reading(where, what="references is not a JSON list"):
                 value = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: references is not a JSON list: {err}") from None
         else:
             return (text,)
     if not isinstance(value, (list, tuple, np.ndarray)):
@@ -113,12 +111,13 @@ def read_generic(path: Path, image_root: Path | None = None) -> list[JudgmentSet
     suffix = path.suffix.lower()
     records: list[tuple[str, dict]] = []
     if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh:
+        with open(path, encoding="utf-8", newline="") as fh, reading(path):
             for i, rec in enumerate(csv.DictReader(fh)):
                 records.append((f"{path}:{i + 2}", rec))
     elif suffix in (".jsonl", ".ndjson"):
-        for i, rec in read_jsonl(path, where="{path}:{line}", objects=True):
-            records.append((f"{path}:{i}", rec))
+        with reading(path):  # deep nesting, huge numbers: what read_jsonl leaves to us
+            for i, rec in read_jsonl(path, where="{path}:{line}", objects=True):
+                records.append((f"{path}:{i}", rec))
     else:
         raise DataError(f"{path}: generic judgments must be .jsonl or .csv")
     images: dict[str, ImageRef] = {}
@@ -313,7 +312,7 @@ def _flickr_tokens(folder: Path) -> dict[str, str]:
     if not token_file.is_file():
         raise DataError(f"{folder}: Flickr8k.token.txt (the captions) is missing")
     captions = {}
-    with open(token_file, encoding="utf-8") as fh:
+    with open(token_file, encoding="utf-8") as fh, reading(token_file):
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -339,9 +338,9 @@ def read_flickr8k(
     ``"mean"`` averages them.
     """
     if kind not in ("expert", "cf"):
-        raise ValueError(f"kind must be 'expert' or 'cf', got {kind!r}")
+        raise UsageError(f"kind must be 'expert' or 'cf', got {kind!r}")
     if aggregate not in ("each", "mean"):
-        raise ValueError(f"aggregate must be 'each' or 'mean', got {aggregate!r}")
+        raise UsageError(f"aggregate must be 'each' or 'mean', got {aggregate!r}")
     folder = path if path.is_dir() else path.parent
     name = "ExpertAnnotations.txt" if kind == "expert" else "CrowdFlowerAnnotations.txt"
     ann = path if path.is_file() else folder / name
@@ -355,7 +354,7 @@ def read_flickr8k(
         dirs = [folder / d for d in FLICKR8K_IMAGE_DIRS if (folder / d).is_dir()]
         image_root = dirs[0] if dirs else folder
     rows: list[Judgment] = []
-    with open(ann, encoding="utf-8") as fh:
+    with open(ann, encoding="utf-8") as fh, reading(ann):
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -410,4 +409,4 @@ def read_judgments(
         return read_detailcaps(path, candidates, image_root=root)
     if fmt in ("flickr8k-expert", "flickr8k-cf"):
         return read_flickr8k(path, fmt.split("-")[1], root, aggregate)
-    raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    raise UsageError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")

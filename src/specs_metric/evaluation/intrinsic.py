@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from specs_metric.errors import DataError, UsageError
 from specs_metric.evaluation.sdci import SdciRow, load_image_source
 from specs_metric.models.prefix import DEFAULT_MAX_SUFFIX, encode_chains, encode_plain
 from specs_metric.scoring.scales import cosine_similarity
@@ -83,7 +84,7 @@ def intrinsic_rates(
     per_image = [image_rates(c, n) for c, n in zip(caption_scores, neg_scores, strict=True)]
     kept = [r for r in per_image if r.positive is not None]
     if not kept:
-        raise ValueError("no image has at least 3 cumulative captions; nothing to score")
+        raise DataError("no image has at least 3 cumulative captions; nothing to score")
     positive = 100.0 * float(np.mean([r.positive for r in kept]))
     negative = 100.0 * float(np.mean([r.negative for r in kept]))
     return IntrinsicResult(
@@ -232,7 +233,7 @@ def run_intrinsic(
         The rates and the per-row cosines.
     """
     if chains_per_batch < 1:
-        raise ValueError(f"chains_per_batch must be >= 1, got {chains_per_batch}")
+        raise UsageError(f"chains_per_batch must be >= 1, got {chains_per_batch}")
     scores: list[ChainScores] = []
     for start in range(0, len(rows), chains_per_batch):
         batch = rows[start : start + chains_per_batch]

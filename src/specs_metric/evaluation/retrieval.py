@@ -34,7 +34,7 @@ import torch
 
 from specs_metric.data.images import IMAGE_EXTENSIONS, ImageSource, image_key, image_source
 from specs_metric.data.records import read_records
-from specs_metric.errors import DataError, ImageError
+from specs_metric.errors import DataError, ImageError, UsageError, reading
 from specs_metric.evaluation.embed import embed_images, embed_texts
 from specs_metric.evaluation.ranking import DEFAULT_KS, recall_at, retrieval_ranks
 from specs_metric.runtime.distributed import DistInfo
@@ -102,9 +102,9 @@ class _Builder:
 
     def __init__(self, which: str, limit: int | None) -> None:
         if which not in CAPTION_CHOICES:
-            raise ValueError(f"captions must be one of {CAPTION_CHOICES}, got {which!r}")
+            raise UsageError(f"captions must be one of {CAPTION_CHOICES}, got {which!r}")
         if limit is not None and limit < 1:
-            raise ValueError(f"max captions per image must be at least 1, got {limit}")
+            raise UsageError(f"max captions per image must be at least 1, got {limit}")
         self.which, self.limit = which, limit
         self.index: dict[str, int] = {}
         self.images: list[ImageSource] = []
@@ -150,7 +150,8 @@ def _read_caption_table(
     caption_column: str | None, builder: _Builder,
 ) -> RetrievalSet:  # fmt: skip
     """An image-caption set from a table (see :func:`read_records` for the sources)."""
-    rows, root, description = read_records(path, split, image_root)
+    with reading(path):  # the table readers leave parser errors (UTF-8, CSV, arrow) to us
+        rows, root, description = read_records(path, split, image_root)
     for where, rec in rows:
         column = caption_column or ("caption" if "caption" in rec else "captions")
         for needed in (image_column, column):
@@ -195,12 +196,13 @@ def read_coco(
     annotations = Path(annotations)
     data = document
     if data is None:
-        try:
+        with reading(annotations, what="cannot read COCO captions"):
             data = json.loads(annotations.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise DataError(f"{annotations}: cannot read COCO captions ({exc})") from exc
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise DataError(f"{annotations}: not a COCO captions file (images, annotations)")
+    if not isinstance(data, dict) or not all(
+        isinstance(data.get(k), list) and all(isinstance(v, dict) for v in data[k])
+        for k in ("images", "annotations")
+    ):
+        raise DataError(f"{annotations}: not a COCO captions file (lists images, annotations)")
     root = Path(image_root) if image_root is not None else coco_image_root(annotations)
     if root is None:
         raise DataError(
@@ -208,18 +210,21 @@ def read_coco(
         )
     files = {}
     for i, img in enumerate(data["images"]):
-        if "id" not in img or "file_name" not in img:
-            raise DataError(f"{annotations}, images[{i}]: needs 'id' and 'file_name'")
+        if not isinstance(img.get("id"), (int, str)) or not isinstance(img.get("file_name"), str):
+            raise DataError(f"{annotations}, images[{i}]: needs an 'id' and a 'file_name'")
         files[img["id"]] = img["file_name"]
     by_image: dict[object, list[str]] = {}
     for i, ann in enumerate(data["annotations"]):
-        if ann.get("image_id") not in files or not isinstance(ann.get("caption"), str):
+        image_id = ann.get("image_id")
+        if not isinstance(image_id, (int, str)) or image_id not in files or not isinstance(
+            ann.get("caption"), str
+        ):
             raise DataError(
                 f"{annotations}, annotations[{i}]: needs a known 'image_id' and a 'caption'"
             )
         by_image.setdefault(ann["image_id"], []).append(ann["caption"].strip())
     builder = _Builder(captions, max_captions_per_image)
-    for image_id in sorted(by_image):
+    for image_id in sorted(by_image, key=lambda k: (isinstance(k, str), k)):
         builder.add(str(root / files[image_id]), str(image_id), by_image[image_id])
     return builder.build(str(annotations))
 
@@ -248,7 +253,8 @@ def read_urban1k(path: str | Path) -> RetrievalSet:
     for txt in sorted((root / "caption").glob("*.txt")):
         if txt.stem not in images:
             raise DataError(f"{txt}: no image {txt.stem}.* in {root / 'image'}")
-        text = " ".join(line.strip() for line in txt.read_text(encoding="utf-8").splitlines())
+        with reading(txt):
+            text = " ".join(line.strip() for line in txt.read_text(encoding="utf-8").splitlines())
         if not text.strip():
             raise DataError(f"{txt}: empty caption")
         builder.add(str(images[txt.stem]), txt.stem, [text.strip()])
@@ -302,7 +308,7 @@ def _coco_document(path: Path) -> dict | None:
     """The parsed file when it is one JSON object with ``annotations`` (COCO), else None."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:  # e.g. JSON lines
+    except (ValueError, RecursionError):  # e.g. JSON lines; the table reader says what is wrong
         return None
     return data if isinstance(data, dict) and "annotations" in data else None
 

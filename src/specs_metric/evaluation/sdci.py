@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from specs_metric.data.hf_folders import read_arrow, source_files
 from specs_metric.data.images import image_source
-from specs_metric.errors import DataError
+from specs_metric.errors import DataError, reading
 from specs_metric.io.jsonio import read_jsonl
 
 REQUIRED_COLUMNS = ("image", "captions", "neg_captions")
@@ -75,7 +75,8 @@ def _read_records(file: Path) -> tuple[list[dict], pa.ChunkedArray | None]:
     """Rows without their ``image`` value, and the ``image`` column (None for JSON lines)."""
     suffix = file.suffix.lower()
     if suffix in (".parquet", ".arrow"):
-        table = pq.read_table(file) if suffix == ".parquet" else read_arrow(file)
+        with reading(file):
+            table = pq.read_table(file) if suffix == ".parquet" else read_arrow(file)
         images = table.column("image") if "image" in table.column_names else None
         rest = table.drop_columns(["image"]) if images is not None else table
         records = rest.to_pylist()
@@ -84,7 +85,8 @@ def _read_records(file: Path) -> tuple[list[dict], pa.ChunkedArray | None]:
                 rec["image"] = None  # placeholder: the value stays in the column
         return records, images
     if suffix in (".jsonl", ".json"):
-        return [rec for _, rec in read_jsonl(file)], None
+        with reading(file):  # deep nesting, huge numbers: what read_jsonl leaves to us
+            return [rec for _, rec in read_jsonl(file)], None
     raise DataError(f"{file}: unsupported file type (use .parquet, .arrow or .jsonl)")
 
 

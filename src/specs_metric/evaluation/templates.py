@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from specs_metric.errors import UsageError, reading
+
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "photo": ("a photo of a {}.",),
     "imagenet": (
@@ -118,10 +120,10 @@ def _synthetic_sets() -> dict[str, tuple[str, ...]]:
 
 
 def check_template(template: str, where: str = "template") -> str:
-    """Return ``template`` if it has exactly one ``{}`` placeholder, else raise ValueError."""
+    """Return ``template`` if it has exactly one ``{}`` placeholder, else raise UsageError."""
     rest = template.replace("{}", "")
     if template.count("{}") != 1 or "{" in rest or "}" in rest:
-        raise ValueError(f"{where}: {template!r} needs exactly one '{{}}' and no other braces")
+        raise UsageError(f"{where}: {template!r} needs exactly one '{{}}' and no other braces")
     return template
 
 
@@ -133,29 +135,32 @@ def get_templates(spec: str) -> tuple[str, ...]:
     text containing ``{}``, e.g. ``"a photo of a {}."``.
 
     Raises:
-        ValueError: an unknown name, an empty set, or a template without exactly one ``{}``.
+        UsageError: an unknown name, an empty set, or a template without exactly one ``{}``.
     """
     if spec in TEMPLATES:
         return TEMPLATES[spec]
     path = Path(spec)
     if path.is_file():
-        if path.suffix.lower() == ".json":
-            items = json.loads(path.read_text(encoding="utf-8"))
+        with reading(path, UsageError):
+            text = path.read_text(encoding="utf-8")
+            is_json = path.suffix.lower() == ".json"
+            items = json.loads(text) if is_json else None
+        if is_json:
             if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
-                raise ValueError(f"{path}: expected a JSON list of template strings")
+                raise UsageError(f"{path}: expected a JSON list of template strings")
             lines = [(f"{path}, item {i}", t) for i, t in enumerate(items)]
         else:
             lines = [
                 (f"{path}, line {i}", t.strip())
-                for i, t in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+                for i, t in enumerate(text.splitlines(), 1)
                 if t.strip() and not t.strip().startswith("#")
             ]
         if not lines:
-            raise ValueError(f"{path}: no templates")
+            raise UsageError(f"{path}: no templates")
         return tuple(check_template(t, where) for where, t in lines)
     if "{}" in spec:
         return (check_template(spec, "--templates"),)
-    raise ValueError(
+    raise UsageError(
         f"--templates {spec!r}: not a template set ({', '.join(TEMPLATES)}), not a file, "
         "and not a template with '{}'"
     )
@@ -186,7 +191,7 @@ def get_classes(spec: str) -> tuple[list[str], list[str]]:
     Underscores in names become spaces in prompts.
 
     Raises:
-        ValueError: unknown name, empty list, or duplicate keys.
+        UsageError: unknown name, empty list, or duplicate keys.
     """
     sets = {**CLASS_SETS, **_synthetic_sets()}
     if spec in sets:
@@ -195,30 +200,33 @@ def get_classes(spec: str) -> tuple[list[str], list[str]]:
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ValueError(
+            raise UsageError(
                 f"--classes {spec!r}: not a file and not a class set ({', '.join(sets)})"
             )
-        if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+        with reading(path, UsageError):
+            text = path.read_text(encoding="utf-8")
+            is_json = path.suffix.lower() == ".json"
+            data = json.loads(text) if is_json else None
+        if is_json:
             if isinstance(data, list) and all(isinstance(v, str) for v in data):
                 keys, names = list(data), list(data)
             elif isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
                 keys, names = list(data), list(data.values())
             else:
-                raise ValueError(f"{path}: expected a JSON list of names or an object key -> name")
+                raise UsageError(f"{path}: expected a JSON list of names or an object key -> name")
         else:
             keys, names = [], []
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in text.splitlines():
                 if not line.strip():
                     continue
                 key, _, name = line.partition("\t")
                 keys.append(key.strip())
                 names.append((name or key).strip())
     if not keys:
-        raise ValueError(f"--classes {spec!r}: no classes")
+        raise UsageError(f"--classes {spec!r}: no classes")
     seen: set[str] = set()
     for key in keys:
         if key in seen:
-            raise ValueError(f"--classes {spec!r}: class {key!r} is listed twice")
+            raise UsageError(f"--classes {spec!r}: class {key!r} is listed twice")
         seen.add(key)
     return keys, [_class_name(n) for n in names]

@@ -25,7 +25,7 @@ import torch
 
 from specs_metric.data.images import IMAGE_EXTENSIONS, ImageSource, image_source
 from specs_metric.data.records import read_records
-from specs_metric.errors import DataError, ImageError
+from specs_metric.errors import DataError, ImageError, reading
 from specs_metric.evaluation.embed import embed_images, embed_texts
 from specs_metric.evaluation.ranking import recall_at, target_ranks
 from specs_metric.evaluation.templates import get_classes
@@ -147,7 +147,7 @@ def field_value(record: dict, column: str, where: str) -> object:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # a plain string
                 pass
         if isinstance(value, dict) and part in value:
             value = value[part]
@@ -175,10 +175,8 @@ def read_labelled_table(
     Labels are strings (class keys) or integers (0-based indices into ``classes``, which
     are then required).
     """
-    try:
+    with reading(path):  # the table readers leave parser errors (UTF-8, CSV, arrow) to us
         rows, root, description = read_records(path, split, image_root)
-    except ValueError as exc:
-        raise DataError(str(exc)) from exc
     images, raw, ids = [], [], []
     for where, rec in rows:
         if image_column not in rec:
@@ -191,11 +189,7 @@ def read_labelled_table(
         if isinstance(label, str) and label.strip().lstrip("-").isdigit():
             if classes is None or label.strip() not in classes[0]:
                 label = int(label)  # CSV cells are strings
-        try:
-            image = image_source(rec[image_column], root, where)
-        except ValueError as exc:
-            raise DataError(str(exc)) from exc
-        images.append(image)
+        images.append(image_source(rec[image_column], root, where))
         raw.append((label, where))
         row_id = rec.get("id")
         ids.append(str(row_id) if row_id is not None else where)

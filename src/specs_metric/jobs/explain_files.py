@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from specs_metric.data.sources import read_rows
-from specs_metric.errors import CaptionTooLongError
+from specs_metric.errors import CaptionTooLongError, UsageError
 from specs_metric.io.jsonio import dumps, write_json
 from specs_metric.io.writing import check_not_input, create_empty, open_append, publish
 from specs_metric.processing.segmentation import SEGMENTERS, Segmenter
@@ -144,11 +144,11 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
     """
     check_scale(config.scale)
     if config.attribution not in ATTRIBUTIONS:
-        raise ValueError(
+        raise UsageError(
             f"unknown attribution {config.attribution!r}; choose one of {ATTRIBUTIONS}"
         )
     if isinstance(config.segmenter, str) and config.segmenter not in SEGMENTERS:
-        raise ValueError(
+        raise UsageError(
             f"unknown segmenter {config.segmenter!r}; choose one of {', '.join(SEGMENTERS)}"
         )
     started = time.perf_counter()

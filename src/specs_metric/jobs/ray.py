@@ -30,7 +30,7 @@ import pyarrow as pa
 import torch
 
 from specs_metric.data.rows import Row, build_row
-from specs_metric.errors import ImageError
+from specs_metric.errors import ImageError, UsageError
 from specs_metric.processing.preprocess import PreprocessConfig
 from specs_metric.processing.tokenizer import default_tokenizer
 from specs_metric.processing.transform import decode_pixels
@@ -70,7 +70,7 @@ def require_ray():
     try:
         import ray
     except ImportError as exc:
-        raise ValueError("the Ray engine needs Ray: pip install 'specs-metric[ray]'") from exc
+        raise UsageError("the Ray engine needs Ray: pip install 'specs-metric[ray]'") from exc
     return ray
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from specs_metric.data.locations import SHARD_SUFFIXES, TABLE_SUFFIXES, TEXT_SUFFIXES, expand
 from specs_metric.data.sources import protect_inputs
+from specs_metric.errors import UsageError
 from specs_metric.io.jsonio import write_json
 from specs_metric.io.writing import check_not_input
 from specs_metric.jobs.job import JobConfig
@@ -41,14 +42,14 @@ def plan(spec: str | Path, output_dir: Path, fmt: str) -> list[tuple[str, Path]]
     """``(input file, output file)`` per shard, in input order.
 
     Raises:
-        ValueError: two shards would write the same output (same name in two folders).
+        UsageError: two shards would write the same output (same name in two folders).
     """
     pairs: list[tuple[str, Path]] = []
     seen: dict[Path, str] = {}
     for name in expand(spec):
         out = output_dir / f"{shard_name(name)}.{fmt}"
         if out in seen:
-            raise ValueError(
+            raise UsageError(
                 f"--output-dir: {name} and {seen[out]} would both write {out}; "
                 "give shards with distinct names"
             )

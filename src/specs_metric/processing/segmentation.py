@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from specs_metric.errors import SegmenterError
+from specs_metric.errors import SegmenterError, UsageError
 
 SEGMENTERS = ("clause", "sentence", "chunk")
 DEFAULT_SEGMENTER = "clause"
@@ -298,7 +298,7 @@ def get_segmenter(name: str = DEFAULT_SEGMENTER) -> Segmenter:
     """The segmenter called ``name`` (one of :data:`SEGMENTERS`).
 
     Raises:
-        ValueError: unknown name.
+        UsageError: unknown name.
         SegmenterError: ``chunk`` without NLTK or its data.
     """
     if name == "clause":
@@ -307,4 +307,4 @@ def get_segmenter(name: str = DEFAULT_SEGMENTER) -> Segmenter:
         return sentence_segments
     if name == "chunk":
         return ChunkSegmenter()
-    raise ValueError(f"unknown segmenter {name!r}; choose one of {', '.join(SEGMENTERS)}")
+    raise UsageError(f"unknown segmenter {name!r}; choose one of {', '.join(SEGMENTERS)}")

@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from specs_metric.errors import UsageError
 from specs_metric.limits import WORKER_MEMORY_BYTES
 
 if TYPE_CHECKING:
@@ -164,14 +165,14 @@ def resolve_training_autocast(precision: str, device: torch.device) -> str:
     """The autocast dtype name a training step uses: ``auto`` -> fp16 on CUDA, else fp32.
 
     Raises:
-        ValueError: an unknown name, or fp16 on a non-CUDA device.
+        UsageError: an unknown name, or fp16 on a non-CUDA device.
     """
     if precision not in TRAINING_AUTOCAST:
-        raise ValueError(f"precision must be one of {TRAINING_AUTOCAST}, got {precision!r}")
+        raise UsageError(f"precision must be one of {TRAINING_AUTOCAST}, got {precision!r}")
     if precision == "auto":
         precision = "fp16" if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
+        raise UsageError("--precision fp16 needs CUDA; use bf16 or fp32 on CPU")
     return precision
 
 

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from specs_metric.data.images import ImageSource
-from specs_metric.errors import ImageError
+from specs_metric.errors import ImageError, UsageError
 from specs_metric.io.reading import read_image_bytes
 from specs_metric.processing.preprocess import PreprocessConfig
 from specs_metric.processing.transform import decode_pixels, describe_image, preprocess
@@ -157,7 +157,7 @@ class ImageEncoder:
         fixed_shape: bool = False,
     ) -> None:
         if batch_size < 1 or capacity < 1:
-            raise ValueError(f"batch_size and capacity must be >= 1, got {batch_size}, {capacity}")
+            raise UsageError(f"batch_size and capacity must be >= 1, got {batch_size}, {capacity}")
         self.scorer, self.batch_size, self.capacity, self.disk = scorer, batch_size, capacity, disk
         self.fixed_shape = fixed_shape
         self.memory: OrderedDict[str, np.ndarray] = OrderedDict()

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from specs_metric.data.images import ImageSource
+from specs_metric.errors import UsageError
 from specs_metric.scoring.scales import apply_scale, check_scale, corpus_from_mean, pair_cosines
 from specs_metric.scoring.scorer import Scorer, load
 
@@ -44,7 +45,7 @@ def specs_score(
     """
     check_scale(scale)
     if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+        raise UsageError(f"{len(images)} images but {len(captions)} captions")
     return apply_scale(_pairwise_cosine(scorer, images, captions), scale)
 
 

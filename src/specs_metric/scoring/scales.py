@@ -16,15 +16,17 @@ from typing import TypeVar
 import numpy as np
 import torch
 
+from specs_metric.errors import UsageError
+
 SCALES = ("specs", "clip-s", "cosine", "torchmetrics")
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 
 def check_scale(scale: str) -> str:
-    """Return ``scale`` if known, else raise ``ValueError`` listing the choices."""
+    """Return ``scale`` if known, else raise ``UsageError`` listing the choices."""
     if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
+        raise UsageError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
     return scale
 
 

@@ -16,13 +16,20 @@ import numpy as np
 import torch
 
 from specs_metric.data.images import ImageSource
+from specs_metric.errors import UsageError
 from specs_metric.models import fused
 from specs_metric.models.factory import model_from_checkpoint
 from specs_metric.models.model import LongCLIP, cast_matmul_weights
 from specs_metric.models.prefix import length_batches
 from specs_metric.models.weights.loading import read_checkpoint
 from specs_metric.processing.preprocess import PreprocessConfig
-from specs_metric.processing.tokenizer import EOT_ID, Tokenizer, default_tokenizer, pad_ids
+from specs_metric.processing.tokenizer import (
+    EOT_ID,
+    LONG_CAPTION_POLICIES,
+    Tokenizer,
+    default_tokenizer,
+    pad_ids,
+)
 from specs_metric.processing.transform import load_and_preprocess
 from specs_metric.runtime.numerics import strict_fp32
 from specs_metric.runtime.policy import DEFAULT_TOKEN_BUDGET, device_policy, resolve_device
@@ -80,11 +87,15 @@ class Scorer:
         tokenizer: Tokenizer | None = None,
         preprocessing: PreprocessConfig | None = None,
     ) -> None:
+        if long_captions not in LONG_CAPTION_POLICIES:
+            raise UsageError(
+                f"long_captions must be one of {LONG_CAPTION_POLICIES}, got {long_captions!r}"
+            )
         if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+            raise UsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         self.device = resolve_device(device)
         if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision='fp16' needs a CUDA device; use 'bf16' on CPU")
+            raise UsageError("precision='fp16' needs a CUDA device; use 'bf16' on CPU")
         if precision == "bf16" and self.device.type == "cpu" and not fused.native_bf16():
             warnings.warn(
                 "precision='bf16': this CPU has no bf16 matrix units (AMX or AVX-512-BF16), "
@@ -271,7 +282,7 @@ class Scorer:
         """Scores of 1:1 pairs ``(images[i], captions[i])`` -> float64 array (N,)."""
         check_scale(scale)
         if len(images) != len(captions):
-            raise ValueError(f"{len(images)} images but {len(captions)} captions")
+            raise UsageError(f"{len(images)} images but {len(captions)} captions")
         image_emb = self.embed_images(images)
         text_emb = self.embed_texts(captions)
         return apply_scale(cosine_similarity(image_emb, text_emb), scale)

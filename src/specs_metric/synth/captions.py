@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specs_metric.errors import DataError
 from specs_metric.processing.tokenizer import Tokenizer
 from specs_metric.synth.world import (
     COLOUR_NAMES,
@@ -124,7 +125,7 @@ def parse_segment(segment: str) -> Fact:
     misses) recover facts from the captions alone.
 
     Raises:
-        ValueError: ``segment`` is not a sentence of the grammar.
+        DataError: ``segment`` is not a sentence of the grammar.
 
     Example:
         >>> parse_segment("The red star is left of the blue ring.")
@@ -144,7 +145,7 @@ def parse_segment(segment: str) -> Fact:
         if kind == "relation":
             return Fact("relation", subject=(g[0], g[1]), value=g[2], other=(g[3], g[4]))
         return Fact(kind, subject=(g[0], g[1]), value=g[2])
-    raise ValueError(f"not a segment of the synthetic world's grammar: {segment!r}")
+    raise DataError(f"not a segment of the synthetic world's grammar: {segment!r}")
 
 
 def mentions_held_out(fact: Fact) -> bool:

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from specs_metric.errors import OutputError, UsageError
 from specs_metric.io.writing import atomic_write, write_text
 from specs_metric.processing.tokenizer import default_tokenizer
 from specs_metric.synth import world
@@ -61,9 +62,9 @@ class SplitSummary:
 
 def _split_sizes(n: int, test_fraction: float) -> dict[str, int]:
     if n < 1:
-        raise ValueError(f"--n must be at least 1, got {n}")
+        raise UsageError(f"--n must be at least 1, got {n}")
     if not 0.0 <= test_fraction <= 1.0:
-        raise ValueError(f"--test-fraction must be in [0, 1], got {test_fraction}")
+        raise UsageError(f"--test-fraction must be in [0, 1], got {test_fraction}")
     n_test = int(round(n * test_fraction))
     return {"train": n - n_test, "test": n_test}
 
@@ -163,7 +164,7 @@ def _clear(output: Path, overwrite: bool) -> None:
     if not output.is_dir():
         return
     if not overwrite and any(output.iterdir()):
-        raise ValueError(
+        raise OutputError(
             f"{output} is not empty; pass --overwrite to replace a data set written there "
             "(only its own files are removed), or choose an empty folder"
         )
@@ -206,15 +207,15 @@ def generate(
         image_size: side of the square images in pixels (at least 16).
         test_fraction: share of test scenes.
         graded_per_scene: graded candidates per scene.
-        overwrite: with ``False``, refuse (``ValueError``) a folder that is not empty.
+        overwrite: with ``False``, refuse (``OutputError``) a folder that is not empty.
 
     Returns:
         One summary per split.
     """
     if image_size < 16:
-        raise ValueError(f"--image-size must be at least 16 pixels, got {image_size}")
+        raise UsageError(f"--image-size must be at least 16 pixels, got {image_size}")
     if graded_per_scene < 0:
-        raise ValueError(f"--graded-per-scene must be >= 0, got {graded_per_scene}")
+        raise UsageError(f"--graded-per-scene must be >= 0, got {graded_per_scene}")
     sizes = _split_sizes(n, test_fraction)
     output = Path(output)
     _clear(output, overwrite)

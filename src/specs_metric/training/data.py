@@ -105,9 +105,7 @@ class SpecificityDataset(Dataset):
         needed = ["image", "caption"] + (["captions", "neg_captions"] if details else [])
         missing = [c for c in needed if c not in table.column_names]
         if missing:
-            raise ValueError(
-                f"{source}: missing column(s) {missing}; build it with `specs prepare`"
-            )
+            raise DataError(f"{source}: missing column(s) {missing}; build it with `specs prepare`")
         self.table = table.select(needed)
         if details:
             lengths = pc.list_value_length(self.table.column("captions")).to_numpy(
@@ -117,7 +115,7 @@ class SpecificityDataset(Dataset):
         else:
             self.rows = np.arange(self.table.num_rows)
         if len(self.rows) == 0:
-            raise ValueError(f"{source}: no usable rows")
+            raise DataError(f"{source}: no usable rows")
         self.resolution = resolution
         self.context_length = context_length
         self.details = details
@@ -161,7 +159,7 @@ class SpecificityDataset(Dataset):
             negatives = self._cell("neg_captions", row)
             i = detail_index(self.seed, self.epoch, row, len(captions))
             if i >= len(negatives):
-                raise ValueError(
+                raise DataError(
                     f"row {row}: {len(captions)} captions but only {len(negatives)} negatives"
                 )
             item["base"] = self._ids(captions[i])

@@ -25,7 +25,7 @@ from specs_metric.data.hf_folders import (
     split_files,
 )
 from specs_metric.data.images import resolve_image_cell
-from specs_metric.errors import DataError, ImageError, PrepareError
+from specs_metric.errors import DataError, ImageError, PrepareError, describe_parse_error, reading
 from specs_metric.io.jsonio import read_jsonl
 from specs_metric.io.reading import open_regular
 from specs_metric.limits import MAX_IMAGE_BYTES
@@ -51,17 +51,20 @@ def read_table(path: str | Path) -> pa.Table:
     if path.is_file():
         if path.suffix != ".parquet":
             raise PrepareError(f"{path}: expected a .parquet file or a datasets directory")
-        return pq.read_table(path)
+        with reading(path, PrepareError):
+            return pq.read_table(path)
     if not path.is_dir():
         raise PrepareError(f"{path}: no such file or directory")
     splits = dataset_splits(path)
     if splits is not None:
         return read_table(path / choose_split(splits, None, "train", path))
     if is_dataset_folder(path):
-        return read_files(split_files(path))
+        with reading(path, PrepareError):
+            return read_files(split_files(path))
     parquet_files = sorted(path.glob("*.parquet"))
     if parquet_files:
-        return pa.concat_tables([pq.read_table(p) for p in parquet_files])
+        with reading(path, PrepareError):
+            return pa.concat_tables([pq.read_table(p) for p in parquet_files])
     raise PrepareError(f"{path}: not a datasets directory (no state.json or dataset_dict.json)")
 
 
@@ -112,19 +115,20 @@ def iter_examples(path: str | Path) -> Iterator[Example]:
     elif suffix == ".json":
         try:
             records = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PrepareError(f"{path}: invalid JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # JSON, UTF-8, nesting
+            raise PrepareError(f"{path}: invalid JSON ({describe_parse_error(exc)})") from exc
         if not isinstance(records, list):
             raise PrepareError(f"{path}: expected a JSON list of objects")
         for row, record in enumerate(records, start=1):
             record = _check_record(record, f"{path} row {row}")
             yield Example(row, record["image"], _caption_of(record, f"{path} row {row}"))
     elif suffix == ".jsonl":
-        for row, record in read_jsonl(path, where="{path} line {line}", error=PrepareError):
-            record = _check_record(record, f"{path} line {row}")
-            yield Example(row, record["image"], _caption_of(record, f"{path} line {row}"))
+        with reading(path, PrepareError):  # deep nesting, huge numbers: left to us
+            for row, record in read_jsonl(path, where="{path} line {line}", error=PrepareError):
+                record = _check_record(record, f"{path} line {row}")
+                yield Example(row, record["image"], _caption_of(record, f"{path} line {row}"))
     elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8", newline="") as fh, reading(path, PrepareError):
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             missing = {"image", "caption"} - set(reader.fieldnames or ())
             if missing:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from specs_metric.errors import TrainError, reading
 from specs_metric.io.writing import create_empty, open_append
 
 LOG_COLUMNS = (
@@ -21,8 +22,11 @@ class CsvLog:
         self.path = path
         rows = []
         if resume_step is not None and path.is_file():
-            with path.open(newline="") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= resume_step]
+            with path.open(newline="") as fh, reading(path, TrainError, "cannot resume the log"):
+                reader = csv.DictReader(fh)
+                if "step" not in (reader.fieldnames or ()):
+                    raise TrainError(f"{path}: no 'step' column; remove it to start a new log")
+                rows = [r for r in reader if int(r["step"] or "") <= resume_step]
         create_empty(path, "training log")  # never through a link planted at its name
         self.fh = open_append(path, "training log")
         self.writer = csv.DictWriter(self.fh, fieldnames=LOG_COLUMNS)

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from specs_metric.errors import UsageError
+
 
 @dataclass
 class LossOutput:
@@ -87,7 +89,7 @@ class SpecificityLoss(nn.Module):
     ) -> None:
         super().__init__()
         if margin < 0:
-            raise ValueError(f"margin must be >= 0 (0 = adaptive), got {margin}")
+            raise UsageError(f"margin must be >= 0 (0 = adaptive), got {margin}")
         self.lambda_contrast = float(lambda_contrast)
         self.lambda_detail = float(lambda_detail)
         self.lambda_neg = float(lambda_neg)

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from specs_metric.errors import PrepareError
+from specs_metric.errors import PrepareError, UsageError
 from specs_metric.io.writing import atomic_write, write_text
 from specs_metric.processing.segmentation import DEFAULT_SEGMENTER, Segmenter, get_segmenter
 from specs_metric.processing.tokenizer import Tokenizer, clean_text, default_tokenizer
@@ -367,7 +367,7 @@ def prepare_dataset(
         The :class:`PrepareReport` (also written next to the output as ``*.report.json``).
     """
     if not 0.0 <= shuffle_fraction <= 1.0:
-        raise ValueError(f"shuffle_fraction must be in [0, 1], got {shuffle_fraction}")
+        raise UsageError(f"shuffle_fraction must be in [0, 1], got {shuffle_fraction}")
     input_path, output_path = Path(input_path), Path(output_path)
     root = Path(image_root) if image_root is not None else (
         input_path if input_path.is_dir() else input_path.parent

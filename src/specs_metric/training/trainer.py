@@ -129,10 +129,7 @@ class Trainer:
         if self.dist.enabled and self.dist.backend == "nccl":
             device = torch.device("cuda", self.dist.local_rank)
         self.device = device
-        try:
-            self.precision = resolve_training_autocast(config.precision, self.device)
-        except ValueError as exc:
-            raise TrainError(str(exc)) from None
+        self.precision = resolve_training_autocast(config.precision, self.device)
         self.output = Path(config.output)
         self.is_main = self.dist.is_main
         if config.deterministic:
@@ -237,7 +234,8 @@ class Trainer:
         from specs_metric.models.weights.checkpoint import load_weights_only, read_state_dict
 
         state = load_weights_only(path / STATE_FILE, "trainer state")
-        needed = ("world_size", "batch_size", "optimizer", "scheduler", "step", "rng")
+        needed = ("world_size", "batch_size", "optimizer", "scheduler", "scaler", "loss", "step",
+                  "epoch", "batch_in_epoch", "skipped_images", "rng")  # fmt: skip
         if not isinstance(state, dict) or any(k not in state for k in needed):
             raise TrainError(f"--resume {path}: {STATE_FILE} is not a trainer state")
         if (state["world_size"] * state["batch_size"]
@@ -247,11 +245,18 @@ class Trainer:
                 f"{state['batch_size']}, now {self.dist.world_size} x {self.config.batch_size}"
             )
         weights = read_state_dict(path / MODEL_FILES[0])
-        self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.loss_fn.load_state_dict(state["loss"])
+        try:  # torch reports a state of another model or objective as RuntimeError/ValueError
+            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()})
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.loss_fn.load_state_dict(state["loss"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            message = " ".join(str(exc).split())[:300]
+            raise TrainError(
+                f"--resume {path}: the checkpoint does not fit this run's model or settings "
+                f"({message})"
+            ) from exc
         self.step = state["step"]
         self.epoch = state["epoch"]
         self.batch_in_epoch = state["batch_in_epoch"]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from specs_metric.errors import UsageError
 from specs_metric.evaluation.stats import STATISTICS, Estimate
 from specs_metric.io.jsonio import dumps
 from specs_metric.io.writing import atomic_write, write_text
@@ -139,7 +140,7 @@ def _canvas(nrows: int, ncols: int, width: float, height: float):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise RuntimeError(
+        raise UsageError(
             "plots need matplotlib: pip install 'specs-metric[bench]' (or pass --no-plots)"
         ) from None
     fig = Figure(figsize=(width, height), dpi=100)
