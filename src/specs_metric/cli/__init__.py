@@ -21,7 +21,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from specs_metric.errors import SpecsError
+from specs_metric.cli.interrupts import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    Terminated,
+    resume_hint,
+    sigterm_as_interrupt,
+)
+from specs_metric.errors import InterruptedJobError, SpecsError
 
 # (command, module under specs_metric.cli, help line), in the order ``specs --help`` lists
 # them. The help line is the one the module's ``register`` gives (a test keeps them equal).
@@ -195,14 +202,23 @@ def main(argv: list[str] | None = None) -> int:
     group_was_open = process_group_open()  # a caller's group is the caller's to close
     succeeded = False
     try:
-        check_output_locations(args)
-        code = int(args.func(args) or 0)
+        with sigterm_as_interrupt():
+            check_output_locations(args)
+            code = int(args.func(args) or 0)
         succeeded = True
         return code
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        if os.environ.get("SPECS_DEBUG") == "1":
+            raise
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+        print(f"specs {_command_name(args)}: {how}; {resume_hint(args, argv)}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except (SpecsError, OSError) as exc:
         if os.environ.get("SPECS_DEBUG") == "1":
             raise
         message = describe_os_error(exc, args) if isinstance(exc, OSError) else str(exc)
+        if isinstance(exc, InterruptedJobError):
+            message += f"; {resume_hint(args, argv)}"
         # One line: a message that spans lines (a wrapped library error) is joined.
         message = " ".join(message.split())
         print(f"specs {_command_name(args)}: error: {message}", file=sys.stderr)

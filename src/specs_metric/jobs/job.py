@@ -46,6 +46,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -251,8 +252,8 @@ def _score_shard(
         desc="scoring",
     )
     non_finite = 0
-    with open_append(part) as out:
-        for chunk in map(unpack_chunk, _chunks_or_dead_worker(loader, part)):
+    with _dead_worker_is_one_line(part), open_append(part) as out:
+        for chunk in map(unpack_chunk, loader):
             img = _image_embeddings(images, chunk) if chunk.valid else None
             if chunk.valid:
                 txt = scorer.embed_token_ids(
@@ -271,11 +272,13 @@ def _score_shard(
     return images.encoded, non_finite
 
 
-def _chunks_or_dead_worker(loader: DataLoader, part: Path) -> Iterator[Chunk]:
-    """The loader's chunks; a worker that died (killed by the kernel's out-of-memory killer,
-    or any signal) ends the job with one line, its rows so far kept for ``--resume``."""
+@contextmanager
+def _dead_worker_is_one_line(part: Path) -> Iterator[None]:
+    """A decoding worker that died (killed by the kernel's out-of-memory killer, or any
+    signal) ends the job with one line, its rows so far kept for ``--resume``. torch reports
+    the death from its SIGCHLD handler, wherever the main process is at that moment."""
     try:
-        yield from loader
+        yield
     except RuntimeError as exc:
         if "DataLoader worker" not in str(exc):
             raise

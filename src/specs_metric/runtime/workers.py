@@ -41,6 +41,9 @@ def _watch_parent(parent: int) -> None:
 
 def die_with_parent(_worker_id: int = 0) -> None:
     """Make this (worker) process exit when its parent does; use as ``worker_init_fn``."""
+    # Ctrl-C reaches the whole process group: the main process handles it (and tells the
+    # user how to resume); a worker just ends with it, silently.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     started_by = multiprocessing.parent_process()  # known even if it has already died
     parent = started_by.pid if started_by is not None and started_by.pid else os.getppid()
     _set_parent_death_signal()
