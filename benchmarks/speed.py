@@ -87,8 +87,8 @@ import torch
 from PIL import Image
 from reference_style import ReferenceStyleCLIP
 
+from specs_metric.data.scorefiles import read_score_rows
 from specs_metric.jobs.job import JobConfig, run_job
-from specs_metric.jobs.results import read_output
 from specs_metric.models.factory import build_model
 from specs_metric.models.model import LongCLIP, ModelConfig
 from specs_metric.processing.tokenizer import default_tokenizer
@@ -319,7 +319,7 @@ def job_scores(
     run_job(config, scorer)
     synchronize(scorer.device)
     elapsed = time.perf_counter() - start
-    return np.array([r["score"] for r in read_output(out)]), elapsed
+    return np.array([r["score"] for r in read_score_rows(out)]), elapsed
 
 
 def order_kept(reference: np.ndarray, other: np.ndarray, per_image: int) -> tuple[float, int]:

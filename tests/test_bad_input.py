@@ -25,11 +25,11 @@ from PIL import Image
 import specs_metric
 from factories import make_state_dict, score_args
 from specs_metric.cli import main
+from specs_metric.data.scorefiles import read_score_rows
 from specs_metric.data.sources import read_rows
 from specs_metric.errors import ImageError
 from specs_metric.io import reading
 from specs_metric.io.reading import read_image_bytes
-from specs_metric.jobs.results import read_output
 from specs_metric.limits import MAX_IMAGE_BYTES, MAX_LINE_CHARS
 from specs_metric.processing import transform
 from specs_metric.processing.transform import open_image
@@ -224,7 +224,7 @@ def test_jsonl_corpus_of_bad_rows(world, tmp_path):
     src.write_bytes(b"".join(line for _, line, _ in corpus) + b"\n  \n")  # blank: no row
     out = tmp_path / "out.jsonl"
     assert _run(world, src, out, "--long-captions", "error") == 0
-    result = list(read_output(out))
+    result = list(read_score_rows(out))
     _check(world, result, [(k, n, e) for n, (k, _, e) in enumerate(corpus, start=1)])
     # ids: as given; none given -> the row number; unusable -> null
     assert result[0]["id"] == "first"
@@ -242,7 +242,7 @@ def test_jsonl_corpus_of_bad_rows(world, tmp_path):
     # the same rows written as CSV
     out_csv = tmp_path / "out.csv"
     assert _run(world, src, out_csv, "--long-captions", "error") == 0
-    assert [r["error"] for r in read_output(out_csv)] == [r["error"] for r in result]
+    assert [r["error"] for r in read_score_rows(out_csv)] == [r["error"] for r in result]
 
 
 CSV_CORPUS = [
@@ -284,7 +284,7 @@ def test_csv_corpus_of_bad_rows(world, tmp_path):
         line_no += lines.count("\n")
     out = tmp_path / "out.jsonl"
     assert _run(world, src, out) == 0
-    result = list(read_output(out))
+    result = list(read_score_rows(out))
     _check(world, result, expected)
     assert result[3]["id"] is None  # an empty id is never replaced by a row number
 
@@ -331,7 +331,7 @@ def test_image_root_that_is_not_utf8(world, tmp_path):
     assert main(["score", "--model", str(world / "tiny.pt"), "--input", str(src),
                  "--image-root", str(root), "--output", str(out), "--workers", "0",
                  "--no-progress"]) == 0
-    found, missing = read_output(out)
+    found, missing = read_score_rows(out)
     assert found["error"] is None and found["score"] is not None
     assert "caf\\udce9/nope.png: image file not found" in missing["error"]
 
@@ -448,7 +448,7 @@ def test_memory_stays_bounded_and_nothing_hangs(world, tmp_path):
         preexec_fn=cap_memory,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    errors = [r["error"] for r in read_output(out)]
+    errors = [r["error"] for r in read_score_rows(out)]
     assert all(errors[:4]) and errors[4] is None, errors
     max_rss_mb = int(done.stdout.split("max_rss_kb")[1]) / 1024
     assert max_rss_mb < 800, max_rss_mb

@@ -13,7 +13,7 @@ from PIL import Image
 
 from factories import make_state_dict
 from specs_metric.cli import main
-from specs_metric.jobs.results import read_output
+from specs_metric.data.scorefiles import read_score_rows
 from specs_metric.scoring.cache import EmbeddingCache, model_fingerprint
 
 
@@ -37,7 +37,7 @@ def _score(tmp_path, model, src, cache, out_name, captions_suffix=""):
     main(["score", "--model", str(tmp_path / model), "--input", str(src), "--output", str(out),
           "--workers", "0", "--no-progress", "--cache-dir", str(cache)])
     summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
-    return list(read_output(out)), summary
+    return list(read_score_rows(out)), summary
 
 
 def test_second_run_skips_image_tower_and_scores_match(tmp_path):
@@ -55,7 +55,7 @@ def test_second_run_skips_image_tower_and_scores_match(tmp_path):
     uncached = tmp_path / "o3.jsonl"
     main(["score", "--model", str(tmp_path / "a.pt"), "--input", str(src2), "--output",
           str(uncached), "--workers", "0", "--no-progress"])
-    for x, y in zip(second, read_output(uncached), strict=True):
+    for x, y in zip(second, read_score_rows(uncached), strict=True):
         assert x["score"] == y["score"]  # cached fp32 embeddings are bit-identical
     # another checkpoint never reads the first one's entries
     _, s3 = _score(tmp_path, "b.pt", src, cache, "o4.jsonl")

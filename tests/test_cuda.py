@@ -94,7 +94,7 @@ SRC = REPO / "src"
 if __name__ == "__main__" and str(SRC) not in sys.path:  # a script run of this checkout
     sys.path.insert(1, str(SRC))
 
-from specs_metric.jobs.results import read_output  # noqa: E402
+from specs_metric.data.scorefiles import read_score_rows  # noqa: E402
 from specs_metric.models import fused  # noqa: E402
 from specs_metric.models.factory import build_model  # noqa: E402
 from specs_metric.models.model import LongCLIP  # noqa: E402
@@ -493,7 +493,7 @@ def check_score_job(c: Check, ctx: Context) -> None:
         f"{first['seconds']} s, returncode {first['returncode']}",
     ):
         return
-    rows = list(read_output(out))
+    rows = list(read_score_rows(out))
     errors = [r["error"] for r in rows if r["error"]]
     c.record("rows", len(rows))
     c.expect(
@@ -791,7 +791,7 @@ def _job_on_device(
     if run["returncode"] != 0:
         return run, [], {}
     record = json.loads(out.with_name(out.name + ".job.json").read_text())
-    return run, list(read_output(out)), record
+    return run, list(read_score_rows(out)), record
 
 
 def check_policy_jobs(c: Check, ctx: Context) -> None:

@@ -22,7 +22,7 @@ from PIL import Image
 from factories import make_state_dict
 from specs_metric.cli import main
 from specs_metric.data.locations import expand
-from specs_metric.jobs.results import read_output
+from specs_metric.data.scorefiles import read_score_rows
 from subprocesses import child_env
 
 N_PAIRS = 12
@@ -61,7 +61,7 @@ def _score(world_dir: Path, src, out: Path, *extra: str) -> list[dict]:
         ]
     )
     assert code == 0
-    return list(read_output(out))
+    return list(read_score_rows(out))
 
 
 def _jsonl(world, path: Path) -> Path:
@@ -387,7 +387,7 @@ def test_output_dir_resume_after_sigkill_equals_an_uninterrupted_run(world, tmp_
         150,
         150,
     ]
-    scores = [r["score"] for n in names for r in read_output(reference / n)]
+    scores = [r["score"] for n in names for r in read_score_rows(reference / n)]
     assert combined["mean"] == pytest.approx(np.mean(scores), abs=1e-12)
     assert combined["std"] == pytest.approx(np.std(scores), abs=1e-9)
 

@@ -20,8 +20,8 @@ from PIL import Image
 
 from factories import make_state_dict
 from specs_metric.cli import main
+from specs_metric.data.scorefiles import read_score_rows
 from specs_metric.io.locking import OutputLock
-from specs_metric.jobs.results import read_output
 from subprocesses import child_env, torchrun
 
 N_IMAGES = 12
@@ -262,7 +262,7 @@ def test_second_job_on_the_same_output_is_refused(world, tmp_path, capsys):
         proc.send_signal(signal.SIGCONT)
     _, first_err = proc.communicate(timeout=300)
     assert proc.returncode == 0, first_err.decode()[-2000:]
-    assert len(list(read_output(out))) == 160
+    assert len(list(read_score_rows(out))) == 160
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.jsonl")) == [
         "out.jsonl", "out.jsonl.job.json", "out.jsonl.summary.json",
     ]  # fmt: skip
@@ -314,7 +314,7 @@ def test_output_must_hold_one_row_per_input_row(world, tmp_path, capsys, monkeyp
     assert not out.with_name("out.jsonl.tmp").exists()
     monkeypatch.setattr(job, "_score_shard", real)
     assert main([*_args(world, src, out, "--workers", "0", "--resume")]) == 0
-    assert len(list(read_output(out))) == 30
+    assert len(list(read_score_rows(out))) == 30
 
 
 def test_lock_file_is_removed_and_relocked(tmp_path):
@@ -465,7 +465,7 @@ def test_lone_surrogates_in_input_rows_do_not_stop_the_output(world, tmp_path, s
     out = tmp_path / f"out{suffix}"
     assert main(_args(world, src, out, "--workers", "0")) == 0
     out.read_bytes().decode("utf-8")  # valid UTF-8 throughout
-    rows = list(read_output(out))
+    rows = list(read_score_rows(out))
     assert len(rows) == 2 and math.isfinite(rows[1]["score"])
     if suffix == ".jsonl":
         for line in out.read_text().splitlines():

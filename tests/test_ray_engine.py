@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specs_metric.cli import main
-from specs_metric.jobs.results import read_output
+from specs_metric.data.scorefiles import read_score_rows
 from test_datasets import N_PAIRS, _jsonl, _same, _score, _table, world  # noqa: F401
 
 ray = pytest.importorskip("ray")
@@ -55,7 +55,7 @@ def test_ray_engine_equals_the_local_job(world, cluster, tmp_path):  # noqa: F81
         ]
     )
     assert code == 0
-    result = list(read_output(tmp_path / "ray.parquet"))
+    result = list(read_score_rows(tmp_path / "ray.parquet"))
     assert len(result) == N_PAIRS + 2
     _same(result[:N_PAIRS], reference[:N_PAIRS], exact=True)
     assert result[N_PAIRS:] == reference[N_PAIRS:]
@@ -90,11 +90,11 @@ def test_ray_output_dir_streams_all_shards_through_one_pipeline(world, cluster, 
     assert main([*base, "--engine", "ray", "--output-dir", str(tmp_path / "ray")]) == 0
     names = [f"{n:05d}.parquet" for n in range(len(paths) + 1)]
     for name in names:
-        local = list(read_output(tmp_path / "local" / name))
-        remote = list(read_output(tmp_path / "ray" / name))
+        local = list(read_score_rows(tmp_path / "local" / name))
+        remote = list(read_score_rows(tmp_path / "ray" / name))
         _same(remote, local, exact=False)
         assert json.loads((tmp_path / "ray" / f"{name}.job.json").read_text())["complete"]
-    assert list(read_output(tmp_path / "ray" / names[-1])) == []
+    assert list(read_score_rows(tmp_path / "ray" / names[-1])) == []
     combined = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert combined["n_scored"] == N_PAIRS
     # --resume with every shard complete reads nothing and changes nothing

@@ -18,7 +18,7 @@ from PIL import Image
 from factories import make_state_dict
 from factories import score_args as _base
 from specs_metric.cli import main
-from specs_metric.jobs.results import read_output
+from specs_metric.data.scorefiles import read_score_rows
 from subprocesses import child_env, torchrun
 
 
@@ -81,7 +81,7 @@ def test_bad_rows_become_row_errors(world, tmp_path, monkeypatch):
         ]
     )
     assert code == 0
-    result = list(read_output(out))
+    result = list(read_score_rows(out))
     assert len(result) == len(rows) + 1  # one output row per input row, malformed included
     by_id = {r["id"]: r for r in result}
     # the malformed line keeps its place; its id is unknown, so it is the row number
@@ -108,7 +108,7 @@ def test_bad_rows_become_row_errors(world, tmp_path, monkeypatch):
             "--strict",
         ]
     )
-    assert strict == 1 and len(list(read_output(out))) == len(rows) + 1
+    assert strict == 1 and len(list(read_score_rows(out))) == len(rows) + 1
 
 
 def test_scores_equal_the_python_api_and_are_order_invariant(world, tmp_path):
@@ -138,7 +138,7 @@ def test_scores_equal_the_python_api_and_are_order_invariant(world, tmp_path):
             "--no-progress",
         ]
     )
-    result = list(read_output(out))
+    result = list(read_score_rows(out))
     scorer = specs_metric.load(world / "tiny.pt")
     # independent path: one pair at a time, full padding, no batching
     with torch.no_grad():
@@ -166,8 +166,8 @@ def test_scores_equal_the_python_api_and_are_order_invariant(world, tmp_path):
             "--no-progress",
         ]
     )
-    reversed_rows = {r["id"]: r for r in read_output(out2)}
-    assert [r["id"] for r in read_output(out2)] == [str(r["id"]) for r in shuffled]
+    reversed_rows = {r["id"]: r for r in read_score_rows(out2)}
+    assert [r["id"] for r in read_score_rows(out2)] == [str(r["id"]) for r in shuffled]
     for rec in result:
         assert reversed_rows[str(rec["id"])]["score"] == pytest.approx(rec["score"], abs=1e-6)
 
@@ -189,7 +189,7 @@ def test_csv_and_clipscore_json_inputs(world, tmp_path):
                 "--no-progress",
             ]
         )
-        result = list(read_output(out))
+        result = list(read_score_rows(out))
         assert len(result) == 2
     assert result[0]["id"] == "img3" and result[0]["error"] is None
     assert "not found" in result[1]["error"]
@@ -206,10 +206,10 @@ def test_long_caption_policies(world, tmp_path):
         "--no-progress",
     ]
     main(args)
-    (rec,) = read_output(out)
+    (rec,) = read_score_rows(out)
     assert rec["truncated"] is True and rec["tokens"] == 302 and rec["error"] is None
     main([*args, "--long-captions", "error"])
-    (rec,) = read_output(out)
+    (rec,) = read_score_rows(out)
     assert rec["score"] is None and "302 tokens" in rec["error"]
 
 
@@ -316,7 +316,7 @@ def test_torchrun_two_processes_equal_one(world, tmp_path):
     main([*common, "--output", str(single)])
     multi = tmp_path / "multi.jsonl"
     torchrun(["-m", "specs_metric", *common, "--output", str(multi)])
-    a, b = list(read_output(single)), list(read_output(multi))
+    a, b = list(read_score_rows(single)), list(read_score_rows(multi))
     assert [(r["id"], r["error"]) for r in a] == [(r["id"], r["error"]) for r in b]
     for x, y in zip(a, b, strict=True):
         if x["score"] is not None:

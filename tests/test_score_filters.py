@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from specs_metric.cli import main
-from specs_metric.jobs.results import read_output
+from specs_metric.data.scorefiles import read_score_rows
 from test_datasets import world  # noqa: F401
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "datasets.md"
@@ -51,7 +51,7 @@ def scores(world, tmp_path_factory):  # noqa: F811
             "--workers", "0", "--no-progress"]  # fmt: skip
     assert main([*base, "--output-dir", str(tmp / "scores"), "--output-format", "parquet"]) == 0
     assert main([*base, "--output-dir", str(tmp / "json"), "--output-format", "jsonl"]) == 0
-    rows = [r for n in range(2) for r in read_output(tmp / "json" / f"in-{n}.jsonl")]
+    rows = [r for n in range(2) for r in read_score_rows(tmp / "json" / f"in-{n}.jsonl")]
     assert len(rows) == len(pairs) + 1 and rows[-1]["score"] is None
     values = sorted({r["score"] for r in rows if r["score"] is not None})
     middle = len(values) // 2

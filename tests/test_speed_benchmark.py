@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from factories import make_state_dict
-from specs_metric.jobs.results import read_output
+from specs_metric.data.scorefiles import read_score_rows
 from specs_metric.models.factory import build_model
 from specs_metric.scoring.scorer import Scorer
 
@@ -36,7 +36,7 @@ def test_jpeg_mode_scores_equal_the_python_api(speed, tmp_path):
         entry = result[name]
         assert entry["pairs_per_s"] > 0 and 0 < entry["forward_busy_fraction"] <= 1
         assert entry["max_abs_delta_score_vs_reference"] < 1e-5
-        rows = list(read_output(root / entry["scores_file"]))
+        rows = list(read_score_rows(root / entry["scores_file"]))
         assert [r["error"] for r in rows] == [None] * 5
         files = [root / r["image"] for r in rows]
         assert len({f.read_bytes() for f in files}) == 5  # distinct: nothing cached

@@ -29,6 +29,7 @@ from specs_metric.cli.interrupts import (
     sigterm_as_interrupt,
 )
 from specs_metric.errors import InterruptedJobError, SpecsError
+from specs_metric.io.writing import protection_scope
 
 # (command, module under specs_metric.cli, help line), in the order ``specs --help`` lists
 # them. The help line is the one the module's ``register`` gives (a test keeps them equal).
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     group_was_open = process_group_open()  # a caller's group is the caller's to close
     succeeded = False
     try:
-        with sigterm_as_interrupt():
+        with sigterm_as_interrupt(), protection_scope():
             check_output_locations(args)
             code = int(args.func(args) or 0)
         succeeded = True

@@ -23,7 +23,6 @@ failed). The statistics are on the per-unit differences d = B − A:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -32,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from specs_metric.data.scorefiles import read_score_rows, read_summary
 from specs_metric.errors import (
     CompareError,
     UsageError,
     describe_parse_error,
     parse_errors,
-    reading,
 )
-from specs_metric.jobs.results import read_output
 
 PAIR_BY = ("id", "image")
 
@@ -123,14 +121,7 @@ class PairedTest:
 
 
 def _summary(path: Path) -> dict:
-    summary = path.with_name(path.name + ".summary.json")
-    if not summary.is_file():
-        return {}
-    with reading(summary, CompareError, "not valid JSON"):
-        data = json.loads(summary.read_text("utf-8"))
-    if not isinstance(data, dict):
-        raise CompareError(f"{summary}: not a `specs score` summary (a JSON object)")
-    return data
+    return read_summary(path) or {}
 
 
 def read_scores(path: str | os.PathLike[str]) -> dict[str, dict]:
@@ -144,7 +135,7 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict]:
         raise CompareError(f"{path}: no such file")
     rows: dict[str, dict] = {}
     try:
-        for n, rec in enumerate(read_output(path), 1):
+        for n, rec in enumerate(read_score_rows(path), 1):
             if not isinstance(rec, dict):
                 raise CompareError(f"{path}: row {n} is not a JSON object")
             missing = {"id", "image", "caption", "score"} - set(rec)

@@ -18,6 +18,7 @@ image files, ``DataError`` for data files, ``CheckpointError`` for model files).
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import stat
@@ -182,8 +183,93 @@ def read_json(
     *,
     what: str = "JSON file",
     error: type[SpecsError] = DataError,
+    protect: bool = True,
 ) -> Any:
     """A JSON file of at most ``max_bytes``, parsed (see :func:`parse_json`)."""
     name = printable(os.fspath(path))
-    data = read_bounded(path, max_bytes, what=what, error=error, allow_empty=True)
+    data = read_bounded(
+        path, max_bytes, what=what, error=error, allow_empty=True, protect=protect
+    )
     return parse_json(data, name, error)
+
+
+def open_text(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "file",
+    error: type[SpecsError] = DataError,
+    newline: str | None = None,
+    errors: str = "strict",
+    protect: bool = True,
+) -> IO[str]:
+    """A regular file opened for reading UTF-8 text (a byte-order mark skipped). With the
+    default ``errors="strict"`` a byte that is not UTF-8 raises ``UnicodeDecodeError`` where
+    it is read; parse inside :func:`specs_metric.errors.reading` to name the file."""
+    raw = open_regular(path, what=what, error=error, protect=protect)
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", errors=errors, newline=newline)
+
+
+def read_text(
+    path: str | os.PathLike[str],
+    max_bytes: int,
+    *,
+    what: str = "file",
+    error: type[SpecsError] = DataError,
+) -> str:
+    """A whole UTF-8 text file of at most ``max_bytes`` (a byte-order mark skipped)."""
+    name = printable(os.fspath(path))
+    data = read_bounded(path, max_bytes, what=what, error=error, allow_empty=True)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise error(f"{name}: not valid UTF-8 (byte {exc.start + 1})") from None
+
+
+def check_file(
+    path: str | os.PathLike[str], *, what: str = "file", error: type[SpecsError] = DataError
+) -> None:
+    """Refuse a path that is not a regular file, for libraries that open it themselves
+    (memory maps, safetensors, ``torch.load``); registers it as an input."""
+    open_regular(path, what=what, error=error).close()
+
+
+def read_parquet(
+    path: str | os.PathLike[str],
+    columns: list[str] | None = None,
+    *,
+    error: type[SpecsError] = DataError,
+):
+    """A whole parquet file as a pyarrow ``Table`` (a regular file only; a file that is not
+    parquet is one ``error`` naming it)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with open_regular(path, what="parquet file", error=error) as fh:
+        try:
+            return pq.read_table(fh, columns=columns)
+        except (pa.ArrowException, OSError) as exc:
+            name = printable(os.fspath(path))
+            raise error(f"{name}: not a readable parquet file ({exc})") from None
+
+
+def parquet_file(
+    path: str | os.PathLike[str], *, error: type[SpecsError] = DataError, protect: bool = True
+):
+    """A ``pyarrow.parquet.ParquetFile`` over a regular file, for reading in batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fh = open_regular(path, what="parquet file", error=error, protect=protect)
+    try:
+        return pq.ParquetFile(fh)
+    except (pa.ArrowException, OSError) as exc:
+        fh.close()
+        raise error(f"{printable(os.fspath(path))}: not a readable parquet file ({exc})") from None
+
+
+def memory_map(path: str | os.PathLike[str], *, error: type[SpecsError] = DataError):
+    """``pyarrow.memory_map`` of a regular file (a FIFO or a device is refused unopened)."""
+    import pyarrow as pa
+
+    check_file(path, what="Arrow file", error=error)
+    return pa.memory_map(os.fspath(path), "r")

@@ -56,6 +56,19 @@ def protect_all(paths: Iterable[str | os.PathLike[str]]) -> None:
         protect(path)
 
 
+@contextmanager
+def protection_scope() -> Iterator[None]:
+    """Inputs registered inside the block are forgotten after it: one command's inputs are
+    not the next command's (a process that runs several, e.g. tests, starts each afresh)."""
+    saved = dict(_PROTECTED)
+    _PROTECTED.clear()
+    try:
+        yield
+    finally:
+        _PROTECTED.clear()
+        _PROTECTED.update(saved)
+
+
 def check_not_input(path: str | os.PathLike[str], what: str = "output") -> None:
     """Refuse a write target that is (by any path to it) a registered input file.
 

@@ -18,6 +18,7 @@ from typing import IO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from specs_metric.io.reading import open_text
 from specs_metric.io.writing import atomic_write
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
@@ -36,7 +37,7 @@ _TYPES = {
 
 def _records(parts: Sequence[Path]) -> Iterator[dict]:
     for part in parts:
-        with open(part, encoding="utf-8") as fh:
+        with open_text(part, what="part file", protect=False) as fh:
             for line in fh:
                 yield json.loads(line)
 
@@ -105,16 +106,9 @@ def write_output(parts: Sequence[Path], target: Path, fields: Sequence[str]) -> 
         if writer:
             writer.writeheader()
         for part in parts:
-            with open(part, encoding="utf-8") as fh:
+            with open_text(part, what="part file", protect=False) as fh:
                 for line in fh:
                     if writer:
                         writer.writerow(json.loads(line))
                     else:
                         out.write(line)
-
-
-def read_table_output(path: Path) -> Iterator[dict]:
-    """The rows of a parquet output, as dicts."""
-    table = pq.ParquetFile(path)
-    for batch in table.iter_batches(batch_size=_ROW_GROUP):
-        yield from batch.to_pylist()

@@ -5,21 +5,19 @@ one row per input row), and reading an output back with its summary.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
+from specs_metric.data.scorefiles import SCORE_FIELDS, read_score_rows
 from specs_metric.errors import JobError
+from specs_metric.io.reading import open_regular, read_json
 from specs_metric.io.writing import truncate
-from specs_metric.jobs.outputs import read_table_output, write_output
+from specs_metric.jobs.outputs import write_output
+from specs_metric.limits import MAX_METADATA_BYTES
 
-OUTPUT_FIELDS = (
-    "id", "image", "caption", "score", "cosine", "tokens", "truncated", "warning", "error"
-)
+OUTPUT_FIELDS = SCORE_FIELDS  # the columns of a score file, in order
 
 
 
@@ -63,7 +61,7 @@ def resume_point(path: Path, chunk_rows: int, shard_rows: int) -> int:
     if not path.exists():
         return 0
     count, keep_rows, keep_bytes = 0, 0, 0
-    with open(path, "rb") as fh:
+    with open_regular(path, what="part file", error=JobError, protect=False) as fh:
         offset = 0
         for line in fh:
             offset += len(line)
@@ -89,7 +87,7 @@ def write_final(output: Path, world_size: int, total: int) -> None:
     parts = [part_path(output, r, world_size) for r in range(world_size)]
     rows = 0
     for part in parts:
-        with open(part, "rb") as fh:
+        with open_regular(part, what="part file", error=JobError, protect=False) as fh:
             rows += sum(1 for _ in fh)
     if rows != total:
         raise JobError(
@@ -99,30 +97,6 @@ def write_final(output: Path, world_size: int, total: int) -> None:
     write_output(parts, output, OUTPUT_FIELDS)
     for part in parts:
         part.unlink()
-
-
-def read_output(path: str | os.PathLike[str]) -> Iterator[dict]:
-    """Stream the rows of a ``specs score`` output (JSONL, CSV or parquet), typed as in
-    JSONL."""
-    path = Path(path)
-    if path.suffix.lower() == ".parquet":
-        yield from read_table_output(path)
-        return
-    if path.suffix.lower() != ".csv":
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    yield json.loads(line)
-        return
-    with open(path, encoding="utf-8", newline="") as fh:
-        for rec in csv.DictReader(fh):
-            for key in ("score", "cosine"):
-                rec[key] = float(rec[key]) if rec[key] not in ("", None) else None
-            rec["tokens"] = int(rec["tokens"]) if rec["tokens"] not in ("", None) else None
-            rec["truncated"] = {"True": True, "False": False}.get(rec["truncated"])
-            rec["error"] = rec["error"] or None
-            rec["warning"] = rec.get("warning") or None
-            yield rec
 
 
 def _id_key(value: object) -> int:
@@ -143,7 +117,7 @@ def summarize(path: Path) -> dict:
     total = total_sq = 0.0
     seen: set[int] = set()
     first_duplicate = None
-    for rec in read_output(path):
+    for rec in read_score_rows(path, protect=False):  # the job's own output
         key = _id_key(rec["id"])
         if key in seen:
             n_dup += 1
@@ -199,8 +173,10 @@ def read_job_record(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        record = read_json(
+            path, MAX_METADATA_BYTES, what="job record", error=JobError, protect=False
+        )
+    except (OSError, JobError) as exc:
         raise JobError(
             f"{path}: cannot read the job record ({exc}); remove it to start over"
         ) from None
