@@ -23,3 +23,6 @@ MAX_METADATA_BYTES = 16 * 2**20
 # Memory one decoding worker may need (the largest image PIL decodes, resized): the device
 # policy runs at most one worker per this much of the machine's memory.
 WORKER_MEMORY_BYTES = 2**30
+# A JSON document read whole that is a data set or a list (COCO annotations, ShareGPT4V
+# captions, class lists): larger ones must be JSON lines, read line by line.
+MAX_JSON_INPUT_BYTES = 2 * 2**30

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import pyarrow as pa
 
 from specs_metric.errors import DataError
-from specs_metric.io.reading import open_regular, read_json
+from specs_metric.io.reading import memory_map, read_json
 from specs_metric.limits import MAX_METADATA_BYTES
 
 _SPLIT_HINT = "; choose one with --split"
@@ -28,13 +28,12 @@ _SPLIT_HINT = "; choose one with --split"
 def read_arrow(path: Path) -> pa.Table:
     """An Arrow IPC file in the stream format (what ``datasets`` writes) or the file format,
     memory-mapped (a regular file only)."""
-    open_regular(path, what="Arrow file").close()
-    with pa.memory_map(str(path), "r") as source:
+    with memory_map(path) as source:
         try:
             return pa.ipc.open_stream(source).read_all()
         except pa.ArrowInvalid:
             pass
-    with pa.memory_map(str(path), "r") as source:
+    with memory_map(path) as source:
         try:
             return pa.ipc.open_file(source).read_all()
         except pa.ArrowInvalid as exc:

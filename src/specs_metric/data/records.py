@@ -13,16 +13,15 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from specs_metric.data import hf_folders
 from specs_metric.data.hf_folders import read_arrow
-from specs_metric.errors import DataError
+from specs_metric.errors import DataError, reading
 from specs_metric.io.jsonio import read_jsonl
+from specs_metric.io.reading import open_text, read_parquet
 
 
 def _csv_records(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as fh:
+    with open_text(path, what="data file", newline="") as fh, reading(path):
         reader = csv.DictReader(fh)
         if not reader.fieldnames:
             raise DataError(f"{path}: empty CSV file")
@@ -43,7 +42,7 @@ def _file_records(path: Path) -> list[dict]:
     if suffix in (".jsonl", ".ndjson", ".json"):
         return [rec for _, rec in read_jsonl(path)]
     if suffix == ".parquet":
-        return pq.read_table(path).to_pylist()
+        return read_parquet(path).to_pylist()
     if suffix == ".arrow":
         return read_arrow(path).to_pylist()
     raise DataError(

@@ -24,7 +24,7 @@ from specs_metric.data.hf_folders import dataset_folder_files
 from specs_metric.data.locations import is_url, local_root, open_binary
 from specs_metric.data.rows import Row, SourceOptions, build_row
 from specs_metric.errors import DataError
-from specs_metric.io.reading import open_regular
+from specs_metric.io.reading import memory_map
 
 _BATCH_ROWS = 256  # rows decoded from the table at a time
 
@@ -52,8 +52,7 @@ class _Table:
                 if is_url(name):
                     source = stack.enter_context(open_binary(name))
                 else:  # memory-mapped: the table is paged in as it is read
-                    open_regular(name, what="input file").close()
-                    source = stack.enter_context(pa.memory_map(name, "r"))
+                    source = stack.enter_context(memory_map(name))
                 self.reader = _arrow_reader(source)
                 self.schema = self.reader.schema
         except pa.ArrowException as exc:

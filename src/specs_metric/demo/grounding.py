@@ -30,12 +30,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from specs_metric.demo.recipe import Settings, cell_labels, parse_head, parse_loss, segments
 from specs_metric.evaluation.intrinsic import IntrinsicResult, intrinsic_rates
+from specs_metric.io.reading import read_parquet
 from specs_metric.models.model import LongCLIP
 from specs_metric.models.prefix import encode_plain
 from specs_metric.processing.tokenizer import (
@@ -99,7 +99,7 @@ def world_arrays(root: Path, split: str, check: int = 5) -> dict[str, torch.Tens
     of its first negative), ``n_segs``, ``cells`` and ``background`` (scene labels). The
     first ``check`` scenes are checked against the tokenizer and :func:`preprocess`.
     """
-    rows = pq.read_table(root / f"{split}.parquet").to_pylist()
+    rows = read_parquet(root / f"{split}.parquet").to_pylist()
     tok = default_tokenizer()
     images = [open_image(str(root / r["image"])).convert("RGB") for r in rows]
     pixels = np.stack([np.asarray(image) for image in images])

@@ -37,6 +37,7 @@ from specs_metric.evaluation.intrinsic import run_intrinsic
 from specs_metric.evaluation.sdci import read_sdci
 from specs_metric.evaluation.stats import kendall_tau, pairwise_accuracy
 from specs_metric.io.jsonio import read_jsonl
+from specs_metric.io.reading import read_parquet
 from specs_metric.io.writing import atomic_write, copy_file, write_text
 from specs_metric.models.model import LongCLIP, ModelConfig
 from specs_metric.models.weights.checkpoint import read_state_dict, save_state_dict
@@ -102,7 +103,7 @@ class Settings:
 def training_table(data: Path, out: Path) -> Path:
     """The train split as a training table (``caption`` = the full description)."""
     source = data / "train.parquet"
-    table = pq.read_table(source)
+    table = read_parquet(source)
     if "caption" in table.column_names:
         return source
     captions = table.column("captions").to_pylist()
@@ -227,7 +228,7 @@ def write_examples(settings: Settings, work: Path, target: Path, n_scenes: int =
         test_fraction=1.0,
         graded_per_scene=0,
     )
-    rows = pq.read_table(fresh / "test.parquet").to_pylist()
+    rows = read_parquet(fresh / "test.parquet").to_pylist()
     images = target / "images"
     if images.exists():
         shutil.rmtree(images)

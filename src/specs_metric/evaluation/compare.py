@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from specs_metric.data.scorefiles import read_score_rows, read_summary
-from specs_metric.errors import (
+from specs_metric.errors import SpecsError, (
     CompareError,
     UsageError,
     describe_parse_error,
@@ -153,7 +153,7 @@ def read_scores(path: str | os.PathLike[str]) -> dict[str, dict]:
                 )
             rows[key] = rec
     except (KeyError, *parse_errors()) as err:  # not a score file
-        if isinstance(err, CompareError):
+        if isinstance(err, SpecsError):  # names the file and row already
             raise
         problem = describe_parse_error(err)
         raise CompareError(f"{path}: cannot read as a `specs score` output ({problem})") from None

@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from specs_metric.errors import DataError, reading
 from specs_metric.evaluation.stats import bootstrap, rankdata
 from specs_metric.io.jsonio import read_jsonl
+from specs_metric.io.reading import read_parquet
 from specs_metric.processing.segmentation import sentence_segments
 from specs_metric.scoring.explain import NEUTRAL_SENTENCE, explain_embedded, plan_caption
 from specs_metric.synth import Scene, parse_segment, truth
@@ -106,7 +106,7 @@ def read_graded(data: Path, split: str, limit: int | None = None) -> list[Graded
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: --data must be a `specs synth` folder")
     with reading(table):
-        columns = pq.read_table(table, columns=["id", "scene"]).to_pydict()
+        columns = read_parquet(table, columns=["id", "scene"]).to_pydict()
         try:
             scenes = {
                 sid: Scene.from_dict(json.loads(js))

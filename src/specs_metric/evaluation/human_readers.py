@@ -22,6 +22,7 @@ import numpy as np
 from specs_metric.data.images import image_source
 from specs_metric.errors import DataError, UsageError, reading
 from specs_metric.io.jsonio import read_jsonl
+from specs_metric.io.reading import open_text, parquet_file
 
 FORMATS = ("generic", "longcap-arena", "detailcaps", "flickr8k-expert", "flickr8k-cf")
 
@@ -111,7 +112,7 @@ def read_generic(path: Path, image_root: Path | None = None) -> list[JudgmentSet
     suffix = path.suffix.lower()
     records: list[tuple[str, dict]] = []
     if suffix == ".csv":
-        with open(path, encoding="utf-8", newline="") as fh, reading(path):
+        with open_text(path, what="data file", newline="") as fh, reading(path):
             for i, rec in enumerate(csv.DictReader(fh)):
                 records.append((f"{path}:{i + 2}", rec))
     elif suffix in (".jsonl", ".ndjson"):
@@ -163,10 +164,9 @@ def _iter_parquet(path: Path, lazy: str = "image", batch_rows: int = 256):
     called, so rows repeating an image already read cost no copy of its bytes.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=batch_rows)
+        batches = parquet_file(path).iter_batches(batch_size=batch_rows)
         row = 0
         for batch in batches:
             names = [n for n in batch.schema.names if n != lazy]
@@ -312,7 +312,7 @@ def _flickr_tokens(folder: Path) -> dict[str, str]:
     if not token_file.is_file():
         raise DataError(f"{folder}: Flickr8k.token.txt (the captions) is missing")
     captions = {}
-    with open(token_file, encoding="utf-8") as fh, reading(token_file):
+    with open_text(token_file, what="data file") as fh, reading(token_file):
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -354,7 +354,7 @@ def read_flickr8k(
         dirs = [folder / d for d in FLICKR8K_IMAGE_DIRS if (folder / d).is_dir()]
         image_root = dirs[0] if dirs else folder
     rows: list[Judgment] = []
-    with open(ann, encoding="utf-8") as fh, reading(ann):
+    with open_text(ann, what="data file") as fh, reading(ann):
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue

@@ -37,6 +37,8 @@ from specs_metric.data.records import read_records
 from specs_metric.errors import DataError, ImageError, UsageError, reading
 from specs_metric.evaluation.embed import embed_images, embed_texts
 from specs_metric.evaluation.ranking import DEFAULT_KS, recall_at, retrieval_ranks
+from specs_metric.io.reading import read_text
+from specs_metric.limits import MAX_JSON_INPUT_BYTES, MAX_LINE_CHARS
 from specs_metric.runtime.distributed import DistInfo
 from specs_metric.scoring.scorer import Scorer
 
@@ -197,7 +199,7 @@ def read_coco(
     data = document
     if data is None:
         with reading(annotations, what="cannot read COCO captions"):
-            data = json.loads(annotations.read_text(encoding="utf-8"))
+            data = json.loads(read_text(annotations, MAX_JSON_INPUT_BYTES))
     if not isinstance(data, dict) or not all(
         isinstance(data.get(k), list) and all(isinstance(v, dict) for v in data[k])
         for k in ("images", "annotations")
@@ -254,7 +256,8 @@ def read_urban1k(path: str | Path) -> RetrievalSet:
         if txt.stem not in images:
             raise DataError(f"{txt}: no image {txt.stem}.* in {root / 'image'}")
         with reading(txt):
-            text = " ".join(line.strip() for line in txt.read_text(encoding="utf-8").splitlines())
+            lines = read_text(txt, MAX_LINE_CHARS).splitlines()
+            text = " ".join(line.strip() for line in lines)
         if not text.strip():
             raise DataError(f"{txt}: empty caption")
         builder.add(str(images[txt.stem]), txt.stem, [text.strip()])
@@ -307,7 +310,7 @@ def read_retrieval(
 def _coco_document(path: Path) -> dict | None:
     """The parsed file when it is one JSON object with ``annotations`` (COCO), else None."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, MAX_JSON_INPUT_BYTES))
     except (ValueError, RecursionError):  # e.g. JSON lines; the table reader says what is wrong
         return None
     return data if isinstance(data, dict) and "annotations" in data else None

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from specs_metric.data.hf_folders import read_arrow, source_files
 from specs_metric.data.images import image_source
 from specs_metric.errors import DataError, reading
 from specs_metric.io.jsonio import read_jsonl
+from specs_metric.io.reading import read_parquet
 
 REQUIRED_COLUMNS = ("image", "captions", "neg_captions")
 
@@ -76,7 +76,7 @@ def _read_records(file: Path) -> tuple[list[dict], pa.ChunkedArray | None]:
     suffix = file.suffix.lower()
     if suffix in (".parquet", ".arrow"):
         with reading(file):
-            table = pq.read_table(file) if suffix == ".parquet" else read_arrow(file)
+            table = read_parquet(file) if suffix == ".parquet" else read_arrow(file)
         images = table.column("image") if "image" in table.column_names else None
         rest = table.drop_columns(["image"]) if images is not None else table
         records = rest.to_pylist()

@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 
 from specs_metric.errors import UsageError, reading
+from specs_metric.io.reading import read_text
+from specs_metric.limits import MAX_JSON_INPUT_BYTES
 
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "photo": ("a photo of a {}.",),
@@ -142,7 +144,7 @@ def get_templates(spec: str) -> tuple[str, ...]:
     path = Path(spec)
     if path.is_file():
         with reading(path, UsageError):
-            text = path.read_text(encoding="utf-8")
+            text = read_text(path, MAX_JSON_INPUT_BYTES, error=UsageError)
             is_json = path.suffix.lower() == ".json"
             items = json.loads(text) if is_json else None
         if is_json:
@@ -204,7 +206,7 @@ def get_classes(spec: str) -> tuple[list[str], list[str]]:
                 f"--classes {spec!r}: not a file and not a class set ({', '.join(sets)})"
             )
         with reading(path, UsageError):
-            text = path.read_text(encoding="utf-8")
+            text = read_text(path, MAX_JSON_INPUT_BYTES, error=UsageError)
             is_json = path.suffix.lower() == ".json"
             data = json.loads(text) if is_json else None
         if is_json:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from specs_metric.data.hf_folders import (
@@ -27,8 +26,8 @@ from specs_metric.data.hf_folders import (
 from specs_metric.data.images import resolve_image_cell
 from specs_metric.errors import DataError, ImageError, PrepareError, describe_parse_error, reading
 from specs_metric.io.jsonio import read_jsonl
-from specs_metric.io.reading import open_regular
-from specs_metric.limits import MAX_IMAGE_BYTES
+from specs_metric.io.reading import open_regular, open_text, read_parquet, read_text
+from specs_metric.limits import MAX_IMAGE_BYTES, MAX_JSON_INPUT_BYTES
 
 
 @dataclass
@@ -52,7 +51,7 @@ def read_table(path: str | Path) -> pa.Table:
         if path.suffix != ".parquet":
             raise PrepareError(f"{path}: expected a .parquet file or a datasets directory")
         with reading(path, PrepareError):
-            return pq.read_table(path)
+            return read_parquet(path, error=PrepareError)
     if not path.is_dir():
         raise PrepareError(f"{path}: no such file or directory")
     splits = dataset_splits(path)
@@ -64,7 +63,7 @@ def read_table(path: str | Path) -> pa.Table:
     parquet_files = sorted(path.glob("*.parquet"))
     if parquet_files:
         with reading(path, PrepareError):
-            return pa.concat_tables([pq.read_table(p) for p in parquet_files])
+            return pa.concat_tables([read_parquet(p, error=PrepareError) for p in parquet_files])
     raise PrepareError(f"{path}: not a datasets directory (no state.json or dataset_dict.json)")
 
 
@@ -114,7 +113,7 @@ def iter_examples(path: str | Path) -> Iterator[Example]:
         raise PrepareError(f"{path}: no such file")
     elif suffix == ".json":
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(read_text(path, MAX_JSON_INPUT_BYTES, error=PrepareError))
         except (ValueError, RecursionError) as exc:  # JSON, UTF-8, nesting
             raise PrepareError(f"{path}: invalid JSON ({describe_parse_error(exc)})") from exc
         if not isinstance(records, list):
@@ -128,7 +127,8 @@ def iter_examples(path: str | Path) -> Iterator[Example]:
                 record = _check_record(record, f"{path} line {row}")
                 yield Example(row, record["image"], _caption_of(record, f"{path} line {row}"))
     elif suffix in (".csv", ".tsv"):
-        with path.open(encoding="utf-8", newline="") as fh, reading(path, PrepareError):
+        fh = open_text(path, what="input file", error=PrepareError, newline="")
+        with fh, reading(path, PrepareError):
             reader = csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ",")
             missing = {"image", "caption"} - set(reader.fieldnames or ())
             if missing:

@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 from specs_metric.errors import TrainError, reading
+from specs_metric.io.reading import open_text
 from specs_metric.io.writing import create_empty, open_append
 
 LOG_COLUMNS = (
@@ -22,7 +23,8 @@ class CsvLog:
         self.path = path
         rows = []
         if resume_step is not None and path.is_file():
-            with path.open(newline="") as fh, reading(path, TrainError, "cannot resume the log"):
+            fh = open_text(path, what="training log", error=TrainError, newline="", protect=False)
+            with fh, reading(path, TrainError, "cannot resume the log"):
                 reader = csv.DictReader(fh)
                 if "step" not in (reader.fieldnames or ()):
                     raise TrainError(f"{path}: no 'step' column; remove it to start a new log")

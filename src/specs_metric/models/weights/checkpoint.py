@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from specs_metric.errors import CheckpointError
+from specs_metric.io.reading import check_file
 from specs_metric.io.writing import atomic_write
 from specs_metric.models.weights.limits import (
     check_loaded_tensors,
@@ -81,6 +82,7 @@ def load_weights_only(path: str | os.PathLike[str], what: str = "checkpoint") ->
             oversized file.
     """
     path = Path(path)
+    check_file(path, what=f"{what} file", error=CheckpointError)  # no FIFO or device
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -157,8 +159,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             tensors and containers (refused, not executed), or no tensors inside.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"{path}: checkpoint file not found")
+    check_file(path, what="checkpoint file", error=CheckpointError)
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
     if path.suffix == ".safetensors":

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from specs_metric.errors import CheckpointError
+from specs_metric.io.reading import open_regular
 
 # Bounds on what a checkpoint may make us allocate. Weights do not compress (a real zip
 # checkpoint is stored, not deflated), so a file whose members expand far beyond its own
@@ -178,7 +179,7 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
     """Read the header of a safetensors file and check every declared extent against the file,
     before the library maps or copies anything; returns the header."""
     size = path.stat().st_size
-    with open(path, "rb") as fh:
+    with open_regular(path, what="checkpoint file", error=CheckpointError) as fh:
         head = fh.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a safetensors file (shorter than its header)")

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from specs_metric.errors import ModelNotAvailableError
+from specs_metric.errors import CheckpointError, ModelNotAvailableError
+from specs_metric.io.reading import open_regular
 from specs_metric.io.writing import atomic_write
 
 
@@ -154,7 +155,7 @@ REGISTRY: dict[str, PretrainedModel] = {
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open_regular(path, what="checkpoint file", error=CheckpointError) as fh:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()

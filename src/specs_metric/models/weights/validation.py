@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from specs_metric.errors import CheckpointError, ConfigError
+from specs_metric.io.reading import open_regular
 from specs_metric.models.config import ACTIVATIONS, POSITIONAL_LAYOUTS, ModelConfig
 from specs_metric.models.weights.limits import (
     MAX_CONTEXT,
@@ -236,7 +237,7 @@ def read_json_file(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path, what=what, error=ConfigError) as fh:
             raw = fh.read(MAX_JSON_BYTES + 1)  # never more, whatever the file claims
     except OSError as exc:
         raise ConfigError(f"{path}: not a readable {what} ({exc})") from exc
