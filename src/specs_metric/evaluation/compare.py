@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from specs_metric.data.scorefiles import read_score_rows, read_summary
-from specs_metric.errors import SpecsError, (
+from specs_metric.errors import (
     CompareError,
+    SpecsError,
     UsageError,
     describe_parse_error,
     parse_errors,
