@@ -55,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from specs_metric.evaluation.compare import compare_files
     from specs_metric.evaluation.reports.html import compare_page
+    from specs_metric.evaluation.reports.html_parts import read_png
     from specs_metric.evaluation.reports.report import (
         compare_markdown,
         plot_distributions,
@@ -81,13 +82,13 @@ def run(args: argparse.Namespace) -> int:
         write_json(result.as_dict(), args.out / "report.json")
         plot = None
         if not args.no_plots:
-            plot = plot_distributions(
+            plot = read_png(plot_distributions(
                 result.scores_a,
                 result.scores_b,
                 args.out / "distributions.png",
                 (f"A: {args.a.name}", f"B: {args.b.name}"),
                 result.unit,
-            ).read_bytes()
+            ))
         roots = [args.image_root, args.a.parent, args.b.parent]
         html = compare_page(result, image_roots=roots, plot_png=plot)
         write_text(args.out / "report.html", html)

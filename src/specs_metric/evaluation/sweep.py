@@ -241,10 +241,11 @@ def run_sweep(
 def write_sweep_report(result: dict, out: Path, *, plot: bool = True) -> None:
     """``sweep.json``, ``sweep.png`` (unless ``plot`` is false) and ``report.html``."""
     from specs_metric.evaluation.reports.html import sweep_page
+    from specs_metric.evaluation.reports.html_parts import read_png
     from specs_metric.evaluation.reports.report import plot_sweep
     from specs_metric.io.jsonio import dumps
     from specs_metric.io.writing import write_text
 
     write_text(out / "sweep.json", dumps(result, indent=2) + "\n")
-    png = plot_sweep(result, out / "sweep.png").read_bytes() if plot else None
+    png = read_png(plot_sweep(result, out / "sweep.png")) if plot else None
     write_text(out / "report.html", sweep_page(result, plot_png=png))

@@ -17,9 +17,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from specs_metric.io.reading import read_bounded, read_image_bytes
+from specs_metric.limits import MAX_IMAGE_BYTES
+
 THUMB_SIDE = 96  # pixels, longest side of an inlined thumbnail
 MAX_THUMBS = 500  # distinct images inlined per page; later rows show the path only
-MAX_IMAGE_BYTES = 64 * 2**20  # larger image files are not opened for a thumbnail
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;
@@ -100,6 +102,11 @@ def png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
+def read_png(path: Path) -> bytes:
+    """A plot this command just wrote, read back to embed it in a page."""
+    return read_bounded(path, MAX_IMAGE_BYTES, what="plot", protect=False)
+
+
 def thumbnail_uri(path: Path, side: int = THUMB_SIDE) -> str | None:
     """A small JPEG ``data:`` URI of the image at ``path``; None when it cannot be read.
 
@@ -109,9 +116,8 @@ def thumbnail_uri(path: Path, side: int = THUMB_SIDE) -> str | None:
     from PIL import Image
 
     try:
-        if not path.is_file() or path.stat().st_size > MAX_IMAGE_BYTES:
-            return None
-        with Image.open(path) as img:
+        data = read_image_bytes(path)  # bounded: a regular file of at most MAX_IMAGE_BYTES
+        with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (side * 2, side * 2))
             img = img.convert("RGB")
             # nearest keeps small synthetic images crisp; large ones get a smooth filter
