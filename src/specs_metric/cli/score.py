@@ -70,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="folder for relative image paths (default: the input file's folder)",
     )
     p.add_argument(
+        "--confine-images",
+        action="store_true",
+        help="image paths must stay inside the image root (no absolute paths, no ~, no .. or "
+        "links out of it): for services that score rows they do not trust",
+    )
+    p.add_argument(
         "--batch-size",
         type=positive_int,
         default=None,
@@ -146,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         id_column=args.id_column,
         caption_key=args.caption_key,
         image_pattern=args.image_pattern,
+        confine_images=args.confine_images,
     )
     config = JobConfig(
         input=args.input,

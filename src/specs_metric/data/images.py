@@ -10,8 +10,8 @@ the same for every command:
 - ``~`` at the start of a path is the user's home folder, and an absolute path is used as
   it is, so paths may name files outside the image root. Services that score rows they do
   not trust pass ``confine=True`` (``specs score --confine-images``): then a path must stay
-  inside the image root after symbolic links are followed, and ``~`` and absolute paths
-  outside it are refused;
+  inside the image root after symbolic links are followed (``..``, absolute paths and links
+  that leave it are refused), and ``~`` is an ordinary character, not the home folder;
 - bytes in a cell are at most :data:`specs_metric.limits.MAX_IMAGE_BYTES`, like a file.
 
 A cell that is none of these is a :class:`~specs_metric.errors.DataError` whose message
@@ -72,6 +72,15 @@ def _bounded_bytes(value: object) -> bytes:
     return bytes(value)  # type: ignore[arg-type]
 
 
+def check_inside(path: Path, root: Path, shown: str | None = None) -> Path:
+    """``path`` if it lies inside ``root`` once symbolic links are followed, else a
+    DataError (``--confine-images``)."""
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise DataError(f"image path {shown or str(path)!r} leaves the image root {root}")
+    return path
+
+
 def resolve_path(text: str, root: Path, *, confine: bool = False) -> Path:
     """An image path as written in a cell -> the file to read (see the module docstring).
 
@@ -84,11 +93,7 @@ def resolve_path(text: str, root: Path, *, confine: bool = False) -> Path:
     """
     if confine:
         path = Path(text)
-        full = path if path.is_absolute() else root / path
-        real_root = os.path.realpath(root)
-        if os.path.commonpath([real_root, os.path.realpath(full)]) != real_root:
-            raise DataError(f"image path {text!r} leaves the image root {root}")
-        return full
+        return check_inside(path if path.is_absolute() else root / path, root, text)
     path = Path(text).expanduser()
     return path if path.is_absolute() else root / path
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from specs_metric.data.images import resolve_image_cell, resolve_path
+from specs_metric.data.images import check_inside, resolve_image_cell, resolve_path
 from specs_metric.errors import DataError
 
 # Decoding with surrogateescape turns each byte that is not UTF-8 into U+DC80..U+DCFF; JSON
@@ -189,11 +189,13 @@ def build_row(
             problem = str(exc)
     elif problem is None:
         problem = _image_text_problem(image)
-        if problem is None and path is None:
-            try:
+        try:
+            if problem is None and path is None:
                 path = resolve_path(str(image), root, confine=confine)
-            except DataError as exc:
-                problem = str(exc)
+            elif problem is None and confine:  # a path the reader found (clipscore JSON)
+                check_inside(path, root, str(image))
+        except DataError as exc:
+            problem = str(exc)
     problem = problem or caption_problem(caption)
     return Row(
         index,

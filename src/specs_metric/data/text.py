@@ -36,7 +36,7 @@ from specs_metric.data.rows import (
 )
 from specs_metric.errors import DataError
 from specs_metric.io.jsonio import iter_json_document
-from specs_metric.io.reading import open_regular
+from specs_metric.io.reading import open_text
 from specs_metric.limits import MAX_LINE_CHARS
 
 
@@ -47,13 +47,8 @@ class _LineTooLong(Exception):
 
 def _open_text(path: Path, newline: str | None = None) -> io.TextIOWrapper:
     """A text input as UTF-8 (a byte-order mark skipped; bytes that are not UTF-8 kept as
-    surrogates, so the row that holds them can say where)."""
-    return io.TextIOWrapper(
-        open_regular(path, what="input file"),
-        encoding="utf-8-sig",
-        errors="surrogateescape",
-        newline=newline,
-    )
+    surrogates, so the row that holds them can say where; UTF-16 refused as a whole)."""
+    return open_text(path, what="input file", errors="surrogateescape", newline=newline)
 
 
 def _jsonl_rows(path: Path, root: Path, options: SourceOptions) -> Iterator[Row]:
@@ -245,10 +240,12 @@ def _mapping_rows(path: Path, root: Path, options: SourceOptions) -> Iterator[Ro
         if kind == "list":  # a COCO results file
             yield from coco_rows(items, path, root, options)
             return
-        yield from _clipscore_rows(items, root)
+        yield from _clipscore_rows(items, root, options.confine_images)
 
 
-def _clipscore_rows(items: Iterator[tuple[str, object]], root: Path) -> Iterator[Row]:
+def _clipscore_rows(
+    items: Iterator[tuple[str, object]], root: Path, confine: bool
+) -> Iterator[Row]:
     for index, (image_id, caption) in enumerate(items):
         fields = {"id": image_id, "image": image_id, "caption": caption}
         if id_problem(image_id) is not None:
@@ -256,7 +253,7 @@ def _clipscore_rows(items: Iterator[tuple[str, object]], root: Path) -> Iterator
             continue
         found = find_image(root, image_id)
         fields["image"] = found.name
-        yield build_row(index, fields, root, path=found)
+        yield build_row(index, fields, root, path=found, confine=confine)
 
 
 def text_rows(path: Path, root: Path, options: SourceOptions) -> Iterator[Row]:

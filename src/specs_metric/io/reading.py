@@ -206,7 +206,22 @@ def open_text(
     default ``errors="strict"`` a byte that is not UTF-8 raises ``UnicodeDecodeError`` where
     it is read; parse inside :func:`specs_metric.errors.reading` to name the file."""
     raw = open_regular(path, what=what, error=error, protect=protect)
+    check_utf8_start(raw.peek(4)[:4], printable(os.fspath(path)), error)
     return io.TextIOWrapper(raw, encoding="utf-8-sig", errors=errors, newline=newline)
+
+
+_OTHER_ENCODINGS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"),
+)  # fmt: skip
+
+
+def check_utf8_start(head: bytes, name: str, error: type[SpecsError] = DataError) -> None:
+    """Refuse text that starts with a UTF-16 or UTF-32 byte-order mark: read as UTF-8 it
+    would give garbage rows, one per line, instead of one clear error."""
+    for mark, encoding in _OTHER_ENCODINGS:
+        if head.startswith(mark):
+            raise error(f"{name}: the file is {encoding} text; convert it to UTF-8")
 
 
 def read_text(
@@ -219,6 +234,7 @@ def read_text(
     """A whole UTF-8 text file of at most ``max_bytes`` (a byte-order mark skipped)."""
     name = printable(os.fspath(path))
     data = read_bounded(path, max_bytes, what=what, error=error, allow_empty=True)
+    check_utf8_start(data[:4], name, error)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -339,8 +339,8 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
     identity = job_identity(config, scorer, info.world_size)
     job_file = job_path(config.output)
     my_part = part_path(config.output, info.rank, info.world_size)
-    previous = read_job_record(job_file)
-    if config.resume and previous is not None:
+    previous = read_job_record(job_file) if config.resume else None
+    if previous is not None:
         check_resumable(previous, identity, config.output)
     finished = (
         config.resume

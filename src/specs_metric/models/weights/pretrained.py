@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from specs_metric.errors import CheckpointError, ModelNotAvailableError
-from specs_metric.io.reading import open_regular
+from specs_metric.io.reading import check_file, open_regular
 from specs_metric.io.writing import atomic_write
 
 
@@ -368,6 +368,8 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
                 f"'{key}' is a folder without config.json; pass a checkpoint file or an HF "
                 "save_pretrained folder"
             )
+        if path.exists():  # a FIFO, a device or a socket: refused unopened, with its kind
+            check_file(path, what="checkpoint file", error=CheckpointError)
         raise FileNotFoundError(
             f"'{key}' is neither a model name ({', '.join(REGISTRY)}), hf:ORG/REPO, an "
             "existing file nor a model folder"
