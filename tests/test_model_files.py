@@ -27,12 +27,12 @@ import factories
 import specs_metric
 from specs_metric.cli import main
 from specs_metric.errors import CheckpointError, ConfigError
+from specs_metric.limits import MAX_JSON_BYTES, MAX_LAYERS
 from specs_metric.models.config import ModelConfig, config_metadata
 from specs_metric.models.model import LongCLIP
 from specs_metric.models.weights import limits
 from specs_metric.models.weights import validation as model_files
 from specs_metric.models.weights.checkpoint import save_state_dict
-from specs_metric.models.weights.limits import MAX_JSON_BYTES, MAX_LAYERS
 from specs_metric.models.weights.loading import read_checkpoint
 from subprocesses import child_env
 

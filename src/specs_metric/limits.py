@@ -26,3 +26,29 @@ WORKER_MEMORY_BYTES = 2**30
 # A JSON document read whole that is a data set or a list (COCO annotations, ShareGPT4V
 # captions, class lists): larger ones must be JSON lines, read line by line.
 MAX_JSON_INPUT_BYTES = 2 * 2**30
+
+# --- model files (checked by specs_metric.models.weights) ---
+
+# Bounds on what a checkpoint may make us allocate. Weights do not compress (a real zip
+# checkpoint is stored, not deflated), so a file whose members expand far beyond its own
+# size is a zip bomb, not a model.
+MAX_CHECKPOINT_BYTES = 64 << 30
+MAX_EXPANSION = 20  # declared uncompressed bytes per byte on disk ...
+EXPANSION_SLACK = 16 << 20  # ... plus this much, for small files with compressible members
+MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a state dict is tiny
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
+
+# Bounds on the JSON files that describe a model (config.json, preprocessor_config.json,
+# shard indexes, open_clip_config.json, --arch files, safetensors metadata). Real ones are a
+# few KB (a large model's shard index a few hundred) and a few levels deep.
+MAX_JSON_BYTES = 8 << 20
+MAX_JSON_DEPTH = 32
+# Ranges of the sizes a description may state, far above any CLIP model (ViT-bigG: 48
+# layers, width 1664, MLP 8192). They keep arithmetic and messages sane; what bounds memory
+# is the parameter count against the file's tensors (models.weights.validation.check_model_size).
+MAX_LAYERS = 512
+MAX_WIDTH = 1 << 16  # hidden, MLP, projection and head widths
+MAX_CONTEXT = 1 << 16
+MAX_VOCAB = 1 << 22
+MAX_IMAGE_SIZE = 1 << 14  # image resolution, patch, resize and crop sizes
+MAX_RESIZE_RATIO = 4  # resize / crop: CLIP pipelines resize to (about) the crop size

@@ -165,16 +165,34 @@ def read_image_bytes(
     )
 
 
-def parse_json(text: str | bytes, name: str, error: type[SpecsError] = DataError) -> Any:
-    """A JSON document; anything malformed (nesting too deep included) is one ``error``."""
+def parse_json(
+    text: str | bytes,
+    name: str,
+    error: type[SpecsError] = DataError,
+    max_depth: int | None = None,
+) -> Any:
+    """A JSON document from untrusted text; anything malformed is one ``error`` naming
+    ``name``: not JSON, not UTF-8, nested deeper than the parser recurses, or (with
+    ``max_depth``) deeper than that many levels of lists and objects."""
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except UnicodeDecodeError as exc:
         raise error(f"{name}: not valid UTF-8 (byte {exc.start + 1})") from None
     except RecursionError:
         raise error(f"{name}: not valid JSON (nested too deeply)") from None
     except ValueError as exc:
         raise error(f"{name}: not valid JSON ({exc})") from None
+    if max_depth is not None:  # iterative, so that checking a deep value cannot recurse
+        stack = [(value, 1)]
+        while stack:
+            node, depth = stack.pop()
+            children = node.values() if isinstance(node, dict) else node
+            for child in children if isinstance(node, (dict, list)) else ():
+                if isinstance(child, (dict, list)):
+                    if depth + 1 > max_depth:
+                        raise error(f"{name}: JSON nested too deeply (limit {max_depth} levels)")
+                    stack.append((child, depth + 1))
+    return value
 
 
 def read_json(

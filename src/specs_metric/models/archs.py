@@ -15,13 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from specs_metric.errors import ConfigError
-from specs_metric.models.weights.limits import (
-    MAX_CONTEXT,
-    MAX_IMAGE_SIZE,
-    MAX_LAYERS,
-    MAX_VOCAB,
-    MAX_WIDTH,
-)
+from specs_metric.limits import MAX_CONTEXT, MAX_IMAGE_SIZE, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH
 from specs_metric.models.weights.validation import (
     Where,
     check_model_fields,

@@ -23,15 +23,9 @@ from typing import Any
 import torch
 
 from specs_metric.errors import ConfigError
+from specs_metric.limits import MAX_CONTEXT, MAX_IMAGE_SIZE, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH
 from specs_metric.models.config import ModelConfig
-from specs_metric.models.weights.limits import (
-    MAX_CONTEXT,
-    MAX_IMAGE_SIZE,
-    MAX_LAYERS,
-    MAX_VOCAB,
-    MAX_WIDTH,
-    layer_count,
-)
+from specs_metric.models.weights.limits import layer_count
 from specs_metric.models.weights.validation import (
     Where,
     preprocess_config,

@@ -1,14 +1,14 @@
-"""What a checkpoint file may make us allocate, checked before anything is decompressed or
-built: zip members against the file's size, tensor views against their storage, safetensors
-headers against the file, and everything against :data:`MAX_CHECKPOINT_BYTES` (64 GiB; the
-environment variable ``SPECS_MAX_CHECKPOINT_BYTES`` overrides it). The bounds on what a
-model's description files may state are here too;
-:mod:`specs_metric.models.weights.validation` applies them.
+"""The checks of what a checkpoint file may make us allocate, before anything is
+decompressed or built: zip members against the file's size, tensor views against their
+storage, safetensors headers against the file, layer keys, and everything against
+:data:`~specs_metric.limits.MAX_CHECKPOINT_BYTES` (64 GiB; the environment variable
+``SPECS_MAX_CHECKPOINT_BYTES`` overrides it). The limits themselves, like every limit of the
+package, are in :mod:`specs_metric.limits`; :mod:`specs_metric.models.weights.validation`
+applies the ones on description files.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,32 +20,16 @@ from typing import Any
 import torch
 
 from specs_metric.errors import CheckpointError
-from specs_metric.io.reading import open_regular
-
-# Bounds on what a checkpoint may make us allocate. Weights do not compress (a real zip
-# checkpoint is stored, not deflated), so a file whose members expand far beyond its own
-# size is a zip bomb, not a model.
-MAX_CHECKPOINT_BYTES = 64 << 30
-MAX_EXPANSION = 20  # declared uncompressed bytes per byte on disk ...
-EXPANSION_SLACK = 16 << 20  # ... plus this much, for small files with compressible members
-MAX_PICKLE_BYTES = 64 << 20  # the pickled structure of a state dict is tiny
-MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
-
-# Bounds on the JSON files that describe a model (config.json, preprocessor_config.json,
-# shard indexes, open_clip_config.json, --arch files, safetensors metadata). Real ones are a
-# few KB (a large model's shard index a few hundred) and a few levels deep.
-MAX_JSON_BYTES = 8 << 20
-MAX_JSON_DEPTH = 32
-# Ranges of the sizes a description may state, far above any CLIP model (ViT-bigG: 48
-# layers, width 1664, MLP 8192). They keep arithmetic and messages sane; what bounds memory
-# is the parameter count against the file's tensors (model_files.check_model_size).
-MAX_LAYERS = 512
-MAX_WIDTH = 1 << 16  # hidden, MLP, projection and head widths
-MAX_CONTEXT = 1 << 16
-MAX_VOCAB = 1 << 22
-MAX_IMAGE_SIZE = 1 << 14  # image resolution, patch, resize and crop sizes
-MAX_RESIZE_RATIO = 4  # resize / crop: CLIP pipelines resize to (about) the crop size
-
+from specs_metric.io.reading import open_regular, parse_json
+from specs_metric.limits import (
+    EXPANSION_SLACK,
+    MAX_CHECKPOINT_BYTES,
+    MAX_EXPANSION,
+    MAX_JSON_DEPTH,
+    MAX_LAYERS,
+    MAX_PICKLE_BYTES,
+    MAX_SAFETENSORS_HEADER,
+)
 
 
 def max_checkpoint_bytes() -> int:
@@ -148,33 +132,6 @@ def check_loaded_tensors(path: Path, obj: Any) -> None:
             stack.extend((f"{name}[{i}]", v) for i, v in enumerate(value))
 
 
-def parse_json(
-    text: bytes | str, where: str, error: type[ValueError] = CheckpointError
-) -> Any:
-    """``json.loads`` for untrusted text: a nesting deeper than :data:`MAX_JSON_DEPTH` (or than
-    the parser's recursion allows) is ``error``, not a ``RecursionError``, and so is anything
-    that is not JSON."""
-    try:
-        value = json.loads(text)
-    except RecursionError as exc:
-        raise error(f"{where}: JSON nested too deeply (limit {MAX_JSON_DEPTH} levels)") from exc
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise error(f"{where}: not valid JSON ({exc})") from exc
-    # Iterative, so that checking a deep value cannot recurse either.
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node
-        for child in children if isinstance(node, (dict, list)) else ():
-            if isinstance(child, (dict, list)):
-                if depth + 1 > MAX_JSON_DEPTH:
-                    raise error(
-                        f"{where}: JSON nested too deeply (limit {MAX_JSON_DEPTH} levels)"
-                    )
-                stack.append((child, depth + 1))
-    return value
-
-
 def check_safetensors_header(path: Path) -> dict[str, Any]:
     """Read the header of a safetensors file and check every declared extent against the file,
     before the library maps or copies anything; returns the header."""
@@ -188,7 +145,9 @@ def check_safetensors_header(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"{path}: safetensors header declares {length} bytes in a {size}-byte file"
             )
-        header = parse_json(fh.read(length), f"{path}: safetensors header")
+        header = parse_json(
+            fh.read(length), f"{path}: safetensors header", CheckpointError, MAX_JSON_DEPTH
+        )
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_bytes = size - 8 - length
@@ -230,7 +189,7 @@ def layer_count(keys: Iterable[str], prefix: str) -> int:
     """The number of layers under ``prefix`` (keys ``<prefix>.<i>.<name>``).
 
     The indices must run 0..L-1 with L at most
-    :data:`~specs_metric.models.weights.limits.MAX_LAYERS`: the model is built with L layers, so
+    :data:`~specs_metric.limits.MAX_LAYERS`: the model is built with L layers, so
     a stray index (``resblocks.1000000000``) or thousands of extra ones must not pass as a
     layer count. Keys with anything else after the prefix are left to the shape check.
 

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 
 from specs_metric.errors import CheckpointError, ConfigError
+from specs_metric.io.reading import parse_json
+from specs_metric.limits import MAX_JSON_DEPTH
 from specs_metric.models.archs import ARCHS, Arch, arch_from_json, read_arch
 from specs_metric.models.config import (
     CONFIG_METADATA_KEY,
@@ -42,7 +44,7 @@ from specs_metric.models.weights.checkpoint import (
     clip_to_longclip,
     read_state_dict,
 )
-from specs_metric.models.weights.limits import check_safetensors_header, parse_json
+from specs_metric.models.weights.limits import check_safetensors_header
 from specs_metric.models.weights.pretrained import (
     REGISTRY,
     PretrainedModel,
@@ -100,7 +102,7 @@ def _json_field(meta: dict[str, str], key: str, path: Path) -> dict[str, Any] | 
     configs allow)."""
     if key not in meta:
         return None
-    value = parse_json(meta[key], f"{path}: __metadata__.{key}")
+    value = parse_json(meta[key], f"{path}: __metadata__.{key}", CheckpointError, MAX_JSON_DEPTH)
     if not isinstance(value, dict):
         raise CheckpointError(
             f"{path}: __metadata__.{key} must hold a JSON object, not {type(value).__name__}"

@@ -26,19 +26,19 @@ from typing import Any
 import torch
 
 from specs_metric.errors import CheckpointError, ConfigError
-from specs_metric.io.reading import open_regular
-from specs_metric.models.config import ACTIVATIONS, POSITIONAL_LAYOUTS, ModelConfig
-from specs_metric.models.weights.limits import (
+from specs_metric.io.reading import open_regular, parse_json
+from specs_metric.limits import (
     MAX_CONTEXT,
     MAX_IMAGE_SIZE,
     MAX_JSON_BYTES,
+    MAX_JSON_DEPTH,
     MAX_LAYERS,
     MAX_RESIZE_RATIO,
     MAX_VOCAB,
     MAX_WIDTH,
-    max_checkpoint_bytes,
-    parse_json,
 )
+from specs_metric.models.config import ACTIVATIONS, POSITIONAL_LAYOUTS, ModelConfig
+from specs_metric.models.weights.limits import max_checkpoint_bytes
 from specs_metric.processing.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
@@ -229,8 +229,8 @@ def require_numbers(
 
 def read_json_file(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
     """A JSON object from a model's description file, read bounded: at most
-    :data:`~specs_metric.models.weights.limits.MAX_JSON_BYTES` bytes and
-    :data:`~specs_metric.models.weights.limits.MAX_JSON_DEPTH` levels.
+    :data:`~specs_metric.limits.MAX_JSON_BYTES` bytes and
+    :data:`~specs_metric.limits.MAX_JSON_DEPTH` levels.
 
     Raises:
         ConfigError: unreadable, too large, too deep, not JSON or not an object.
@@ -243,7 +243,7 @@ def read_json_file(path: str | Path, what: str = "JSON file") -> dict[str, Any]:
         raise ConfigError(f"{path}: not a readable {what} ({exc})") from exc
     if len(raw) > MAX_JSON_BYTES:
         raise ConfigError(f"{path}: over {MAX_JSON_BYTES} bytes; too large for a {what}")
-    data = parse_json(raw, str(path), ConfigError)
+    data = parse_json(raw, str(path), ConfigError, MAX_JSON_DEPTH)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a {what} holds a JSON object, not {type(data).__name__}")
     return data
@@ -294,7 +294,7 @@ def check_model_fields(data: Mapping[str, Any], where: Where | str) -> dict[str,
 def preprocess_config(where: Where | str, **values: Any) -> PreprocessConfig:
     """A :class:`PreprocessConfig` of checked values; what they contradict (a crop larger
     than the resize) is an error that names the file. The resize may be at most
-    :data:`~specs_metric.models.weights.limits.MAX_RESIZE_RATIO` times the crop: each image is
+    :data:`~specs_metric.limits.MAX_RESIZE_RATIO` times the crop: each image is
     resized before it is cropped, so a huge resize would allocate per image."""
     where = _where(where)
     inside = f"{where.path}: " if where.path else ""
@@ -416,7 +416,7 @@ def check_model_size(
     Every parameter is loaded from the state dict, so a config that implies more elements
     than the tensors hold (thousands of extra layer keys with tiny tensors, say) would only
     allocate a model and then fail. Refused: more than
-    :data:`~specs_metric.models.weights.limits.MAX_LAYERS` layers, more parameters than the
+    :data:`~specs_metric.limits.MAX_LAYERS` layers, more parameters than the
     absolute cap allows (``SPECS_MAX_CHECKPOINT_BYTES``, counted as fp32), more parameters
     than the tensors hold, and with ``exact`` any key or shape that is not the model's.
 
