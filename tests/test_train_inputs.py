@@ -50,8 +50,7 @@ def _train(root, out, *extra: str) -> int:
                  "4", "--workers", "0", "--no-tensorboard", "--quiet", *extra])  # fmt: skip
 
 
-def test_relative_image_paths_resolve_against_the_data_files_folder(data, tmp_path,
-                                                                    monkeypatch, capsys):  # fmt: skip
+def test_relative_image_paths_resolve_against_the_data_files_folder(data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # not the data file's folder
     assert _train(data, tmp_path / "run") == 0
     log = (tmp_path / "run" / "train_log.csv").read_text().splitlines()
