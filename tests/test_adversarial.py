@@ -91,17 +91,24 @@ def test_a_compressed_shard_member_too_large_is_a_row_error_read_unbounded_never
         fh.truncate(200 * 2**20)
     with tarfile.open(shard, "w:gz") as tar:
         tar.add(big, arcname="000.jpg")
-        info = tarfile.TarInfo("000.txt")
-        info.size = 5
-        tar.addfile(info, __import__("io").BytesIO(b"hello"))
+        _add(tar, "000.txt", b"hello")
+        _add(tar, "001.png", (world / "g0.png").read_bytes())  # a good sample after it
+        _add(tar, "001.txt", b"a good one")
     big.unlink()
     assert shard.stat().st_size < 2**20
     out = tmp_path / "out.jsonl"
     code, peak, err = _peak_rss_gb(_score(world, shard, out))
     assert code == 0, err
     assert peak < 1.0, f"peak RSS {peak:.2f} GB"
-    (row,) = read_score_rows(out)
-    assert "too large" in row["error"] and row["score"] is None
+    bomb, good = read_score_rows(out)
+    assert "too large" in bomb["error"] and bomb["score"] is None
+    assert good["error"] is None and good["score"] is not None
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, __import__("io").BytesIO(data))
 
 
 @pytest.mark.skipif(shutil.which("tar") is None, reason="needs GNU tar for a sparse member")
@@ -110,15 +117,19 @@ def test_a_sparse_shard_member_is_refused(world, tmp_path):
     sparse.parent.mkdir()
     with open(sparse, "wb") as fh:
         fh.truncate(3 * GB)  # a hole: nothing on disk
+    (sparse.parent / "000.txt").write_text("a sparse image")
+    shutil.copy(world / "g0.png", sparse.parent / "001.png")
+    (sparse.parent / "001.txt").write_text("a good one")
     shard = tmp_path / "sparse.tar"
-    subprocess.run(["tar", "--sparse", "-cf", str(shard), "-C", str(sparse.parent), "000.jpg"],
-                   check=True)  # fmt: skip
+    subprocess.run(["tar", "--sparse", "-cf", str(shard), "-C", str(sparse.parent), "000.jpg",
+                    "000.txt", "001.png", "001.txt"], check=True)  # fmt: skip
     assert shard.stat().st_size < 2**20
     out = tmp_path / "out.jsonl"
     code, peak, err = _peak_rss_gb(_score(world, shard, out))
     assert code == 0 and peak < 1.0, (err, peak)
-    (row,) = read_score_rows(out)
-    assert "sparse" in row["error"] or "too large" in row["error"]
+    bad, good = read_score_rows(out)
+    assert "sparse" in bad["error"] or "too large" in bad["error"]
+    assert good["error"] is None
 
 
 def test_a_brace_range_of_a_hundred_million_files_is_refused_before_expanding(world, capsys):
@@ -137,14 +148,15 @@ def test_table_image_cells_of_the_wrong_type_are_row_errors(world, tmp_path):
         }
     )
     pq.write_table(table, tmp_path / "t.parquet")
-    # a struct whose bytes is an integer (10**12: bytes(10**12) would allocate a terabyte)
-    pq.write_table(pa.table({"image": [{"bytes": 10**12, "path": None}], "caption": ["int"]}),
-                   tmp_path / "int.parquet")  # fmt: skip
-    pq.write_table(pa.table({"image": [{"bytes": "abc", "path": None}], "caption": ["str"]}),
-                   tmp_path / "str.parquet")  # fmt: skip
+    # a struct whose bytes is an integer (10**12: bytes(10**12) would allocate a terabyte),
+    # or text; each beside a good row given by its path
+    for kind, value in (("int", 10**12), ("str", "abc")):
+        cells = [{"bytes": value, "path": None}, {"bytes": None, "path": "g0.png"}]
+        pq.write_table(pa.table({"image": cells, "caption": [kind, "good"]}),
+                       tmp_path / f"{kind}.parquet")  # fmt: skip
     for name, wanted in (("t.parquet", [None, "row has no image"]),
-                         ("int.parquet", ["not bytes (got int)"]),
-                         ("str.parquet", ["not bytes (got str)"])):  # fmt: skip
+                         ("int.parquet", ["not bytes (got int)", None]),
+                         ("str.parquet", ["not bytes (got str)", None])):  # fmt: skip
         out = tmp_path / f"{name}.jsonl"
         assert main(_score(world, tmp_path / name, out, "--image-root", str(world))) == 0
         rows = list(read_score_rows(out))
@@ -216,10 +228,15 @@ def test_a_planted_symlink_is_never_written_through(world, tmp_path, planted, ca
     assert victim.read_text() == "precious\n"
     if planted == "lock":  # the lock must be opened in place: refused, one line
         _one_line(code, capsys, "symbolic link")
-    else:  # replaced (rename) or recreated: the job goes on, the link is gone
-        assert code == 0
-        assert len(list(read_score_rows(out))) == 6
-        assert not (tmp_path / names[planted]).is_symlink() or planted == "part"
+        return
+    if planted == "part":  # looks like an interrupted run: refused unless told
+        _one_line(code, capsys, "--resume", "--overwrite")
+        code = main(_score(world, world / "rows.jsonl", out, "--overwrite"))
+    # replaced (rename) or recreated (the link removed first): the job goes on
+    assert code == 0
+    assert victim.read_text() == "precious\n"
+    assert len(list(read_score_rows(out))) == 6
+    assert not (tmp_path / names[planted]).is_symlink()
 
 
 def test_a_planted_part_link_is_refused_on_resume(world, tmp_path, capsys):
@@ -244,7 +261,7 @@ def test_output_that_is_a_file_of_the_input_glob_is_refused(world, tmp_path, cap
     before = (tmp_path / "part1.jsonl").read_bytes()
     code = main(_score(world, str(tmp_path / "part*.jsonl"), tmp_path / "part1.jsonl",
                        "--image-root", str(world)))  # fmt: skip
-    _one_line(code, capsys, "is an input file")
+    _one_line(code, capsys, "is the input file")
     assert (tmp_path / "part1.jsonl").read_bytes() == before
 
 
@@ -254,7 +271,7 @@ def test_output_dir_that_would_overwrite_an_input_is_refused(world, tmp_path, ca
     argv = ["score", "--model", str(world / "tiny.pt"), "--input", str(tmp_path / "*.jsonl"),
             "--output-dir", str(tmp_path), "--output-format", "jsonl", "--image-root",
             str(world), "--workers", "0", "--no-progress"]  # fmt: skip
-    _one_line(main(argv), capsys, "is an input file")
+    _one_line(main(argv), capsys, "is the input file")
     assert (tmp_path / "a.jsonl").read_bytes() == before
 
 

@@ -306,3 +306,56 @@ def test_error_rows_without_an_id_are_not_duplicates(tmp_path):
     b.write_text("".join(json.dumps(r) + "\n" for r in [*rows, bad, bad]))
     report = compare_files(a, b)
     assert report.n_used == 3 and report.mean_diff == 0.0
+
+
+def test_ids_that_do_not_match_suggest_pairing_by_image(tmp_path, capsys):
+    """Two captioners' files of the same images, with ids of their own."""
+    images = [f"img/{i}.png" for i in range(4)]
+    a = _write_scores(tmp_path / "a.jsonl", [0.4] * 4, images=images, ids=["a0", "a1", "a2", "a3"])
+    b = _write_scores(tmp_path / "b.jsonl", [0.5] * 4, images=images, ids=["b0", "b1", "b2", "b3"])
+    assert main(["compare", str(a), str(b)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"specs compare: error: different rows: id 'a0' is in {a} but not in")
+    assert line.endswith("pair them by image (--pair-by image)")
+    assert main(["compare", str(a), str(b), "--pair-by", "image", "--n-perm", "100"]) == 0
+
+
+def test_histograms_count_the_units_compared(tmp_path, monkeypatch):
+    from specs_metric.evaluation.reports import report
+
+    figures = []
+    save = report._save
+
+    def keep(fig, path, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "_save", keep)
+    a, b = np.array([0.4, 0.5, 0.6]), np.array([0.45, 0.5, 0.7])
+    report.plot_distributions(a, b, tmp_path / "rows.png", unit="row")
+    report.plot_distributions(a, b, tmp_path / "images.png", unit="image")
+    rows, images = figures
+    assert [ax.get_ylabel() for ax in images.axes] == ["images", "images"]
+    assert [ax.get_ylabel() for ax in rows.axes] == ["rows", "rows"]
+
+
+def test_missing_thumbnails_are_said_on_the_page_and_in_a_warning(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    a = rng.uniform(0.3, 0.6, 12)
+    pa_ = _write_scores(tmp_path / "a.jsonl", a)  # images img/0.png ... that are elsewhere
+    pb = _write_scores(tmp_path / "b.jsonl", a + rng.normal(0, 0.05, 12))
+    out = tmp_path / "cmp"
+    args = ["compare", str(pa_), str(pb), "--n-boot", "100", "--n-perm", "100", "--top", "12"]
+    assert main([*args, "--out", str(out)]) == 0  # (the former name: every version takes it)
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert line.startswith("specs compare: warning: 7 of 7 images have no thumbnail: not found")
+    assert line.endswith("pass --image-root with the folder of the relative image paths")
+    assert "images have no thumbnail" in (out / "report.html").read_text()
+    # with the images where --image-root says: thumbnails, no note, no warning
+    for i in range(7):
+        (tmp_path / "imgs" / "img").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(tmp_path / "imgs" / "img" / f"{i}.png")
+    args += ["--image-root", str(tmp_path / "imgs"), "--overwrite"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert "no thumbnail" not in (out / "report.html").read_text()

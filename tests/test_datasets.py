@@ -44,7 +44,10 @@ def world(tmp_path_factory):
     return d, pairs
 
 
-def _score(world_dir: Path, src, out: Path, *extra: str) -> list[dict]:
+def _score(world_dir: Path, src, out: Path, *extra: str, code: int = 0) -> list[dict]:
+    """``specs score`` of ``src`` into ``out``, which must exit with ``code`` (2 when no row
+    could be scored); the output rows."""
+    expected = code
     code = main(
         [
             "score",
@@ -60,7 +63,7 @@ def _score(world_dir: Path, src, out: Path, *extra: str) -> list[dict]:
             *extra,
         ]
     )
-    assert code == 0
+    assert code == expected
     return list(read_score_rows(out))
 
 
@@ -244,7 +247,8 @@ def test_bad_samples_become_row_errors(world, tmp_path):
     assert 1 < len(cut) < len(result) and "cut.tar" in cut[-1]["error"]
     assert cut[-1]["id"] == len(cut) - 1 and cut[-1]["score"] is None
     (tmp_path / "text.tar").write_bytes(b"just some text\n" * 100)
-    (text,) = _score(d, tmp_path / "text.tar", tmp_path / "text.jsonl")
+    # its one row is an error: no row could be scored, exit 2 with the output written
+    (text,) = _score(d, tmp_path / "text.tar", tmp_path / "text.jsonl", code=2)
     assert "not a readable tar shard" in text["error"]
     # a parquet row without image bytes, and undecodable bytes, name the table row
     table = pa.table({"image": [good, None, b"\x00\x01"], "caption": ["x", "y", "z"]})
@@ -343,8 +347,8 @@ def test_coco_results_file_with_image_pattern(world, tmp_path):
     assert [r["image"] for r in result[:-1]] == [r["image"] for r in rows]
     assert result[-1]["id"] == 999 and "not found" in result[-1]["error"]
     # a pattern that does not fit the entries is a row error, not a crash
-    bad = _score(
-        d, tmp_path / "results.json", tmp_path / "b.jsonl", "--image-pattern", "{nope}.jpg"
+    bad = _score(  # every row: exit 2 (no row could be scored), the output written
+        d, tmp_path / "results.json", tmp_path / "b.jsonl", "--image-pattern", "{nope}.jpg", code=2
     )
     assert all("does not fit" in r["error"] for r in bad)
 

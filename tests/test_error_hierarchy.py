@@ -132,12 +132,6 @@ def test_score_output_that_is_the_input(tmp_path, capsys):
     assert f"--output {src} is the input file" in line
 
 
-def test_explain_bad_chunk_rows(tmp_path, capsys):
-    argv = ["explain", "--input", "in.jsonl", "--output", str(tmp_path / "o.jsonl"),
-            "--chunk-rows", "0"]
-    assert "--chunk-rows and --batch-size must be at least 1" in _error_line(argv, capsys)
-
-
 def test_compare_file_that_is_not_utf8(tmp_path, capsys):
     a = tmp_path / "a.jsonl"
     a.write_bytes(b'{"id": 1, "image": "x.png", "caption": "\xff", "score": 0.5}\n')

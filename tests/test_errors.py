@@ -73,7 +73,9 @@ BAD_VALUES = [
     (["compare", "a", "b", "--level", "1.5"], "argument --level: expected a number between 0"),
     (["synth", "--n", "0", "--output", "o"], "argument --n: expected a positive integer"),
     (["prepare", "--input", "i", "--output", "o", "--workers", "0"], "argument --workers"),
-    (["convert"], "the following arguments are required: input, output"),
+    (["convert"], "the following arguments are required: input"),
+    (["explain", "--input", "i", "--output", "o.jsonl", "--chunk-rows", "0"],
+     "argument --chunk-rows: expected a positive integer, got 0"),
     (HUMAN + ["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
     (HUMAN + ["--device", "banana"], "argument --device: unknown device 'banana'"),
     (["bench", "intrinsic", "--model", "m", "--data", "d", "--chains-per-batch", "0"],
@@ -212,8 +214,8 @@ def test_disk_full_in_synth_is_one_line(tmp_path, monkeypatch, capsys):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(Image.Image, "save", full)
-    line = assert_one_line_error(["synth", "--n", "2", "--output", str(tmp_path / "w")],
-                                 "No space left on device", capsys)
+    line = assert_one_line_error(["synth", "--n", "2", "--output", str(tmp_path / "w"),
+                                  "--quiet"], "No space left on device", capsys)
     assert str(tmp_path / "w") in line
 
 

@@ -276,8 +276,9 @@ def test_explain_command_rows_errors_and_html(tiny, images, tmp_path, monkeypatc
     page = html.read_text()
     assert page.startswith("<!DOCTYPE html>") or "<html" in page[:200]
     assert "A red square sits on a table." in page
-    # --strict: non-zero exit after writing everything; unknown segmenter: exit 2
-    assert main([*args, "--strict"]) == 1
+    # --strict: non-zero exit after writing everything (--overwrite: the output exists);
+    # unknown segmenter: exit 2
+    assert main([*args, "--strict", "--overwrite"]) == 1
     with pytest.raises(SystemExit):
         main([*args, "--segmenter", "words"])
 

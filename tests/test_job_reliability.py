@@ -266,8 +266,8 @@ def test_second_job_on_the_same_output_is_refused(world, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.jsonl")) == [
         "out.jsonl", "out.jsonl.job.json", "out.jsonl.summary.json",
     ]  # fmt: skip
-    # the lock went with the job: a third job runs
-    assert main([*_args(world, src, out, "--workers", "0")]) == 0
+    # the lock went with the job: a third job runs (replacing the finished output)
+    assert main([*_args(world, src, out, "--workers", "0", "--overwrite")]) == 0
 
 
 def test_lock_held_by_another_process_refuses_the_job(world, tmp_path, capsys):
@@ -372,7 +372,7 @@ def test_damaged_cache_entries_are_recomputed_and_rewritten(world, tmp_path):
     again = tmp_path / "again.jsonl"
     for workers in ("0", "1"):
         args = _args(world, src, again, "--workers", workers, "--cache-dir", str(cache))
-        assert main(args) == 0
+        assert main([*args, "--overwrite"]) == 0  # the second round replaces the first's
         summary = _strict_json(again.with_name("again.jsonl.summary.json").read_text())
         assert summary["images_encoded_rank0"] == (len(DAMAGE) if workers == "0" else 0)
         assert summary["n_errors"] == 0
@@ -394,8 +394,10 @@ def test_empty_input_gives_a_valid_summary(world, tmp_path, capsys):
     summary = _strict_json(out.with_name("out.jsonl.summary.json").read_text())
     assert summary["n_rows"] == 0 and summary["mean"] is None and summary["std"] is None
     assert summary["corpus_score"] is None
-    printed = capsys.readouterr().err
-    assert _strict_json(printed[printed.index("{") :])["mean"] is None
+    printed = capsys.readouterr().err.splitlines()
+    # the summary, then a warning line: an input without rows is said, not silent
+    assert printed[-1] == f"specs score: warning: the input has no rows; {out} is empty"
+    assert _strict_json("\n".join(printed[:-1]))["mean"] is None
 
 
 def test_nan_weights_give_null_scores_with_a_warning(world, tmp_path, capsys):
@@ -407,16 +409,17 @@ def test_nan_weights_give_null_scores_with_a_warning(world, tmp_path, capsys):
     out = tmp_path / "out.jsonl"
     args = _args(world, src, out, "--workers", "0")
     args[args.index("--model") + 1] = str(tmp_path / "nan.pt")
-    assert main(args) == 0
+    assert main(args) == 2  # no row could be scored: an error, the output written
     err = capsys.readouterr().err
     assert "warning: 10 row(s) got a non-finite score" in err
+    assert err.splitlines()[-1].startswith("specs score: error: no row could be scored")
     for line in out.read_text().splitlines():
         rec = _strict_json(line)
         assert rec["score"] is None and rec["cosine"] is None
         assert rec["error"].startswith("line ") and "not finite" in rec["error"]
     summary = _strict_json(out.with_name("out.jsonl.summary.json").read_text())
     assert summary["n_errors"] == 10 and summary["mean"] is None
-    assert main([*args, "--strict"]) == 1
+    assert main([*args, "--strict", "--overwrite"]) == 2  # still: --strict says nothing else
 
 
 def test_nan_and_infinity_in_input_rows_stay_out_of_the_output(world, tmp_path):

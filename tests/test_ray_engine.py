@@ -61,6 +61,12 @@ def test_ray_engine_equals_the_local_job(world, cluster, tmp_path):  # noqa: F81
     assert result[N_PAIRS:] == reference[N_PAIRS:]
     summary = json.loads((tmp_path / "ray.parquet.summary.json").read_text())
     assert summary["engine"] == "ray" and summary["n_errors"] == 2
+    # the same summary keys, in the same order, as the local engine's (docs say they match)
+    local = json.loads((tmp_path / "ref.jsonl.summary.json").read_text())
+    assert list(summary) == list(local) and local["engine"] == "local"
+    assert {k: summary[k] for k in ("n_rows", "n_scored", "first_error", "model", "device")} == {
+        k: local[k] for k in ("n_rows", "n_scored", "first_error", "model", "device")
+    }
 
 
 def test_python_api_scores_a_ray_dataset(world, cluster, tmp_path):  # noqa: F811

@@ -305,3 +305,38 @@ def test_delta_scale_is_a_quantile_of_the_page():
     assert delta_scale(recs, quantile=0.75) == pytest.approx(0.04)
     assert delta_scale(recs, quantile=1.0) == pytest.approx(0.5)
     assert delta_scale([{"segments": [{"delta": None}]}]) == 1e-6
+
+
+@needs_chromium
+def test_a_large_explain_page_shows_its_first_rows_and_says_so(tmp_path):
+    """2,000 explained rows made an 11.8 MB page; the table is capped, with a note."""
+    _images(tmp_path, 6)
+    rows = []
+    for k in range(2000):
+        row = _explain_rows(1, seed=k)[0]
+        rows.append({**row, "id": f"r{k}", "image": f"{k % 6}.png" if k % 3 else f"gone{k}.png"})
+    page = tmp_path / "explain.html"
+    plain = explain_page(rows, tmp_path, "explain")
+    assert plain.count("<tr>") == 1 + 500
+    assert "Showing the first 500 of 2000 rows." in plain
+    warnings: list[str] = []
+    page.write_text(explain_page(rows, tmp_path, "explain", output="explain.jsonl",
+                                 warn=warnings.append), "utf-8")  # fmt: skip
+    text = dom(tmp_path, page)
+    table = Tables(text).tables["rows"]
+    assert [r[0] for r in table] == [f"r{k}" for k in range(500)]
+    assert "Showing the first 500 of 2000 rows; every row is in " \
+        "explain.jsonl." in text  # fmt: skip
+    assert "<dd>2000</dd>" in text  # the facts count every row
+    assert page.stat().st_size < 2_000_000
+    # images without a thumbnail: counted on the page and in one warning
+    assert warnings == [
+        "167 of 171 images have no thumbnail: not found or not readable under "
+        f"{tmp_path} (e.g. gone0.png); pass --image-root with the folder of the relative "
+        "image paths"
+    ]
+    assert warnings[0] in text.replace("&#x27;", "'")
+    screenshot(tmp_path, page, "explain-capped.png")
+    # max_rows=None: all of them
+    everything = explain_page(rows, tmp_path, "explain", max_rows=None)
+    assert everything.count("<tr>") == 2001 and "Showing the first" not in everything

@@ -106,6 +106,7 @@ def test_bad_rows_become_row_errors(world, tmp_path, monkeypatch):
             "0",
             "--no-progress",
             "--strict",
+            "--overwrite",  # the output of the run above exists
         ]
     )
     assert strict == 1 and len(list(read_score_rows(out))) == len(rows) + 1
@@ -208,7 +209,7 @@ def test_long_caption_policies(world, tmp_path):
     main(args)
     (rec,) = read_score_rows(out)
     assert rec["truncated"] is True and rec["tokens"] == 302 and rec["error"] is None
-    main([*args, "--long-captions", "error"])
+    main([*args, "--long-captions", "error", "--overwrite"])  # replaces the output above
     (rec,) = read_score_rows(out)
     assert rec["score"] is None and "302 tokens" in rec["error"]
 

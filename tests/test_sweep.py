@@ -172,3 +172,117 @@ def test_simulated_training_run_is_ranked_in_true_order(tmp_path):
     means = [c["mean"] for c in result["checkpoints"]]
     assert all(a < b for a, b in zip(means, means[1:], strict=False)), means
     assert result["best"] == "step-4" and result["images_encoded"] == result["images"] == 30
+
+
+def _named(run, tmp_path, steps):
+    """Copies of the first caption files named ckpt-<step>.jsonl (images under run's folder)."""
+    d, files = run
+    paths = []
+    for step, src in zip(steps, files, strict=False):
+        path = tmp_path / f"ckpt-{step}.jsonl"
+        path.write_text(src.read_text())
+        paths.append(path)
+    return paths
+
+
+def test_checkpoints_are_ordered_by_the_numbers_in_their_names(run, tmp_path, capsys):
+    d, _ = run
+    # the order a shell's glob gives: ckpt-10000 sorts between ckpt-1000 and ckpt-2000
+    files = _named(run, tmp_path, [1000, 10000, 2000])
+    out = tmp_path / "sw"
+    assert _sweep(d, out, files, "--image-root", str(d)) == 0
+    err = capsys.readouterr().err
+    result = json.loads((out / "sweep.json").read_text())
+    names = [c["name"] for c in result["checkpoints"]]
+    assert names == ["ckpt-1000", "ckpt-2000", "ckpt-10000"] and result["order"] == "natural"
+    assert [c["vs_previous"]["against"] for c in result["checkpoints"][1:]] == names[:2]
+    assert result["checkpoints"][2]["file"] == str(files[1])
+    # said on stderr (even with --no-progress: the order is not the one given) and the page
+    assert ("specs sweep: checkpoints in natural order of the names (the numbers in them "
+            "compared as numbers) (not the order given): ckpt-1000, ckpt-2000, ckpt-10000"
+            ) in err.splitlines()  # fmt: skip
+    assert '"order": "natural"' in err
+    assert "natural order of the names" in (out / "report.html").read_text()
+    # the order given, when asked for, or with --labels (which name the files in that order)
+    for extra, want in ((["--order", "given"], names), (["--labels", "a,b,c"], ["a", "b", "c"])):
+        again = tmp_path / f"sw-{want[0]}"
+        assert _sweep(d, again, files, "--image-root", str(d), "--no-plots", *extra) == 0
+        result = json.loads((again / "sweep.json").read_text())
+        assert result["order"] == "given"
+        got = [c["file"] for c in result["checkpoints"]]
+        assert got == [str(f) for f in files]
+
+
+def test_an_earlier_sweep_is_never_replaced_silently(run, tmp_path, capsys):
+    d, files = run
+    out = tmp_path / "sw"
+    assert _sweep(d, out, files[:3], "--no-plots") == 0
+    before = (out / "sweep.json").read_text()
+    capsys.readouterr()
+    assert _sweep(d, out, files[:1], "--no-plots") == 2  # the five-checkpoint report case
+    assert capsys.readouterr().err.strip() == (
+        f"specs sweep: error: --output {out} already holds a sweep of 3 checkpoint(s) "
+        "(ckpt-0, ckpt-1, ckpt-2); pass --resume to reuse its score files (and add files to "
+        "it) or --overwrite to replace it"
+    )
+    assert _sweep(d, out, files[:1], "--no-plots", "--resume") == 2  # would drop two
+    assert capsys.readouterr().err.strip() == (
+        f"specs sweep: error: --resume: the sweep in {out} also has ckpt-1, ckpt-2, not among "
+        "the files given (its new report would drop them); give those files too, or pass "
+        "--overwrite to replace the sweep"
+    )
+    assert (out / "sweep.json").read_text() == before
+    assert _sweep(d, out, files[:1], "--no-plots", "--resume", "--overwrite") == 2
+    assert _sweep(d, out, files[:1], "--no-plots", "--overwrite") == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert [c["name"] for c in result["checkpoints"]] == ["ckpt-0"]
+    scores = sorted(p.name for p in (out / "scores").iterdir())
+    assert scores == ["ckpt-0.jsonl", "ckpt-0.jsonl.job.json", "ckpt-0.jsonl.summary.json"]
+    assert (out / "cache").is_dir()  # the image cache is kept
+
+
+def _sweep_result(names):
+    rng = np.random.default_rng(0)
+    checkpoints = []
+    for name in names:
+        mean = float(rng.uniform(0.4, 0.6))
+        checkpoints.append({"name": name, "mean": mean, "ci_low": mean - 0.01,
+                            "ci_high": mean + 0.01, "vs_previous": None})  # fmt: skip
+    return {"model": "m", "scale": "specs", "best": names[0], "checkpoints": checkpoints}
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        [f"ckpt-{1000 * k}" for k in range(1, 13)],
+        [f"{phase}-epoch{k}-step{1000 * k}" for k, phase in enumerate(["warmup", "main"] * 6)],
+        [f"step{k}" for k in range(150)],
+    ],
+    ids=["12-checkpoints", "12-long-names", "150-checkpoints"],
+)
+def test_plot_labels_never_overlap(names, tmp_path, monkeypatch):
+    from specs_metric.evaluation.reports import report
+
+    figures = []
+    save = report._save
+
+    def keep(fig, path, *args, **kwargs):
+        figures.append(fig)
+        return save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(report, "_save", keep)
+    png = report.plot_sweep(_sweep_result(names), tmp_path / "sweep.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    (fig,) = figures
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t for t in fig.axes[0].get_xticklabels() if t.get_visible() and t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in labels]
+    for i, box in enumerate(boxes):
+        for other in boxes[i + 1 :]:
+            assert not box.overlaps(other), (labels[i].get_text(), box, other)
+    if len(names) <= 12:  # a dozen checkpoints: every one is named
+        assert len(labels) == len(names)
+        assert all(name.endswith(t.get_text()) for name, t in zip(names, labels, strict=True))
+    else:
+        assert len(labels) >= 20

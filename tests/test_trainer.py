@@ -237,8 +237,20 @@ def test_cli_train_flags(workdir, capsys):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     log = read_log(out / "train_log.csv")
     assert [r["margin"] for r in log] == [0.3, 0.3]
+    capsys.readouterr()
+    # the run in --output is not replaced silently (the conventions), and is kept
+    again = ["train", "--init", str(workdir / "init.pt"), "--data", str(workdir / "train.parquet")]
+    assert main([*again, "--output", str(out), "--max-steps", "1"]) == 2
+    assert "holds a training run" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    # --overwrite starts over: the earlier run's step-2 is gone, `--resume latest` cannot
+    # pick it up by mistake
+    assert main([*again, "--output", str(out), "--max-steps", "1", "--batch-size", "4",
+                 "--save-every", "1", "--precision", "fp32", "--workers", "1", "--quiet",
+                 "--no-tensorboard", "--overwrite"]) == 0  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"]
     assert main(["train", "--init", str(workdir / "nope.pt"), "--data",
-                 str(workdir / "train.parquet"), "--output", str(out)]) == 2
+                 str(workdir / "train.parquet"), "--output", str(workdir / "nope")]) == 2
     assert "nope.pt" in capsys.readouterr().err
 
 

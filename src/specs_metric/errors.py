@@ -76,12 +76,21 @@ class InterruptedJobError(JobError):
     """A job stopped by a signal or a dead worker; its rows so far are kept for resume."""
 
 
+class NothingScoredError(JobError):
+    """A run that wrote its output but could score none of its rows (every row failed)."""
+
+
 class CompareError(SpecsError):
     """Two score files that cannot be compared."""
 
 
 class SweepError(SpecsError):
     """Checkpoint files a sweep cannot score or test."""
+
+
+class PlotError(SpecsError):
+    """A plot that cannot be made here (matplotlib cannot be imported); reports go on
+    without it."""
 
 
 class TrainError(SpecsError):

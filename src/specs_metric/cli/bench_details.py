@@ -7,7 +7,16 @@ import dataclasses
 import time
 from pathlib import Path
 
-from specs_metric.cli.common import add_model_options, load_scorer, positive_int
+from specs_metric.cli.common import (
+    add_model_options,
+    add_output_option,
+    add_overwrite_option,
+    add_progress_options,
+    check_new_outputs,
+    load_scorer,
+    positive_int,
+    register_inputs,
+)
 from specs_metric.errors import UsageError
 
 
@@ -54,9 +63,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--n-boot", type=positive_int, default=1000, help="bootstrap samples (default 1000)"
     )
-    p.add_argument("--json", type=Path, help="write the results here")
+    add_output_option(p, "write the results here (JSON)", aliases=("--json",))
+    add_overwrite_option(p)
     add_model_options(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -65,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
+    register_inputs(args.data)
+    check_new_outputs("--output", [args.output], args.overwrite)
     test = read_graded(args.data, args.split, args.limit)
     train = None
     if args.calibration_split != "none":
@@ -79,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         attributions,
         args.neutral,
         n_boot=args.n_boot,
-        show_progress=not args.no_progress,
+        show_progress=not args.quiet,
     )
     elapsed = time.perf_counter() - start
     n_sent = sum(len(c.sentences) for c in test)
@@ -89,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         f"captions; {elapsed:.1f} s"
     )
     print(markdown_table(results))
-    if args.json is not None:
+    if args.output is not None:
         payload = {
             "data": str(args.data),
             "split": args.split,
@@ -107,6 +119,6 @@ def run(args: argparse.Namespace) -> int:
         }
         from specs_metric.io.jsonio import write_json
 
-        write_json(args.json, payload, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.output, payload, indent=1)
+        print(f"wrote {args.output}")
     return 0

@@ -6,7 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from specs_metric.cli.common import add_model_options, load_scorer, positive_int, probability
+from specs_metric.cli.common import (
+    MODEL_HELP,
+    add_batch_size_option,
+    add_model_options,
+    add_output_option,
+    add_overwrite_option,
+    add_progress_options,
+    check_new_outputs,
+    load_scorer,
+    positive_int,
+    probability,
+    register_inputs,
+    warn,
+)
 from specs_metric.errors import UsageError
 from specs_metric.evaluation.human import DEFAULT_MODEL, FORMATS
 from specs_metric.io.jsonio import dumps
@@ -42,7 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="comma list of [LABEL=]NAME[@MODEL]; NAME: specs, clip-s, cosine, torchmetrics "
         "(model scores) or bleu-4, rouge-l, cider-d (need references)",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model for NAMEs without @MODEL")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model for NAMEs without @MODEL: {MODEL_HELP}",
+    )
     p.add_argument("--split", default="test", help="LongCap-Arena split (default test)")
     p.add_argument("--image-root", type=Path, help="folder for relative image paths")
     p.add_argument(
@@ -58,13 +75,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--level", type=probability, default=0.95, help="confidence level (0.95)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (0)")
     add_model_options(p)
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (64)")
-    p.add_argument("--out", type=Path, default=Path("bench_human"), help="report folder")
+    add_batch_size_option(p)
+    add_output_option(
+        p,
+        "report folder: report.md, report.json, scores.jsonl, plots (default bench_human)",
+        aliases=("--out",),
+        default=Path("bench_human"),
+    )
+    add_overwrite_option(p)
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from specs_metric.evaluation.human import (
         evaluate,
         iter_score_rows,
@@ -75,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
     from specs_metric.evaluation.reports.report import human_markdown, write_human_report
     from specs_metric.io.writing import atomic_write, open_append
 
+    out = args.output
+    register_inputs(args.data)
+    check_new_outputs("--output", [out / "report.json", out / "scores.jsonl"], args.overwrite)
     metrics = parse_metrics(args.metrics, args.model)
     sets = read_judgments(
         args.data,
@@ -84,30 +113,34 @@ def run(args: argparse.Namespace) -> int:
         candidates=_candidates(args.candidates),
         aggregate=args.aggregate,
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    scores_path = args.out / "scores.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    scores_path = out / "scores.jsonl"
     scores_path.unlink(missing_ok=True)
 
     def progress(jset, res) -> None:
         if res.skipped:
-            print(f"{jset.name}: {res.spec.label} skipped ({res.skipped})", file=sys.stderr)
+            warn("bench human", f"{jset.name}: {res.spec.label} skipped ({res.skipped})")
             return
         # write each metric's scores as soon as they exist, so a long run keeps its work
         name = res.spec.label.replace("/", "_")
-        with open_append(args.out / f"scores_{name}.jsonl", "scores file") as fh:
+        with open_append(out / f"scores_{name}.jsonl", "scores file") as fh:
             for rec, value in zip(jset.rows, res.scores.tolist(), strict=True):
                 fh.write(dumps({"set": jset.name, "id": rec.id, "score": value}) + "\n")
-        rate = res.seconds_per_1000
-        print(f"{jset.name}: {res.spec.label} done ({rate:.2f} s / 1000 captions)", file=sys.stderr)
+        if not args.quiet:
+            rate = res.seconds_per_1000
+            tqdm.write(f"{jset.name}: {res.spec.label} done ({rate:.2f} s / 1000 captions)",
+                       file=sys.stderr)  # fmt: skip
 
-    for stale in args.out.glob("scores_*.jsonl"):
+    for stale in out.glob("scores_*.jsonl"):
         stale.unlink()
+
     results = run_metrics(
         sets,
         metrics,
         loader=lambda model: load_scorer(args, model),
         batch_size=args.batch_size,
         on_result=progress,
+        progress=not args.quiet,
     )
     reports = [
         evaluate(s, results[s.name], n_boot=args.n_boot, level=args.level, seed=args.seed)
@@ -125,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
         "level": args.level,
         "seed": args.seed,
     }
-    write_human_report(reports, meta, args.out, plots=not args.no_plots)
+    write_human_report(
+        reports, meta, out, plots=not args.no_plots, warn=lambda m: warn("bench human", m)
+    )
     print(human_markdown(reports, meta))
-    print(f"report written to {args.out}", file=sys.stderr)
+    print(f"report written to {out}", file=sys.stderr)
     return 0

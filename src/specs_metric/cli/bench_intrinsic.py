@@ -10,9 +10,14 @@ from pathlib import Path
 
 from specs_metric.cli.common import (
     add_model_options,
+    add_output_option,
+    add_overwrite_option,
+    add_progress_options,
+    check_new_outputs,
     load_scorer,
     nonnegative_int,
     positive_int,
+    register_inputs,
 )
 
 
@@ -30,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, type=Path, help="sDCI-layout folder or file")
     p.add_argument("--split", default=None, help="split of a multi-split source (default test)")
     p.add_argument("--image-root", type=Path, help="folder for relative image paths")
-    p.add_argument("--json", type=Path, help="write rates and per-image results here")
+    add_output_option(p, "write rates and per-image results here (JSON)", aliases=("--json",))
+    add_overwrite_option(p)
     p.add_argument("--limit", type=positive_int, help="only the first N images")
     add_model_options(p)
     p.add_argument(
@@ -47,6 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=16,
         help="time prefix reuse against plain encoding on this many images (0: skip)",
     )
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -70,9 +77,13 @@ def _per_image(rows, scores, rates=None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from specs_metric.evaluation.intrinsic import embed_row_images, run_intrinsic, time_prefix_reuse
     from specs_metric.evaluation.sdci import read_sdci
 
+    register_inputs(args.data)
+    check_new_outputs("--output", [args.output], args.overwrite)
     rows = read_sdci(args.data, args.split, args.image_root)
     if args.limit is not None:
         rows = rows[: args.limit]
@@ -92,13 +103,15 @@ def run(args: argparse.Namespace) -> int:
         )
 
     last_write = [time.monotonic()]
+    bar = tqdm(total=len(rows), unit="img", desc="intrinsic", file=sys.stderr,
+               disable=args.quiet)  # fmt: skip
 
     def progress(done: int, scores) -> None:
-        if args.json is not None and time.monotonic() - last_write[0] > 30:
+        if args.output is not None and time.monotonic() - last_write[0] > 30:
             partial = {**header, "complete": False, "done": done}
-            _write_json(args.json, {**partial, "per_image": _per_image(rows, scores)})
+            _write_json(args.output, {**partial, "per_image": _per_image(rows, scores)})
             last_write[0] = time.monotonic()
-        print(f"\r{done}/{len(rows)} images", end="", file=sys.stderr, flush=True)
+        bar.update(done - bar.n)
 
     start = time.perf_counter()
     result, scores = run_intrinsic(
@@ -108,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         chains_per_batch=args.chains_per_batch,
         on_progress=progress,
     )
-    print(file=sys.stderr)
+    bar.close()
     elapsed = time.perf_counter() - start
 
     print(f"{'metric':<10} {'value':>8}")
@@ -119,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         f"{result.n_images} images scored, {result.n_skipped} skipped (< 3 captions), "
         f"{elapsed:.1f} s"
     )
-    if args.json is not None:
+    if args.output is not None:
         payload = {
             **header,
             "complete": True,
@@ -142,6 +155,6 @@ def run(args: argparse.Namespace) -> int:
             },
             "per_image": _per_image(rows, scores, result.per_image),
         }
-        _write_json(args.json, payload)
-        print(f"wrote {args.json}")
+        _write_json(args.output, payload)
+        print(f"wrote {args.output}")
     return 0

@@ -8,11 +8,17 @@ from pathlib import Path
 
 from specs_metric import __version__
 from specs_metric.cli.common import (
+    add_batch_size_option,
     add_model_options,
+    add_output_option,
+    add_overwrite_option,
+    add_progress_options,
+    check_new_outputs,
     load_scorer,
     model_meta,
     nonnegative_int,
     positive_int,
+    register_inputs,
 )
 from specs_metric.errors import UsageError
 
@@ -29,10 +35,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="split of a multi-split source (default test)")
     p.add_argument("--image-root", type=Path, help="folder for relative image paths")
     p.add_argument("--image-column", default="image", help="image column of a table (image)")
-    p.add_argument("--json", type=Path, help="write the results here (JSON)")
+    add_output_option(p, "write the results here (JSON)", aliases=("--json",))
+    add_overwrite_option(p)
     p.add_argument("--limit", type=positive_int, help="only the first N images")
     add_model_options(p)
-    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    add_batch_size_option(p)
     p.add_argument(
         "--workers", type=nonnegative_int, default=2, help="image decoding processes (0: none)"
     )
@@ -41,13 +48,16 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave out unreadable images (counted in the output) instead of stopping",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_options(p)
 
 
 def setup(args: argparse.Namespace):
-    """torchrun position and device of this process."""
+    """torchrun position and device of this process (after refusing to replace an earlier
+    result file without ``--overwrite``)."""
     from specs_metric.runtime.distributed import init_from_env, local_device
 
+    register_inputs(args.data)
+    check_new_outputs("--output", [args.output], args.overwrite)
     info = init_from_env(args.device)
     return info, local_device(info, args.device)
 
@@ -125,8 +135,8 @@ def save_results(args: argparse.Namespace, header: dict, results: list[dict], do
     """Write the JSON report (after every model, so a long multi-model run keeps its work)."""
     from specs_metric.evaluation.reports.report import write_json
 
-    if args.json is not None:
-        write_json({**header, "complete": done, "results": results}, args.json)
+    if args.output is not None:
+        write_json({**header, "complete": done, "results": results}, args.output)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -198,5 +208,5 @@ def evaluate_models(args: argparse.Namespace, info, device, header: dict, evalua
 
 
 def finish(args: argparse.Namespace) -> None:
-    if args.json is not None:
-        print(f"wrote {args.json}")
+    if args.output is not None:
+        print(f"wrote {args.output}")

@@ -4,7 +4,10 @@ imports no torch until a value is checked)."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
+from specs_metric.errors import NothingScoredError, OutputError, SpecsError
 from specs_metric.runtime.policy import INFERENCE_PRECISIONS
 
 
@@ -152,3 +155,150 @@ def model_meta(scorer) -> dict:
         "long_captions": scorer.long_captions,
         "device": str(scorer.device),
     }
+
+
+# --- the command-line conventions (docs/cli-conventions.md) -------------------------------
+
+DEFAULT_MODEL = "specs-b32"
+MODEL_HELP = f"model name (see `specs models`) or path (default {DEFAULT_MODEL})"
+QUIET_HELP = "no progress bars or progress lines (results, warnings and errors still print)"
+BATCH_HELP = (
+    "images per forward pass (default: by device, 1 on a CPU so that each embedding is "
+    "independent of its batch mates, 256 on CUDA)"
+)
+
+
+def add_progress_options(p: argparse.ArgumentParser) -> None:
+    """``--quiet`` and its synonym ``--no-progress`` (one flag, one meaning: ``args.quiet``)."""
+    p.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true", help=QUIET_HELP)
+
+
+def add_output_option(
+    p: argparse.ArgumentParser,
+    help: str,
+    *,
+    required: bool = False,
+    aliases: tuple[str, ...] = (),
+    default: Path | None = None,
+) -> None:
+    """``--output`` (a file or a folder), with the option's former names (``--out``,
+    ``--json``) kept as hidden aliases of the same ``args.output`` for one release."""
+    where = p.add_mutually_exclusive_group(required=required) if aliases else p
+    where.add_argument("--output", type=Path, default=default, required=required and not aliases,
+                       help=help)  # fmt: skip
+    for alias in aliases:
+        where.add_argument(alias, dest="output", type=Path, help=argparse.SUPPRESS)
+
+
+def add_overwrite_option(p: argparse.ArgumentParser, resume: bool = False) -> None:
+    """``--overwrite``: replace an existing output (without it, a command refuses one)."""
+    keep = ", --resume continues or keeps it" if resume else ""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an existing output (default: refuse it{keep})",
+    )
+
+
+def add_batch_size_option(p: argparse.ArgumentParser) -> None:
+    """``--batch-size``: images per forward pass, by device unless given."""
+    p.add_argument("--batch-size", type=positive_int, default=None, help=BATCH_HELP)
+
+
+def warn(command: str, message: str) -> None:
+    """One warning line on stderr: ``specs COMMAND: warning: MESSAGE``."""
+    print(f"specs {command}: warning: {' '.join(message.split())}", file=sys.stderr)
+
+
+def refuse_existing(
+    option: str, path: Path, state: str, *, resume: bool | None = None
+) -> None:
+    """Refuse to replace an output silently: one line naming what is there and the flag
+    that says what to do with it (``--overwrite``; ``--resume`` where the command has it).
+
+    Args:
+        state: what is at ``path``, e.g. "already exists" or "holds an interrupted run".
+        resume: None when the command cannot resume; else whether the earlier run is
+            unfinished (``--resume`` continues it) or complete (``--resume`` keeps it).
+    """
+    if resume is None:
+        todo = "pass --overwrite to replace it, or choose another " + option
+    elif resume:
+        todo = "pass --resume to continue it, or --overwrite to start over"
+    else:
+        todo = "pass --overwrite to replace it, or --resume to keep it"
+    raise OutputError(f"{option} {path} {state}; {todo}")
+
+
+def register_inputs(*specs) -> None:
+    """Register what a command reads (files, globs, brace ranges, dataset folders) as inputs
+    before it checks its outputs, so that an output that is one of them (by any path: a link,
+    a hard link, a glob's file) is refused as such, first, even with ``--overwrite``."""
+    from specs_metric.data.sources import protect_inputs
+    from specs_metric.io.writing import protect
+
+    for spec in specs:
+        if spec is None:
+            continue
+        if isinstance(spec, (list, tuple)):
+            register_inputs(*spec)
+        elif Path(spec).is_dir() and not (Path(spec) / "state.json").is_file():
+            continue  # a folder of images or data: its files are registered as read
+        else:
+            try:
+                protect_inputs(spec)
+            except (SpecsError, OSError):
+                protect(spec)  # not an input spec the data layer reads (a model, a table)
+
+
+def check_new_outputs(option: str, paths, overwrite: bool) -> None:
+    """Refuse (one line) the first of ``paths`` that is an input of this command, even with
+    ``overwrite`` (see :func:`register_inputs`), or that exists, unless ``overwrite``."""
+    from specs_metric.io.writing import check_not_input
+
+    for path in paths:
+        if path is not None:
+            check_not_input(path, option)
+    if overwrite:
+        return
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        if path.is_symlink() or path.exists():
+            if path.is_dir() and not any(path.iterdir()):
+                continue  # an empty folder holds nothing to lose
+            refuse_existing(option, path, "already exists")
+
+
+def rows_exit_status(command: str, summary: dict, strict: bool) -> int:
+    """The exit status of a command that writes one output row per input row (``specs
+    score``, ``specs explain``, ``specs sweep``), once its output is written.
+
+    0 when every row was scored; with row errors a warning line, and 1 under ``--strict``.
+    When rows were read but none could be scored, nothing useful was made: a
+    :class:`~specs_metric.errors.NothingScoredError` (one line, exit status 2), whatever
+    ``--strict`` says. An input without rows gets a warning (an empty output is right).
+    """
+    n_rows, n_errors = summary["n_rows"], summary["n_errors"]
+    where = summary.get("output") or summary.get("output_dir")
+    first = summary.get("first_error")
+    if n_rows == 0:
+        warn(command, f"the input has no rows; {where} is empty")
+        return 0
+    if n_errors >= n_rows:
+        example = f" (the first: {first})" if first else ""
+        raise NothingScoredError(
+            f"no row could be scored: all {n_rows} rows have an error{example}; see the "
+            f"error column of {where}"
+        )
+    if not n_errors:
+        return 0
+    example = f" (the first: {first})" if first else ""
+    if strict:
+        warn(command, f"{n_errors} of {n_rows} rows in {where} had errors{example} (--strict: "
+                      "exit 1)")  # fmt: skip
+        return 1
+    warn(command, f"{n_errors} of {n_rows} rows in {where} could not be scored{example}; "
+                  "their error column says why (--strict makes this exit 1)")  # fmt: skip
+    return 0

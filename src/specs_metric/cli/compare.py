@@ -6,7 +6,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from specs_metric.cli.common import nonnegative_int, positive_int, probability
+from specs_metric.cli.common import (
+    add_output_option,
+    add_overwrite_option,
+    add_progress_options,
+    check_new_outputs,
+    nonnegative_int,
+    positive_int,
+    probability,
+    register_inputs,
+    warn,
+)
+
+# What compare writes in its --output folder (an earlier report there is not replaced
+# silently).
+REPORT_FILES = ("report.md", "report.json", "report.html", "distributions.png")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,10 +59,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--top", type=nonnegative_int, default=10, help="rows that changed most to list (10)"
     )
     p.add_argument("--tie-tolerance", type=float, default=0.0, help="|B - A| counted as a tie (0)")
-    p.add_argument(
-        "--out", type=Path, help="folder for report.md, report.json, report.html and plots"
+    add_output_option(
+        p, "folder for report.md, report.json, report.html and plots", aliases=("--out",)
     )
-    p.add_argument("--no-plots", action="store_true", help="no PNG plots in --out")
+    add_overwrite_option(p)
+    p.add_argument("--no-plots", action="store_true", help="no PNG plots in --output")
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -59,10 +75,15 @@ def run(args: argparse.Namespace) -> int:
     from specs_metric.evaluation.reports.report import (
         compare_markdown,
         plot_distributions,
+        try_plot,
         write_json,
     )
     from specs_metric.io.writing import write_text
 
+    out = args.output
+    if out is not None:
+        register_inputs(args.a, args.b)
+        check_new_outputs("--output", [out / name for name in REPORT_FILES], args.overwrite)
     result = compare_files(
         args.a,
         args.b,
@@ -76,21 +97,33 @@ def run(args: argparse.Namespace) -> int:
     )
     text = compare_markdown(result)
     print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        write_text(args.out / "report.md", text)
-        write_json(result.as_dict(), args.out / "report.json")
-        plot = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "report.md", text)
+        write_json(result.as_dict(), out / "report.json")
+        plot, notes = None, []
         if not args.no_plots:
-            plot = read_png(plot_distributions(
-                result.scores_a,
-                result.scores_b,
-                args.out / "distributions.png",
-                (f"A: {args.a.name}", f"B: {args.b.name}"),
-                result.unit,
-            ))
+            made = try_plot(
+                lambda: plot_distributions(
+                    result.scores_a,
+                    result.scores_b,
+                    out / "distributions.png",
+                    (f"A: {args.a.name}", f"B: {args.b.name}"),
+                    result.unit,
+                ),
+                notes.append,
+            )
+            plot = read_png(made) if made is not None else None
+        for note in notes:
+            warn("compare", note)
         roots = [args.image_root, args.a.parent, args.b.parent]
-        html = compare_page(result, image_roots=roots, plot_png=plot)
-        write_text(args.out / "report.html", html)
-        print(f"report written to {args.out}", file=sys.stderr)
+        html = compare_page(
+            result,
+            image_roots=roots,
+            plot_png=plot,
+            notes=notes,
+            warn=lambda note: warn("compare", note),
+        )
+        write_text(out / "report.html", html)
+        print(f"report written to {out}", file=sys.stderr)
     return 0

@@ -7,7 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from specs_metric.cli.common import add_architecture_options
+from specs_metric.cli.common import (
+    add_architecture_options,
+    add_overwrite_option,
+    add_progress_options,
+    check_new_outputs,
+    register_inputs,
+)
 from specs_metric.errors import UsageError
 
 FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -25,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "to 248 positions unless --keep-context.",
     )
     p.add_argument("input", help="model name, checkpoint file, HF folder or hf:ORG/REPO")
-    p.add_argument("output", type=Path)
+    p.add_argument("output", type=Path, nargs="?", metavar="OUT", help="what to write")
+    p.add_argument(
+        "--output", dest="output_option", type=Path, metavar="OUT", help="the same as OUT"
+    )
     p.add_argument(
         "--to",
         choices=("auto", "longclip", "hf"),
@@ -38,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="do not stretch a 77-position CLIP checkpoint to 248 positions",
     )
     add_architecture_options(p)
+    add_overwrite_option(p)
+    add_progress_options(p)  # accepted like everywhere; a conversion shows no progress
     p.set_defaults(func=run)
 
 
@@ -56,11 +67,16 @@ def run(args: argparse.Namespace) -> int:
     from specs_metric.models.weights.hf import write_folder
     from specs_metric.models.weights.loading import read_checkpoint
 
+    if (args.output is None) == (args.output_option is None):
+        raise UsageError("give the output once: as OUT or as --output OUT")
+    args.output = args.output or args.output_option
     to = args.to
     if to == "auto":
         to = "longclip" if args.output.suffix.lower() in FILE_SUFFIXES else "hf"
     if to == "hf" and args.output.is_file():
         raise UsageError(f"{args.output}: an HF model is a folder, and this is a file")
+    register_inputs(args.input)
+    check_new_outputs("OUT", [args.output], args.overwrite)
     checkpoint = read_checkpoint(
         args.input,
         arch=args.arch,

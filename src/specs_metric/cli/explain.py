@@ -7,12 +7,26 @@ import json
 import sys
 from pathlib import Path
 
-from specs_metric.cli.common import add_model_options, load_scorer
-from specs_metric.errors import UsageError
+from specs_metric.cli.common import (
+    DEFAULT_MODEL,
+    MODEL_HELP,
+    add_batch_size_option,
+    add_model_options,
+    add_overwrite_option,
+    add_progress_options,
+    check_new_outputs,
+    load_scorer,
+    nonnegative_int,
+    positive_int,
+    register_inputs,
+    rows_exit_status,
+    warn,
+)
 from specs_metric.scoring.scales import SCALES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from specs_metric.evaluation.reports.html import MAX_HTML_ROWS
     from specs_metric.processing.segmentation import SEGMENTERS
     from specs_metric.scoring.explain import ATTRIBUTIONS, DEFAULT_SEGMENTER, NEUTRAL_SENTENCE
 
@@ -22,13 +36,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Cut every caption into segments and give each the score of the caption through "
             "it and its delta against the caption before it (or, with --attribution "
-            "leave-one-out, the full score minus the score without it). Writes one JSONL "
-            "row per input row, in order: a score file plus `segments`."
+            "leave-one-out, the full score minus the score without it). Writes one row per "
+            "input row, in order: a score file plus `segments` (.jsonl, .csv with segments "
+            "as JSON text, or .parquet with segments as a list of structs)."
         ),
     )
-    p.add_argument("--model", default="specs-b32", help="model name (see `specs models`) or path")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--input", required=True, type=Path, help="rows: .jsonl, .csv or .json")
-    p.add_argument("--output", required=True, type=Path, help="results (JSONL)")
+    p.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="results: .jsonl, .csv or .parquet (format by extension)",
+    )
     p.add_argument(
         "--image-root",
         type=Path,
@@ -54,20 +74,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
     p.add_argument("--html", type=Path, help="also write a self-contained HTML report here")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
-    p.add_argument("--chunk-rows", type=int, default=64, help="rows prepared and written together")
+    p.add_argument(
+        "--html-rows",
+        type=nonnegative_int,
+        default=MAX_HTML_ROWS,
+        help=f"rows the HTML report shows, the first ones (default {MAX_HTML_ROWS}; 0: all); "
+        "the page says how many it shows",
+    )
+    add_batch_size_option(p)
+    p.add_argument(
+        "--chunk-rows",
+        type=positive_int,
+        default=64,
+        help="rows prepared and written together (default 64)",
+    )
     add_model_options(p)
-    p.add_argument("--strict", action="store_true", help="exit non-zero if any row has an error")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_overwrite_option(p)
+    p.add_argument("--strict", action="store_true", help="exit 1 if any row has an error")
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from specs_metric.io.writing import write_text
     from specs_metric.jobs.explain_files import ExplainConfig, explain_file
+    from specs_metric.jobs.outputs import output_format
 
-    if args.chunk_rows < 1 or args.batch_size < 1:
-        raise UsageError("--chunk-rows and --batch-size must be at least 1")
+    output_format(args.output)  # the format follows the extension; others are refused
+    register_inputs(args.input)
+    part = args.output.with_name(args.output.name + ".part")
+    check_new_outputs("--output", [args.output, part], args.overwrite)
+    check_new_outputs("--html", [args.html], args.overwrite)
     scorer = load_scorer(args, args.model)
     config = ExplainConfig(
         input=args.input,
@@ -79,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         neutral=args.neutral,
         chunk_rows=args.chunk_rows,
         batch_size=args.batch_size,
-        show_progress=not args.no_progress,
+        show_progress=not args.quiet,
     )
     summary, records = explain_file(scorer, config)
     if args.html is not None:
@@ -87,10 +124,15 @@ def run(args: argparse.Namespace) -> int:
 
         title = f"specs explain: {args.input.name} ({scorer.name}, {args.attribution})"
         root = args.image_root if args.image_root is not None else args.input.parent
-        write_text(args.html, explain_page(records, root, title))
+        page = explain_page(
+            records,
+            root,
+            title,
+            max_rows=args.html_rows or None,
+            output=str(args.output),
+            warn=lambda note: warn("explain", note),
+        )
+        write_text(args.html, page)
         summary["html"] = str(args.html)
-    print(json.dumps(summary, indent=2), file=sys.stderr)
-    if args.strict and summary["n_errors"]:
-        print(f"specs explain: {summary['n_errors']} row(s) had errors (--strict)", file=sys.stderr)
-        return 1
-    return 0
+    print(json.dumps(summary, indent=2, allow_nan=False), file=sys.stderr)
+    return rows_exit_status("explain", summary, args.strict)

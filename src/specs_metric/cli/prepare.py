@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
-from specs_metric.cli.common import positive_int
+from specs_metric.cli.common import (
+    add_overwrite_option,
+    add_progress_options,
+    check_new_outputs,
+    positive_int,
+    register_inputs,
+)
+from specs_metric.errors import NothingScoredError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--input", required=True, help="input file or datasets directory")
-    parser.add_argument("--output", required=True, help="OUT.parquet or a datasets directory")
+    parser.add_argument(
+        "--output", required=True, type=Path, help="OUT.parquet or a datasets directory"
+    )
     parser.add_argument(
         "--image-root",
         default=None,
@@ -50,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="do not open image headers (missing paths are still not detected)",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_overwrite_option(parser)
+    add_progress_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -58,6 +69,9 @@ def run(args: argparse.Namespace) -> int:
     from specs_metric.training.prepare import prepare_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    report_file = args.output.with_name(args.output.name + ".report.json")
+    register_inputs(args.input)
+    check_new_outputs("--output", [args.output, report_file], args.overwrite)
     report = prepare_dataset(
         args.input,
         args.output,
@@ -71,4 +85,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         log_fn=print,
     )
-    return 0 if report.kept else 1
+    if not report.kept:  # an empty training set trains nothing: one line, not success
+        reasons = ", ".join(f"{n} {r}" for r, n in report.skipped.items() if n) or "no rows"
+        raise NothingScoredError(
+            f"no row could be used: {report.rows} rows read, none kept ({reasons}); see "
+            f"{report_file}"
+        )
+    return 0

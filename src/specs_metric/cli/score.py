@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 from specs_metric.cli.common import (
+    DEFAULT_MODEL,
+    MODEL_HELP,
+    add_batch_size_option,
     add_model_options,
+    add_overwrite_option,
+    add_progress_options,
     load_scorer,
     nonnegative_int,
     positive_int,
+    refuse_existing,
+    register_inputs,
+    rows_exit_status,
 )
-from specs_metric.errors import OutputError
+from specs_metric.errors import OutputError, UsageError
 from specs_metric.runtime.policy import CPU_POLICY, CUDA_TOKEN_BUDGET
 from specs_metric.scoring.scales import SCALES
 
@@ -27,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="score image-caption rows (JSONL, CSV, JSON, webdataset shards, parquet, ...)",
         description="Score every row of INPUT; writes one output row per input row, in order.",
     )
-    p.add_argument("--model", default="specs-b32", help="model name (see `specs models`) or path")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument(
         "--input",
         required=True,
@@ -36,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "({00000..00009}) and fsspec URLs (s3://, hf://, ...) name several files",
     )
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--output", type=Path, help="results: .jsonl, .csv or .parquet")
+    where.add_argument(
+        "--output", type=Path, help="results: .jsonl, .csv or .parquet (format by extension)"
+    )
     where.add_argument(
         "--output-dir",
         type=Path,
@@ -45,9 +54,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--output-format",
-        default="jsonl",
+        default=None,
         choices=["jsonl", "csv", "parquet"],
-        help="format of the files in --output-dir (default jsonl)",
+        help="format of the files in --output-dir (default jsonl; --output's format follows "
+        "its extension)",
     )
     p.add_argument("--image-column", default="image", help="tables: image column (default image)")
     p.add_argument(
@@ -75,13 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="image paths must stay inside the image root (no absolute paths, no ~, no .. or "
         "links out of it): for services that score rows they do not trust",
     )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=None,
-        help=f"images per forward pass ({BY_DEVICE}: {CPU_POLICY.image_batch} on a CPU, each "
-        "embedding independent of the others, which byte-identical resume needs; 256 on CUDA)",
-    )
+    add_batch_size_option(p)
     p.add_argument(
         "--token-budget",
         type=positive_int,
@@ -106,9 +110,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{CPU_POLICY.workers} on a CPU; on CUDA one per core but one, at most 16)",
     )
     p.add_argument("--cache-dir", type=Path, help="on-disk image-embedding cache")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    p.add_argument("--strict", action="store_true", help="exit non-zero if any row has an error")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run (a finished output with the same settings is kept)",
+    )
+    add_overwrite_option(p, resume=True)
+    p.add_argument("--strict", action="store_true", help="exit 1 if any row has an error")
+    add_progress_options(p)
     p.add_argument(
         "--engine",
         default="local",
@@ -129,23 +138,66 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def check_output_is_not_input(source: Path, output: Path) -> None:
-    """Refuse an output that is the input file (by any path: a link, a relative path)."""
-    if source.exists() and output.exists() and os.path.samefile(source, output):
-        raise OutputError(f"--output {output} is the input file {source}; choose another output")
+def _outputs(args: argparse.Namespace) -> tuple[str, list[Path]]:
+    """The option and the files this command line writes its rows to."""
+    if args.output is not None:
+        return "--output", [args.output]
+    from specs_metric.jobs.shards import plan
+
+    return "--output-dir file", [out for _, out in plan(args.input, args.output_dir,
+                                                        args.output_format)]  # fmt: skip
+
+
+def check_earlier_runs(args: argparse.Namespace) -> None:
+    """Refuse, in one line, to replace what an earlier run left at an output (a finished
+    output, or the part files of an interrupted one) without ``--resume`` or
+    ``--overwrite``."""
+    from specs_metric.io.locking import OutputLock
+    from specs_metric.io.writing import check_not_input
+    from specs_metric.jobs.results import earlier_run
+
+    if args.resume and args.overwrite:
+        raise UsageError("--resume keeps an earlier run and --overwrite replaces it; choose one")
+    option, outputs = _outputs(args)
+    for out in outputs:
+        check_not_input(out, option)  # even with --overwrite
+    if args.resume or args.overwrite:
+        return
+    for out in outputs:
+        state = earlier_run(out)
+        if state is not None:  # a job writing it now is said as such (the lock's error)
+            lock = OutputLock(out)
+            lock.acquire()
+            lock.release()
+        if state == "complete":
+            refuse_existing(option, out, "already exists", resume=False)
+        if state == "partial":
+            refuse_existing(
+                option, out, "holds an interrupted run (its part files are kept)", resume=True
+            )
 
 
 def run(args: argparse.Namespace) -> int:
     from specs_metric.data.rows import SourceOptions
     from specs_metric.jobs.job import JobConfig, run_job
+    from specs_metric.jobs.outputs import output_format
     from specs_metric.jobs.shards import run_shards
     from specs_metric.runtime.distributed import DistInfo, init_from_env, local_device
 
+    register_inputs(args.input)
     if args.output is not None:
-        check_output_is_not_input(Path(args.input), args.output)
         if args.output.exists() and not args.output.is_file():
             # The result is renamed into place: that would replace a device or fail on a folder.
             raise OutputError(f"--output {args.output} exists and is not a regular file")
+        if args.output_format is not None:
+            raise UsageError(
+                f"--output-format is for --output-dir; the format of --output {args.output} "
+                "follows its extension (.jsonl, .csv or .parquet)"
+            )
+        output_format(args.output)  # the format follows the extension; others are refused
+    else:
+        args.output_format = args.output_format or "jsonl"
+    check_earlier_runs(args)
     source = SourceOptions(
         image_column=args.image_column,
         caption_column=args.caption_column,
@@ -166,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         cache_dir=args.cache_dir,
         resume=args.resume,
-        show_progress=not args.no_progress,
+        show_progress=not args.quiet,
     )
     if args.engine == "ray":
         from specs_metric.jobs.ray import RayOptions
@@ -204,7 +256,4 @@ def run(args: argparse.Namespace) -> int:
     if not info.is_main:
         return 0
     print(json.dumps(summary, indent=2, allow_nan=False), file=sys.stderr)
-    if args.strict and summary["n_errors"]:
-        print(f"specs score: {summary['n_errors']} row(s) had errors (--strict)", file=sys.stderr)
-        return 1
-    return 0
+    return rows_exit_status("score", summary, args.strict)

@@ -8,11 +8,19 @@ import sys
 from pathlib import Path
 
 from specs_metric.cli.common import (
+    DEFAULT_MODEL,
+    MODEL_HELP,
+    add_batch_size_option,
     add_model_options,
+    add_output_option,
+    add_overwrite_option,
+    add_progress_options,
     load_scorer,
     nonnegative_int,
     positive_int,
     probability,
+    register_inputs,
+    rows_exit_status,
 )
 from specs_metric.errors import UsageError
 from specs_metric.scoring.scales import SCALES
@@ -23,18 +31,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sweep",
         help="score a captioner's checkpoints (one caption file each) and test each step",
         description=(
-            "Score each FILE (rows id, image, caption; one file per checkpoint, in training "
-            "order) with one model, encoding each distinct image once for the whole sweep. "
-            "Reports each checkpoint's mean with a bootstrap CI over images, and paired "
-            "tests against the previous and the best checkpoint. Writes OUT/sweep.json, "
-            "OUT/sweep.png, OUT/report.html and OUT/scores/<label>.jsonl."
+            "Score each FILE (rows id, image, caption; one file per checkpoint) with one "
+            "model, encoding each distinct image once for the whole sweep. The checkpoints "
+            "are ordered by the numbers in their names (ckpt-2000 before ckpt-10000, "
+            "whatever order the shell gave) unless --labels or --order given. Reports each "
+            "checkpoint's mean with a bootstrap CI over images, and paired tests against the "
+            "previous and the best checkpoint. Writes OUTPUT/sweep.json, OUTPUT/sweep.png, "
+            "OUTPUT/report.html and OUTPUT/scores/<label>.jsonl."
         ),
     )
-    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="caption files, in order")
-    p.add_argument("--model", default="specs-b32", help="model name (see `specs models`) or path")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE", help="caption files")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
+    add_output_option(p, "output folder", required=True, aliases=("--out",))
     p.add_argument(
-        "--labels", help="comma-separated checkpoint names (default: the file names' stems)"
+        "--labels",
+        help="comma-separated checkpoint names, one per FILE, in the order given (default: "
+        "the file names' stems)",
+    )
+    p.add_argument(
+        "--order",
+        choices=("natural", "given"),
+        default=None,
+        help="natural: by the numbers in the names, compared as numbers (default); given: "
+        "as on the command line (the default with --labels)",
     )
     p.add_argument(
         "--image-root",
@@ -44,15 +63,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="reuse the complete score files in OUT/scores (only new files are scored)",
+        help="reuse the complete score files in OUTPUT/scores (only new files are scored)",
     )
+    add_overwrite_option(p, resume=True)
     p.add_argument("--scale", default="specs", choices=SCALES, help="score scale")
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        default=1,
-        help="images per forward pass (default 1, as in `specs score`)",
-    )
+    add_batch_size_option(p)
     p.add_argument(
         "--workers", type=nonnegative_int, default=1, help="image-decoding worker processes"
     )
@@ -64,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--level", type=probability, default=0.95, help="confidence level (0.95)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--no-plots", action="store_true", help="no sweep.png")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any row has an error")
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -98,23 +114,28 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.level < 1:
         raise UsageError(f"--level must be in (0, 1), got {args.level}")
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
+    register_inputs(args.files)
     scorer = load_scorer(args, args.model)
+    codes = [0]
     options = SweepOptions(
         image_root=args.image_root,
         scale=args.scale,
         batch_size=args.batch_size,
         num_workers=args.workers,
         resume=args.resume,
-        show_progress=not args.no_progress,
+        overwrite=args.overwrite,
+        order=args.order,
+        show_progress=not args.quiet,
         n_boot=args.n_boot,
         n_perm=args.n_perm,
         level=args.level,
         seed=args.seed,
         plot=not args.no_plots,
+        check_rows=lambda summary: codes.append(rows_exit_status("sweep", summary, args.strict)),
     )
-    result = run_sweep(args.files, scorer, args.out, labels=labels, options=options)
+    result = run_sweep(args.files, scorer, args.output, labels=labels, options=options)
     print(_table(result))
-    brief = {k: result[k] for k in ("model", "images", "images_encoded", "best")}
+    brief = {k: result[k] for k in ("model", "images", "images_encoded", "order", "best")}
     print(json.dumps(brief), file=sys.stderr)
-    print(f"report written to {args.out}", file=sys.stderr)
-    return 0
+    print(f"report written to {args.output}", file=sys.stderr)
+    return max(codes)

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from specs_metric.cli.common import nonnegative_int, positive_int
+from specs_metric.cli.common import add_progress_options, nonnegative_int, positive_int
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,8 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace a data set already in --output (removes only its own files)",
+        help="replace a data set already in --output (removes only its own files; default: "
+        "refuse a folder that is not empty)",
     )
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         graded_per_scene=args.graded_per_scene,
         overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     for s in summaries:
         print(

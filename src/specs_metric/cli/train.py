@@ -5,9 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+from pathlib import Path
 
-from specs_metric.cli.common import add_device_option, nonnegative_int, positive_int
+from specs_metric.cli.common import (
+    add_device_option,
+    add_overwrite_option,
+    add_progress_options,
+    nonnegative_int,
+    positive_int,
+)
+from specs_metric.errors import OutputError, UsageError
 from specs_metric.runtime.policy import TRAINING_AUTOCAST
+
+# What a training run writes in its output folder (an earlier run's are not replaced
+# silently); checkpoints/step-N folders and tensorboard/ besides.
+RUN_FILES = ("config.json", "train_log.csv", "model.pt", "model.safetensors")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train on a set built by `specs prepare`. Defaults are the released SPECS recipe "
             "(docs/training.md). Launch with torchrun for several processes or nodes: "
-            "--batch-size is per process."
+            "--batch-size is the training batch per process."
         ),
     )
     p.add_argument(
@@ -50,7 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="optimizer updates (overrides --epochs; sets the schedule length)",
     )
-    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per process")
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=d.batch_size,
+        help=f"training examples per process and step (default {d.batch_size}); not the "
+        "inference --batch-size of the other commands",
+    )
     p.add_argument("--grad-accum", type=positive_int, default=d.grad_accum)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -78,6 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="checkpoint directory (OUTPUT/checkpoints/step-N) or 'latest'",
     )
+    add_overwrite_option(p, resume=True)
     p.add_argument("--image-root", default=None, help="folder for relative image paths")
     p.add_argument("--workers", type=nonnegative_int, default=d.workers, help="DataLoader workers")
     add_device_option(p, "default: CUDA if available")
@@ -96,14 +116,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)"
     )
     p.add_argument("--no-tensorboard", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_progress_options(p)
     p.set_defaults(func=run)
+
+
+def _run_files(output: Path) -> list[Path]:
+    """The files and folders an earlier training run left in ``output``."""
+    found = [output / name for name in (*RUN_FILES, "tensorboard") if (output / name).exists()]
+    checkpoints = output / "checkpoints"
+    if checkpoints.is_dir():
+        found += sorted(p for p in checkpoints.iterdir() if p.name.startswith("step-"))
+    return found
+
+
+def check_earlier_run(args: argparse.Namespace) -> None:
+    """Refuse (one line) to start over in a folder that holds a run, unless ``--resume``
+    continues it or ``--overwrite`` replaces it (its own files are removed first, by one
+    process: a later ``--resume latest`` must not find an old run's checkpoint).
+
+    Every torchrun process checks before the process group meets, and so before any
+    process has written anything."""
+    output = Path(args.output)
+    if args.resume is not None and args.overwrite:
+        raise UsageError("--resume continues an earlier run and --overwrite replaces it")
+    found = _run_files(output)
+    if not found or args.resume is not None:
+        return
+    if not args.overwrite:
+        raise OutputError(
+            f"--output {output} holds a training run ({', '.join(p.name for p in found[:3])}"
+            f"{' ...' if len(found) > 3 else ''}); pass --resume latest to continue it, or "
+            "--overwrite to start over (its files are removed)"
+        )
+    if int(os.environ.get("RANK", "0")) == 0:
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
 
 def run(args: argparse.Namespace) -> int:
     from specs_metric.training.trainer import TrainConfig, train
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_earlier_run(args)
     config = TrainConfig(
         init=args.init,
         data=args.data,

@@ -1,5 +1,6 @@
 """Score files read back: the outputs of ``specs score`` and ``specs explain`` (JSONL, CSV or
-parquet), as ``specs compare``, ``specs sweep`` and the job's own summary read them.
+parquet; explain's ``segments`` column is JSON text in CSV), as ``specs compare``,
+``specs sweep`` and the jobs' own summaries read them.
 
 A score file may come from anywhere, so every row is checked as it is read: it must be an
 object whose fields have the types ``specs score`` writes (``score`` and ``cosine`` numbers
@@ -36,6 +37,7 @@ _TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "error": ((str,), "a string"),
     "warning": ((str,), "a string"),
     "id": ((str, int, float), "a string or a number"),
+    "segments": ((list,), "a list"),  # `specs explain` outputs
 }
 
 
@@ -95,6 +97,8 @@ def _csv(path: Path, name: str, protect: bool) -> Iterator[dict]:
             rec["truncated"] = {"True": True, "False": False}.get(rec.get("truncated"))
             rec["error"] = rec.get("error") or None
             rec["warning"] = rec.get("warning") or None
+            if "segments" in rec:  # `specs explain`: the nested column is JSON text
+                rec["segments"] = json.loads(rec["segments"]) if rec["segments"] else None
             yield check_score_row(rec, where)
 
 

@@ -272,13 +272,25 @@ class _Unit:
         return float(np.mean([float(r["score"]) for r in rows]))
 
 
+# Two captioners' files of the same images rarely share ids: say how to pair them.
+_BY_IMAGE_HINT = (
+    "to compare two captioners' files of the same images, pair them by image (--pair-by image)"
+)
+
+
 def _check_same_ids(rows_a: dict, rows_b: dict, a_path: Path, b_path: Path) -> None:
     for key in rows_a:
         if key not in rows_b:
-            raise CompareError(f"different rows: id {key!r} is in {a_path} but not in {b_path}")
+            raise CompareError(
+                f"different rows: id {key!r} is in {a_path} but not in {b_path}; "
+                + _BY_IMAGE_HINT
+            )
     for key in rows_b:
         if key not in rows_a:
-            raise CompareError(f"different rows: id {key!r} is in {b_path} but not in {a_path}")
+            raise CompareError(
+                f"different rows: id {key!r} is in {b_path} but not in {a_path}; "
+                + _BY_IMAGE_HINT
+            )
 
 
 def _units_by_id(

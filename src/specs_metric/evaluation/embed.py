@@ -24,6 +24,7 @@ from specs_metric.data.images import ImageSource
 from specs_metric.errors import DataError, ImageError, SpecsError
 from specs_metric.processing.preprocess import PreprocessConfig
 from specs_metric.runtime.distributed import DistInfo, shard_range
+from specs_metric.runtime.policy import device_policy
 from specs_metric.scoring.image_embeddings import ImageEmbeddings, ImageEncoder, prepare_image
 from specs_metric.scoring.scorer import Scorer
 
@@ -77,12 +78,15 @@ def _gather_objects(obj: list, info: DistInfo) -> list:
     return [item for part in out for item in part]
 
 
+_DECODE_GROUP = 64  # images a decoding worker hands over together
+
+
 def embed_images(
     scorer: Scorer,
     images: Sequence[ImageSource],
     info: DistInfo | None = None,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int = 0,
     show_progress: bool = False,
     skip_bad_images: bool = True,
@@ -98,20 +102,22 @@ def embed_images(
         scorer: the model.
         images: the images, in order.
         info: the torchrun position (default: a single process).
-        batch_size: images decoded together, and at most this many per forward pass.
+        batch_size: images per forward pass (None: by device, as ``specs score``: 1 on a
+            CPU, 256 on CUDA); images are decoded in groups of at least 64.
         num_workers: DataLoader processes decoding images (0: decode in this process).
         show_progress: show a progress bar on rank 0.
         skip_bad_images: keep going past undecodable images (the caller decides what to
             do with them); False raises :func:`bad_image_error` on every rank instead.
     """
     info = info or DistInfo()
+    batch_size = batch_size or device_policy(scorer.device).image_batch
     shard = shard_range(len(images), info.rank, info.world_size)
     local = torch.zeros(len(shard), scorer.embed_dim)
     local_ok = torch.zeros(len(shard), dtype=torch.uint8)
     errors: list[tuple[int, str]] = []
     loader = DataLoader(
         _Images(images[shard.start : shard.stop], shard.start, scorer.preprocessing),
-        batch_size=batch_size,
+        batch_size=max(batch_size, _DECODE_GROUP),
         num_workers=num_workers,
         collate_fn=_collate,
     )

@@ -10,6 +10,7 @@ that resample images. Each distinct image is embedded once per model, and each d
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ def _unique(rows: Sequence[Judgment], with_references: bool) -> _Unique:
 
 
 def model_cosines(
-    scorer, rows: Sequence[Judgment], batch_size: int = 64
+    scorer, rows: Sequence[Judgment], batch_size: int | None = None
 ) -> tuple[np.ndarray, float, int, list[str]]:
     """Cosine per row from a loaded :class:`~specs_metric.scoring.scorer.Scorer`.
 
@@ -193,20 +194,31 @@ def run_metrics(
     loader: Loader | None = None,
     device: str | None = None,
     precision: str = "fp32",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     on_result: Callable[[JudgmentSet, MetricScores], None] | None = None,
+    progress: bool = False,
 ) -> dict[str, dict[str, MetricScores]]:
     """Score every set with every metric: ``{set name: {metric label: MetricScores}}``.
 
     Each checkpoint is loaded once and run once per set; its scales share the cosines (and
     so the timing). ``on_result`` is called after each metric, so results can be written as
-    they come.
+    they come. ``progress`` shows a bar of (checkpoint or text metric, set) steps.
     """
+    from tqdm import tqdm
+
     from specs_metric.scoring.scales import apply_scale
 
     load = loader or _default_loader(device, precision)
     out: dict[str, dict[str, MetricScores]] = {s.name: {} for s in sets}
     models = sorted({m.model for m in metrics if m.is_model})
+    texts = [m for m in metrics if not m.is_model]
+    bar = tqdm(
+        total=(len(models) + len(texts)) * len(sets),
+        unit="step",
+        desc="metrics",
+        file=sys.stderr,
+        disable=not progress,
+    )
     for model in models:
         started = time.perf_counter()
         scorer = load(model)
@@ -229,8 +241,9 @@ def run_metrics(
                 out[jset.name][spec.label] = res
                 if on_result:
                     on_result(jset, res)
+            bar.update(1)
         del scorer
-    for spec in (m for m in metrics if not m.is_model):
+    for spec in texts:
         for jset in sets:
             if not jset.has_references:
                 res = MetricScores(
@@ -246,6 +259,8 @@ def run_metrics(
             out[jset.name][spec.label] = res
             if on_result:
                 on_result(jset, res)
+            bar.update(1)
+    bar.close()
     # keep the order the metrics were asked for
     return {k: {m.label: v[m.label] for m in metrics} for k, v in out.items()}
 

@@ -359,7 +359,7 @@ def evaluate_retrieval(
     info: DistInfo | None = None,
     *,
     ks: Sequence[int] = DEFAULT_KS,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     num_workers: int = 0,
     skip_bad_images: bool = False,
     show_progress: bool = False,

@@ -1,11 +1,14 @@
 """Score a captioner's checkpoints on the same images and test each step (``specs sweep``).
 
 One caption file per checkpoint (rows ``id``, ``image``, ``caption``, as for ``specs
-score``), in training order. Each file is scored by the streaming job of ``specs score``
-into ``OUT/scores/<label>.jsonl``; all of them share the image-embedding cache
-``OUT/cache``, so each distinct image goes through the image tower once for the whole sweep
-(and never again when files are added later). With ``resume``, a score file whose job is
-complete and whose settings match is reused as it is, so adding a checkpoint to a sweep
+score``). The checkpoints are put in training order by the numbers in their names
+(:func:`natural_key`: ``ckpt-2000`` before ``ckpt-10000``, which a shell's glob sorts the
+other way), unless the order given is asked for (``order="given"``, and always with
+``labels``); the report says which order it used. Each file is scored by the streaming job
+of ``specs score`` into ``OUT/scores/<label>.jsonl``; all of them share the image-embedding
+cache ``OUT/cache``, so each distinct image goes through the image tower once for the whole
+sweep (and never again when files are added later). With ``resume``, a score file whose job
+is complete and whose settings match is reused as it is, so adding a checkpoint to a sweep
 scores only the new file.
 
 Per checkpoint: the mean score over its rows (the mean ``specs score`` reports for that
@@ -16,7 +19,9 @@ captions of an
 image are averaged per checkpoint before the test).
 
 Writes ``OUT/sweep.json``, ``OUT/sweep.png`` (score against checkpoint with CI bands) and
-``OUT/report.html`` (the plot inlined).
+``OUT/report.html`` (the plot inlined). A folder that already holds a sweep is refused
+unless ``resume`` (its finished score files are reused; every checkpoint of its report must
+be among the files) or ``overwrite`` (its score files and report are replaced).
 """
 
 from __future__ import annotations
@@ -24,15 +29,17 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from specs_metric.errors import SweepError
+from specs_metric.errors import OutputError, SpecsError, SweepError, UsageError
 from specs_metric.evaluation.compare import cluster_bootstrap_ci, compare_files, read_scores
+from specs_metric.io.reading import read_json
 from specs_metric.jobs.job import JobConfig, run_job
+from specs_metric.limits import MAX_METADATA_BYTES
 from specs_metric.scoring.scorer import Scorer
 
 # keys of a compare_files result kept in vs_previous / vs_best
@@ -48,24 +55,136 @@ _TEST_KEYS = (
     "ties",
     "losses",
 )
+ORDERS = ("natural", "given")
+ORDER_TEXT = {
+    "natural": "natural order of the names (the numbers in them compared as numbers)",
+    "given": "the order given",
+}
+_REPORT_FILES = ("sweep.json", "sweep.png", "report.html")
 
+
+def _stderr(message: str) -> None:
+    """Where the library tells the user about a sweep by default: stderr."""
+    print(message, file=sys.stderr)
 
 
 @dataclass
 class SweepOptions:
-    """Settings of :func:`run_sweep` besides the files and the model."""
+    """Settings of :func:`run_sweep` besides the files and the model.
+
+    ``order`` None means natural, or given when labels are given. ``check_rows`` is called
+    with each checkpoint's job summary as soon as its file is scored (the command's check of
+    row errors); ``tell`` gets the lines for the user: the order used and warnings (a plot
+    that cannot be made).
+    """
 
     image_root: Path | None = None
     scale: str = "specs"
-    batch_size: int = 1  # as in `specs score`: embeddings independent of batch mates
+    batch_size: int | None = None  # by device, as in `specs score` (1 on a CPU)
     num_workers: int = 1
     resume: bool = False
+    overwrite: bool = False
+    order: str | None = None
     show_progress: bool = True
     n_boot: int = 10000
     n_perm: int = 10000
     level: float = 0.95
     seed: int = 0
     plot: bool = True
+    check_rows: Callable[[dict], object] | None = None
+    tell: Callable[[str], None] = field(default=_stderr)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key comparing the digit runs of ``name`` as numbers and the rest as text.
+
+    Example:
+        >>> sorted(["ckpt-2000", "ckpt-10000", "ckpt-1000"], key=natural_key)
+        ['ckpt-1000', 'ckpt-2000', 'ckpt-10000']
+    """
+    parts = re.split(r"([0-9]+)", name)
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in parts if part
+    ) + ((2, 0, name),)
+
+
+def ordered(
+    paths: Sequence[Path], names: Sequence[str], order: str
+) -> tuple[list[Path], list[str]]:
+    """The checkpoints in ``order``: ``natural`` (by :func:`natural_key` of their names) or
+    ``given``."""
+    if order not in ORDERS:
+        raise UsageError(f"unknown order {order!r}; choose one of {', '.join(ORDERS)}")
+    pairs = list(zip(paths, names, strict=True))
+    if order == "natural":
+        pairs.sort(key=lambda pair: natural_key(pair[1]))
+    return [p for p, _ in pairs], [n for _, n in pairs]
+
+
+def _score_files_in(out: Path) -> list[Path]:
+    """The files this sweep's jobs write in ``OUT/scores`` (outputs, part files, records)."""
+    folder = out / "scores"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if ".jsonl" in p.name and p.is_file())
+
+
+def _earlier_sweep(out: Path) -> list[str] | None:
+    """The checkpoint names of the sweep already in ``out`` ([] when its report is missing
+    or unreadable), or None when ``out`` holds none."""
+    report = out / "sweep.json"
+    if report.is_file():
+        try:
+            report_data = read_json(report, MAX_METADATA_BYTES, what="sweep report", protect=False)
+            return [str(c["name"]) for c in report_data["checkpoints"]]
+        except (OSError, SpecsError, KeyError, TypeError):
+            return []
+    if _score_files_in(out) or any((out / name).exists() for name in _REPORT_FILES):
+        return []
+    return None
+
+
+def _some(names: Sequence[str], most: int = 6) -> str:
+    """``names`` joined, the middle ones elided when there are more than ``most``."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return f"{', '.join(names[:3])}, ..., {', '.join(names[-2:])}"
+
+
+def check_output_folder(out: Path, names: Sequence[str], options: SweepOptions) -> None:
+    """Refuse to replace an earlier sweep in ``out`` silently (one line each):
+
+    - without ``resume`` or ``overwrite``: any earlier sweep;
+    - with ``resume``: one whose report has checkpoints that are not among ``names`` (the
+      new report would drop them);
+
+    and with ``overwrite``, remove the earlier sweep's score files and report (the image
+    cache is kept: it only depends on the images and the model).
+    """
+    if options.resume and options.overwrite:
+        raise UsageError("--resume keeps an earlier sweep and --overwrite replaces it; choose one")
+    earlier = _earlier_sweep(out)
+    if earlier is None:
+        return
+    if options.overwrite:
+        for path in _score_files_in(out) + [out / name for name in _REPORT_FILES]:
+            path.unlink(missing_ok=True)
+        return
+    shown = f"a sweep of {len(earlier)} checkpoint(s) ({_some(earlier)})" if earlier else (
+        "an unfinished sweep"
+    )
+    if not options.resume:
+        raise OutputError(
+            f"--output {out} already holds {shown}; pass --resume to reuse its score files "
+            "(and add files to it) or --overwrite to replace it"
+        )
+    dropped = [name for name in earlier if name not in names]
+    if dropped:
+        raise OutputError(
+            f"--resume: the sweep in {out} also has {_some(dropped)}, not among the files "
+            "given (its new report would drop them); give those files too, or pass "
+            "--overwrite to replace the sweep"
+        )
 
 
 def checkpoint_labels(files: Sequence[Path], labels: Sequence[str] | None = None) -> list[str]:
@@ -148,6 +267,8 @@ def _score_files(
             show_progress=options.show_progress,
         )
         summary = run_job(config, scorer)
+        if options.check_rows is not None:
+            options.check_rows(summary)
         encoded += int(summary.get("images_encoded_rank0", 0))
         summaries.append(summary)
     return summaries, encoded
@@ -200,7 +321,8 @@ def run_sweep(
 
     Raises:
         SweepError: bad labels, a missing file, or a file without a scored row.
-        ValueError: ``resume`` with a score file made under other settings.
+        OutputError: ``out`` holds an earlier sweep (see :func:`check_output_folder`).
+        JobError: ``resume`` with a score file made under other settings.
     """
     options = options or SweepOptions()
     out = Path(out)
@@ -211,6 +333,15 @@ def run_sweep(
         if not p.is_file():
             raise SweepError(f"{p}: no such file")
     names = checkpoint_labels(paths, labels)
+    order = options.order or ("given" if labels is not None else "natural")
+    paths, names = ordered(paths, names, order)
+    check_output_folder(out, names, options)
+    moved = [str(p) for p in paths] != [str(f) for f in files]
+    if moved or options.show_progress:  # a new order is said even under --quiet
+        options.tell(
+            f"specs sweep: checkpoints in {ORDER_TEXT[order]}"
+            f"{' (not the order given)' if moved else ''}: {', '.join(names)}"
+        )
     summaries, encoded = _score_files(paths, names, scorer, out, options)
     checkpoints = [
         _checkpoint_row(path, name, summary, options, options.seed + k)
@@ -231,21 +362,33 @@ def run_sweep(
         "seed": options.seed,
         "images": len(images),
         "images_encoded": encoded,
+        "order": order,
+        "order_description": ORDER_TEXT[order],
         "best": checkpoints[best]["name"],
         "checkpoints": checkpoints,
     }
-    write_sweep_report(result, out, plot=options.plot)
+    write_sweep_report(result, out, plot=options.plot, tell=options.tell)
     return result
 
 
-def write_sweep_report(result: dict, out: Path, *, plot: bool = True) -> None:
-    """``sweep.json``, ``sweep.png`` (unless ``plot`` is false) and ``report.html``."""
+def write_sweep_report(
+    result: dict, out: Path, *, plot: bool = True, tell: Callable[[str], None] = _stderr
+) -> None:
+    """``sweep.json``, ``sweep.png`` (unless ``plot`` is false, or matplotlib cannot be
+    imported: then ``tell`` gets one warning line and the page says so) and
+    ``report.html``."""
     from specs_metric.evaluation.reports.html import sweep_page
     from specs_metric.evaluation.reports.html_parts import read_png
-    from specs_metric.evaluation.reports.report import plot_sweep
+    from specs_metric.evaluation.reports.report import plot_sweep, try_plot
     from specs_metric.io.jsonio import dumps
     from specs_metric.io.writing import write_text
 
     write_text(out / "sweep.json", dumps(result, indent=2) + "\n")
-    png = read_png(plot_sweep(result, out / "sweep.png")) if plot else None
-    write_text(out / "report.html", sweep_page(result, plot_png=png))
+    notes: list[str] = []
+    png = None
+    if plot:
+        made = try_plot(lambda: plot_sweep(result, out / "sweep.png"), notes.append)
+        for note in notes:
+            tell(f"specs sweep: warning: {note}")
+        png = read_png(made) if made is not None else None
+    write_text(out / "report.html", sweep_page(result, plot_png=png, notes=notes))

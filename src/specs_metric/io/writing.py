@@ -81,9 +81,8 @@ def check_not_input(path: str | os.PathLike[str], what: str = "output") -> None:
         return  # nothing there (yet): nothing to overwrite
     source = _PROTECTED.get((st.st_dev, st.st_ino))
     if source is not None:
-        shown = "" if os.fspath(path) == source else f" ({source})"
         raise OutputError(
-            f"{what} {os.fspath(path)} is an input file{shown}; choose another {what}"
+            f"{what} {os.fspath(path)} is the input file {source}; choose another {what}"
         )
 
 

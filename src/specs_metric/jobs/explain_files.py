@@ -1,14 +1,16 @@
-"""``specs explain`` over a file: rows in, one explanation per row out (JSON lines).
+"""``specs explain`` over a file: rows in, one explanation per row out (JSONL, CSV or
+parquet, by the output's extension).
 
 The attribution itself is :mod:`specs_metric.scoring.explain`; this module reads the rows as
 ``specs score`` does (bad rows become row errors naming their line), embeds each distinct
 image once through :class:`~specs_metric.scoring.image_embeddings.ImageEncoder`, and writes each
-chunk's records to ``<output>.part`` as it finishes, which becomes the output at the end.
+chunk's records to ``<output>.part`` (JSON lines) as it finishes, which becomes the output in
+its format at the end (:func:`~specs_metric.jobs.outputs.write_output`: in CSV the nested
+``segments`` column is JSON text, in parquet a list of structs).
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -23,8 +25,10 @@ from specs_metric.data.sources import read_rows
 from specs_metric.errors import CaptionTooLongError, UsageError
 from specs_metric.io.jsonio import dumps, write_json
 from specs_metric.io.writing import check_not_input, create_empty, open_append, publish
+from specs_metric.jobs.outputs import output_format, write_output
 from specs_metric.processing.segmentation import SEGMENTERS, Segmenter
 from specs_metric.processing.tokenizer import literal_special_warning
+from specs_metric.runtime.policy import device_policy
 from specs_metric.scoring.explain import (
     ATTRIBUTIONS,
     DEFAULT_CHAINS_PER_BATCH,
@@ -64,7 +68,7 @@ class ExplainConfig:
     scale: str = "specs"
     neutral: str = NEUTRAL_SENTENCE
     chunk_rows: int = 64  # rows prepared and written together
-    batch_size: int = 64  # images per image batch
+    batch_size: int | None = None  # images per image batch; None: by device (1 on a CPU)
     chains_per_batch: int = DEFAULT_CHAINS_PER_BATCH
     memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE  # image embeddings kept in memory
     show_progress: bool = True
@@ -117,10 +121,12 @@ def _explain_chunk(
 
 
 def summarize_records(records: Sequence[dict]) -> dict:
-    """Counts and mean score of explain records."""
+    """Counts and mean score of explain records (``mean`` is None when none was scored;
+    ``first_error`` is the error of the first failed row, as in ``specs score``)."""
     scored = [r for r in records if r.get("error") is None]
     segs = [s for r in scored for s in r["segments"]]
-    mean = float(np.mean([r["score"] for r in scored])) if scored else math.nan
+    mean = float(np.mean([r["score"] for r in scored])) if scored else None
+    errors = (r["error"] for r in records if r.get("error") is not None)
     return {
         "n_rows": len(records),
         "n_scored": len(scored),
@@ -129,11 +135,13 @@ def summarize_records(records: Sequence[dict]) -> dict:
         "n_beyond_context": sum(bool(s["beyond_context"]) for s in segs),
         "n_warnings": sum(bool(r.get("warning")) for r in scored),
         "mean": mean,
+        "first_error": next(errors, None),
     }
 
 
 def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
-    """Explain every row of ``config.input`` into ``config.output`` (JSONL).
+    """Explain every row of ``config.input`` into ``config.output`` (JSONL, CSV or parquet,
+    by its extension).
 
     Rows are written to ``<output>.part`` as each chunk finishes, which becomes the output
     when the run completes. Bad rows become row errors naming their line, as in
@@ -143,6 +151,7 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
         The summary (also written to ``<output>.summary.json``) and the records.
     """
     check_scale(config.scale)
+    fmt = output_format(config.output)
     if config.attribution not in ATTRIBUTIONS:
         raise UsageError(
             f"unknown attribution {config.attribution!r}; choose one of {ATTRIBUTIONS}"
@@ -156,7 +165,8 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
     rows = list(read_rows(config.input, config.image_root))
     config.output.parent.mkdir(parents=True, exist_ok=True)
     part = config.output.with_name(config.output.name + ".part")
-    images = ImageEncoder(scorer, config.batch_size, config.memory_cache_size)
+    batch_size = config.batch_size or device_policy(scorer.device).image_batch
+    images = ImageEncoder(scorer, batch_size, config.memory_cache_size)
     records: list[dict] = []
     bar = tqdm(
         total=len(rows),
@@ -177,7 +187,11 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
             records += chunk
             bar.update(len(chunk))
     bar.close()
-    publish(part, config.output)
+    if fmt == "jsonl":
+        publish(part, config.output)
+    else:
+        write_output([part], config.output, OUTPUT_FIELDS)
+        part.unlink()
     summary = summarize_records(records)
     summary.update(
         {

@@ -41,7 +41,6 @@ locking and resuming a run.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -63,14 +62,15 @@ from specs_metric.io.jsonio import write_json
 from specs_metric.io.locking import OutputLock
 from specs_metric.io.writing import check_not_input, create_empty, open_append
 from specs_metric.jobs.chunks import Chunk, ChunkStream, pack_chunk, unpack_chunk
+from specs_metric.jobs.outputs import output_format
 from specs_metric.jobs.results import (
     check_resumable,
     job_path,
+    job_summary,
     json_line,
     part_path,
     read_job_record,
     resume_point,
-    summarize,
     write_final,
 )
 from specs_metric.runtime.distributed import DistInfo, all_ranks_agree, barrier, shard_range
@@ -79,12 +79,7 @@ from specs_metric.runtime.workers import die_with_parent
 from specs_metric.scoring.cache import EmbeddingCache, model_fingerprint
 from specs_metric.scoring.image_embeddings import DEFAULT_MEMORY_CACHE_SIZE, ImageEncoder
 from specs_metric.scoring.prepare import RowPreparer
-from specs_metric.scoring.scales import (
-    apply_scale,
-    check_scale,
-    corpus_from_mean,
-    cosine_similarity,
-)
+from specs_metric.scoring.scales import apply_scale, check_scale, cosine_similarity
 from specs_metric.scoring.scorer import Scorer
 
 
@@ -316,6 +311,7 @@ def run_job(config: JobConfig, scorer: Scorer, dist_info: DistInfo | None = None
         The summary (also written to ``<output>.summary.json`` by rank 0).
     """
     check_scale(config.scale)
+    output_format(config.output)  # before any work: the format follows the extension
     config = config.for_device(scorer.device)
     if config.chunk_rows < 1 or config.batch_size < 1:
         raise JobError(
@@ -367,32 +363,19 @@ def _run_locked(config: JobConfig, scorer: Scorer, info: DistInfo, started: floa
             write_json(job_file, {**identity, "complete": True}, indent=1)
     summary = {}
     if info.is_main:
-        summary = summarize(config.output)
-        first_duplicate = summary.pop("first_duplicate_id")
-        if summary["n_duplicate_ids"]:
-            _warn(
-                f"{summary['n_duplicate_ids']} row(s) repeat the id of an earlier row (first: "
-                f"{json.dumps(first_duplicate, ensure_ascii=False)}); `specs compare` needs "
-                "unique ids"
-            )
         if non_finite:
             _warn(
                 f"{non_finite} row(s) got a non-finite score (NaN or infinite weights or "
                 "embeddings); they are row errors with a null score"
             )
-        mean = summary["mean"]
-        summary.update(
-            {
-                "corpus_score": None if mean is None else corpus_from_mean(mean, config.scale),
-                "scale": config.scale,
-                **scorer.summary_fields(),
-                "world_size": info.world_size,
-                "images_encoded_rank0": encoded,
-                "seconds": round(time.perf_counter() - started, 3),
-                "output": str(config.output),
-            }
-        )
-        summary_path = config.output.with_name(config.output.name + ".summary.json")
-        write_json(summary_path, summary)
+        run = {
+            **scorer.summary_fields(),
+            "engine": "local",
+            "world_size": info.world_size,
+            "images_encoded_rank0": encoded,
+            "seconds": round(time.perf_counter() - started, 3),
+            "output": str(config.output),
+        }
+        summary = job_summary(config.output, config.scale, run, _warn)
     barrier(info)
     return summary

@@ -1,10 +1,12 @@
-"""Writing a scoring job's results in the output's format: JSONL, CSV or parquet.
+"""Writing a scoring job's results in the output's format: JSONL, CSV or parquet, chosen by
+the output's extension (any other extension is refused: :func:`output_format`).
 
 The job appends JSON lines to part files; the final output is made from them, rows in input
 order. Parquet columns are typed: ``score``/``cosine`` float64, ``tokens`` int64,
 ``truncated`` bool, ``image``/``caption``/``error`` strings (a caption that is not a string,
-in an error row, is written as its JSON text), and ``id`` int64 when every id is an integer,
-else strings.
+in an error row, is written as its JSON text), ``id`` int64 when every id is an integer,
+else strings, and ``segments`` (``specs explain``) a list of structs ``text``, ``score``,
+``delta``, ``beyond_context``. In CSV, ``segments`` (a nested column) is its JSON text.
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ from typing import IO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from specs_metric.errors import UsageError
 from specs_metric.io.reading import open_text
 from specs_metric.io.writing import atomic_write
 
 OUTPUT_SUFFIXES = (".jsonl", ".csv", ".parquet")
 _ROW_GROUP = 65536
+_SEGMENT = pa.struct(
+    [
+        ("text", pa.string()),
+        ("score", pa.float64()),
+        ("delta", pa.float64()),
+        ("beyond_context", pa.bool_()),
+    ]
+)
 _TYPES = {
+    "segments": pa.list_(_SEGMENT),
     "image": pa.string(),
     "caption": pa.string(),
     "score": pa.float64(),
@@ -33,6 +45,22 @@ _TYPES = {
     "warning": pa.string(),
     "error": pa.string(),
 }
+
+
+def output_format(path: str | Path, option: str = "--output") -> str:
+    """The format of an output of rows, by its extension: ``jsonl``, ``csv`` or ``parquet``.
+
+    Raises:
+        UsageError: any other extension (one line naming the ones there are).
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        shown = f"unknown extension {suffix!r}" if suffix else "no extension"
+        raise UsageError(
+            f"{option} {path}: {shown}; the format follows the extension: .jsonl, .csv or "
+            ".parquet"
+        )
+    return suffix[1:]
 
 
 def _records(parts: Sequence[Path]) -> Iterator[dict]:
@@ -90,11 +118,18 @@ def _write_parquet(parts: Sequence[Path], out: IO[bytes], fields: Sequence[str])
             flush()
 
 
+def _csv_cell(value: object) -> object:
+    """A CSV cell: nested values (``segments``) as their JSON text."""
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    return value
+
+
 def write_output(parts: Sequence[Path], target: Path, fields: Sequence[str]) -> None:
-    """Concatenate the JSONL ``parts`` into ``target`` in the format of its suffix
-    (``.csv``, ``.parquet``; ``.jsonl`` otherwise), through the safe writer: the target
-    appears whole or not at all, and no link at its path is followed."""
-    suffix = target.suffix.lower()
+    """Concatenate the JSONL ``parts`` into ``target`` in the format of its extension
+    (:func:`output_format`), through the safe writer: the target appears whole or not at
+    all, and no link at its path is followed."""
+    suffix = "." + output_format(target)
     if suffix == ".parquet":
         with atomic_write(target, "wb") as out:
             _write_parquet(parts, out, fields)
@@ -109,6 +144,7 @@ def write_output(parts: Sequence[Path], target: Path, fields: Sequence[str]) -> 
             with open_text(part, what="part file", protect=False) as fh:
                 for line in fh:
                     if writer:
-                        writer.writerow(json.loads(line))
+                        rec = json.loads(line)
+                        writer.writerow({k: _csv_cell(rec.get(k)) for k in fields})
                     else:
                         out.write(line)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from specs_metric.io.writing import check_not_input, create_empty, open_append
 from specs_metric.jobs import results
 from specs_metric.jobs.job import job_identity
 from specs_metric.jobs.ray import RayOptions, load_scorer, require_ray, score
-from specs_metric.scoring.scales import check_scale, corpus_from_mean
+from specs_metric.scoring.scales import check_scale
 
 if TYPE_CHECKING:
     from specs_metric.jobs.job import JobConfig
@@ -107,7 +108,7 @@ def run_ray_jobs(configs: list[JobConfig], options: RayOptions) -> list[dict]:
             jobs.finish(current, handle)
     for number in pending:  # jobs after the last row: empty or wholly resumed inputs
         jobs.finish(number, jobs.append(number))
-    return [_summary(config, probe, started) for config in configs]
+    return [_summary(config, probe, options, started) for config in configs]
 
 
 class _RayJobs:
@@ -201,20 +202,19 @@ def _scored_rows(items: list[dict], first: JobConfig, options: RayOptions):
     return scored.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
-def _summary(config: JobConfig, probe, started: float) -> dict:
-    summary = results.summarize(config.output)
-    summary.update(
-        {
-            "corpus_score": corpus_from_mean(summary["mean"], config.scale),
-            "scale": config.scale,
-            "model": probe.name,
-            "checkpoint_sha256": probe.checkpoint_sha256,
-            "precision": probe.precision,
-            "engine": "ray",
-            "seconds": round(time.perf_counter() - started, 3),
-            "output": str(config.output),
-        }
-    )
-    summary_path = config.output.with_name(config.output.name + ".summary.json")
-    write_json(summary_path, summary)
-    return summary
+def _summary(config: JobConfig, probe, options: RayOptions, started: float) -> dict:
+    """The job's summary, with the keys of the local job's (:data:`results.SUMMARY_KEYS`)."""
+    run = {
+        **probe.summary_fields(),
+        "device": options.device or ("cuda" if options.num_gpus_per_worker > 0 else "cpu"),
+        "engine": "ray",
+        "world_size": 1,  # one process writes the output, as in the identity
+        "images_encoded_rank0": None,  # the actors do not report it
+        "seconds": round(time.perf_counter() - started, 3),
+        "output": str(config.output),
+    }
+    return results.job_summary(config.output, config.scale, run, _warn)
+
+
+def _warn(message: str) -> None:
+    print(f"specs score: warning: {message}", file=sys.stderr)

@@ -5,6 +5,7 @@ one row per input row), and reading an output back with its summary.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -12,13 +13,14 @@ from pathlib import Path
 
 from specs_metric.data.scorefiles import SCORE_FIELDS, read_score_rows
 from specs_metric.errors import JobError
+from specs_metric.io.jsonio import write_json
 from specs_metric.io.reading import open_regular, read_json
 from specs_metric.io.writing import truncate
 from specs_metric.jobs.outputs import write_output
 from specs_metric.limits import MAX_METADATA_BYTES
+from specs_metric.scoring.scales import corpus_from_mean
 
 OUTPUT_FIELDS = SCORE_FIELDS  # the columns of a score file, in order
-
 
 
 def finite_or_none(value: object) -> object:
@@ -116,7 +118,7 @@ def summarize(path: Path) -> dict:
     n = n_err = n_trunc = n_dup = n_warn = 0
     total = total_sq = 0.0
     seen: set[int] = set()
-    first_duplicate = None
+    first_duplicate = first_error = None
     for rec in read_score_rows(path, protect=False):  # the job's own output
         key = _id_key(rec["id"])
         if key in seen:
@@ -125,6 +127,7 @@ def summarize(path: Path) -> dict:
         seen.add(key)
         if rec["error"]:
             n_err += 1
+            first_error = rec["error"] if first_error is None else first_error
             continue
         n += 1
         total += rec["score"]
@@ -143,7 +146,66 @@ def summarize(path: Path) -> dict:
         "n_warnings": n_warn,
         "mean": mean,
         "std": std,
+        "first_error": first_error,
     }
+
+
+# The keys of a job's summary, in order, from every engine (local, torchrun, Ray): the counts
+# of summarize() (less the first repeated id), then what ran. ``images_encoded_rank0`` is
+# null where the engine does not count them (Ray).
+SUMMARY_KEYS = (
+    "n_rows", "n_scored", "n_errors", "n_truncated", "n_duplicate_ids", "n_warnings", "mean",
+    "std", "first_error", "corpus_score", "scale", "model", "checkpoint_sha256", "version",
+    "precision", "device", "engine", "world_size", "images_encoded_rank0", "seconds", "output",
+)  # fmt: skip
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(output.name + ".summary.json")
+
+
+def job_summary(output: Path, scale: str, run: dict, warn) -> dict:
+    """The summary of a finished job, written to ``<output>.summary.json``: the
+    :data:`SUMMARY_KEYS`, the same from every engine.
+
+    Args:
+        run: the keys after the counts, corpus score and scale (the model's
+            ``summary_fields()``, the engine, ...).
+        warn: prints a warning line (a repeated id).
+    """
+    summary = summarize(output)
+    first_duplicate = summary.pop("first_duplicate_id")
+    if summary["n_duplicate_ids"]:
+        warn(
+            f"{summary['n_duplicate_ids']} row(s) repeat the id of an earlier row (first: "
+            f"{json.dumps(first_duplicate, ensure_ascii=False)}); `specs compare` needs "
+            "unique ids"
+        )
+    mean = summary["mean"]
+    summary["corpus_score"] = None if mean is None else corpus_from_mean(mean, scale)
+    summary["scale"] = scale
+    summary.update(run)
+    if set(summary) != set(SUMMARY_KEYS):  # one schema for every engine: a bug otherwise
+        raise RuntimeError(f"summary keys differ: {sorted(set(summary) ^ set(SUMMARY_KEYS))}")
+    summary = {key: summary[key] for key in SUMMARY_KEYS}
+    write_json(summary_path(output), summary)
+    return summary
+
+
+def partial_files(output: Path) -> list[Path]:
+    """The part files of an unfinished job at ``output`` (of any world size)."""
+    return sorted(output.parent.glob(f"{glob.escape(output.name)}.part-*-of-*.jsonl"))
+
+
+def earlier_run(output: Path) -> str | None:
+    """What an earlier job left at ``output``: None (nothing), ``"partial"`` (part files with
+    rows in them, which ``--resume`` continues) or ``"complete"`` (its output). A job that
+    stopped before its first row (a missing column, say) left nothing to lose."""
+    if any(part.stat().st_size for part in partial_files(output)):
+        return "partial"
+    if output.is_symlink() or output.exists():
+        return "complete"
+    return None
 
 
 def check_resumable(previous: dict, identity: dict, output: Path) -> None:

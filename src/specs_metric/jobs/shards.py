@@ -59,22 +59,27 @@ def plan(spec: str | Path, output_dir: Path, fmt: str) -> list[tuple[str, Path]]
 
 
 def combine(summaries: list[dict], scale: str) -> dict:
-    """Counts, mean and std over all shards, from the per-shard summaries."""
+    """Counts, mean and std over all shards, from the per-shard summaries (``mean``, ``std``
+    and ``corpus_score`` are null when no row was scored, as in a shard's summary)."""
     n = sum(s["n_scored"] for s in summaries)
     total = sum(s["mean"] * s["n_scored"] for s in summaries if s["n_scored"])
     total_sq = sum(
         (s["std"] ** 2 + s["mean"] ** 2) * s["n_scored"] for s in summaries if s["n_scored"]
     )
-    mean = total / n if n else math.nan
-    std = math.sqrt(max(total_sq / n - mean * mean, 0.0)) if n else math.nan
+    mean = total / n if n else None
+    std = math.sqrt(max(total_sq / n - mean * mean, 0.0)) if n else None
+    errors = [s["first_error"] for s in summaries if s.get("first_error")]
     return {
         "n_rows": sum(s["n_rows"] for s in summaries),
         "n_scored": n,
         "n_errors": sum(s["n_errors"] for s in summaries),
         "n_truncated": sum(s["n_truncated"] for s in summaries),
+        "n_duplicate_ids": sum(s["n_duplicate_ids"] for s in summaries),
+        "n_warnings": sum(s["n_warnings"] for s in summaries),
         "mean": mean,
         "std": std,
-        "corpus_score": corpus_from_mean(mean, scale),
+        "first_error": errors[0] if errors else None,
+        "corpus_score": None if mean is None else corpus_from_mean(mean, scale),
         "scale": scale,
     }
 

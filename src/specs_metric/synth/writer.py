@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from specs_metric.errors import OutputError, UsageError
 from specs_metric.io.writing import atomic_write, write_text
@@ -70,7 +72,13 @@ def _split_sizes(n: int, test_fraction: float) -> dict[str, int]:
 
 
 def _write_split(
-    output: Path, split: Split, count: int, seed: int, image_size: int, graded_per_scene: int
+    output: Path,
+    split: Split,
+    count: int,
+    seed: int,
+    image_size: int,
+    graded_per_scene: int,
+    bar: tqdm,
 ) -> SplitSummary:
     counter = TokenCounter(default_tokenizer())
     split_id = SPLITS.index(split)
@@ -100,6 +108,7 @@ def _write_split(
         rows["neg_captions"].append(chain.neg_captions)
         rows["scene"].append(json.dumps(scene.to_dict(), sort_keys=True))
         lengths.append(2 + sum(desc.lengths))
+        bar.update(1)
         graded_rng = np.random.default_rng([seed, split_id, i, 2])
         for cand in graded_candidates(ctx, graded_rng, graded_per_scene):
             record = {
@@ -196,6 +205,7 @@ def generate(
     graded_per_scene: int = GRADED_PER_SCENE,
     *,
     overwrite: bool = True,
+    progress: bool = False,
 ) -> list[SplitSummary]:
     """Generate ``n`` scenes (``round(n * test_fraction)`` of them test scenes) into ``output``.
 
@@ -208,6 +218,7 @@ def generate(
         test_fraction: share of test scenes.
         graded_per_scene: graded candidates per scene.
         overwrite: with ``False``, refuse (``OutputError``) a folder that is not empty.
+        progress: show a progress bar of the scenes written.
 
     Returns:
         One summary per split.
@@ -220,10 +231,11 @@ def generate(
     output = Path(output)
     _clear(output, overwrite)
     (output / "images").mkdir(parents=True, exist_ok=True)
-    summaries = [
-        _write_split(output, split, sizes[split], seed, image_size, graded_per_scene)
-        for split in SPLITS
-    ]
+    with tqdm(total=n, unit="scene", desc="synth", file=sys.stderr, disable=not progress) as bar:
+        summaries = [
+            _write_split(output, split, sizes[split], seed, image_size, graded_per_scene, bar)
+            for split in SPLITS
+        ]
     meta = {
         "seed": seed,
         "n": n,

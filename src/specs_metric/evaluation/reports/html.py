@@ -19,7 +19,7 @@ cells, tables, colours, thumbnails and the page frame).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,7 @@ from specs_metric.evaluation.reports.html_parts import (
     facts_html,
     fmt,
     legend_html,
+    note_html,
     num_cell,
     page,
     png_data_uri,
@@ -45,13 +46,36 @@ if TYPE_CHECKING:  # pragma: no cover
 # the pages, and the delta colouring they share with other renderers
 __all__ = ["compare_page", "delta_color", "delta_scale", "explain_page", "sweep_page"]
 
+# Rows of a table a page shows at most by default: a row with its thumbnail and coloured
+# segments is a few kilobytes, so 2,000 rows made an 11.8 MB page. The files hold every row.
+MAX_HTML_ROWS = 500
 
-def explain_page(records: list[dict], image_root: Path | None, title: str) -> str:
+
+def _shown(n_shown: int, n_total: int, where: str | None) -> str | None:
+    """The note of a table capped at ``n_shown`` of ``n_total`` rows (None if all shown)."""
+    if n_shown >= n_total:
+        return None
+    held = f"; every row is in {where}" if where else ""
+    return f"Showing the first {n_shown} of {n_total} rows{held}."
+
+
+def explain_page(
+    records: list[dict],
+    image_root: Path | None,
+    title: str,
+    *,
+    max_rows: int | None = MAX_HTML_ROWS,
+    output: str | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> str:
     """The report of ``specs explain``: one row per caption, its segments coloured by delta.
 
     ``records`` are explain output rows (``id, image, caption, score, segments, error``);
     relative image paths are resolved against ``image_root``. Columns sort by clicking; the
-    "lowest delta" column finds the captions with the most harmful segment.
+    "lowest delta" column finds the captions with the most harmful segment. The facts count
+    every record; the table shows the first ``max_rows`` (None: all), with a note saying so
+    and naming ``output``, the file that holds them all. ``warn`` gets the note of images
+    without a thumbnail.
     """
     thumbs = Thumbnails([image_root])
     scale = delta_scale(records)
@@ -70,7 +94,8 @@ def explain_page(records: list[dict], image_root: Path | None, title: str) -> st
         ]
     )
     rows = []
-    for rec in records:
+    shown = records if max_rows is None else records[:max_rows]
+    for rec in shown:
         segs = [s for s in rec.get("segments") or () if not s.get("beyond_context")]
         deltas = [float(s["delta"]) for s in segs if s.get("delta") is not None]
         low = min(deltas) if deltas else None
@@ -90,7 +115,15 @@ def explain_page(records: list[dict], image_root: Path | None, title: str) -> st
     table = table_html(
         "rows", ["id", "image", "score", "segments", "lowest delta", "caption"], rows
     )
-    return page(title, [facts, legend_html(scale), table])
+    notes = [_shown(len(shown), len(records), output), _thumbnail_note(thumbs, warn)]
+    return page(title, [facts, *map(note_html, notes), legend_html(scale), table])
+
+
+def _thumbnail_note(thumbs: Thumbnails, warn: Callable[[str], None] | None) -> str | None:
+    note = thumbs.note()
+    if note and warn is not None:
+        warn(note)
+    return note
 
 
 def _side_html(rows: Sequence[dict], scale: float) -> str:
@@ -110,17 +143,21 @@ def compare_page(
     image_roots: Sequence[Path | None] = (),
     plot_png: bytes | None = None,
     title: str = "specs compare",
+    notes: Sequence[str] = (),
+    warn: Callable[[str], None] | None = None,
 ) -> str:
     """The report of ``specs compare``: the test, the plot, the units that changed most.
 
     The changed-most table shows both sides' captions next to each other; captions from
-    ``specs explain`` outputs are coloured by segment delta.
+    ``specs explain`` outputs are coloured by segment delta; at most :data:`MAX_HTML_ROWS`
+    (the report's JSON holds them all). ``notes`` are shown above the results (e.g. a plot
+    that could not be made); ``warn`` gets the note of images without a thumbnail.
     """
     c = comparison
     level = int(round(100 * c.level))
     verdict = "significant" if c.significant else "not significant"
     thumbs = Thumbnails(image_roots)
-    tops = c.top_changes
+    tops = c.top_changes[:MAX_HTML_ROWS]
     scale = delta_scale([r for t in tops for r in t.get("rows_a", []) + t.get("rows_b", [])])
     has_segments = any(
         r.get("segments") for t in tops for r in t.get("rows_a", []) + t.get("rows_b", [])
@@ -160,6 +197,7 @@ def compare_page(
         )
         if has_segments:
             body.append(legend_html(scale))
+        body.append(note_html(_shown(len(tops), len(c.top_changes), "report.json")))
         rows = []
         for t in tops:
             rows_a = t.get("rows_a") or [{"caption": t["caption"], "score": t["score_a"]}]
@@ -182,6 +220,7 @@ def compare_page(
                 "changes", ["id", "image", "A", "caption A", "B", "caption B", "B − A"], rows
             )
         )
+    body[1:1] = [note_html(n) for n in (*notes, _thumbnail_note(thumbs, warn))]
     return page(title, body)
 
 
@@ -196,20 +235,28 @@ def _test_cells(test: dict | None) -> list[Cell]:
     return [diff, num_cell(test["p_value"])]
 
 
-def sweep_page(result: dict, *, plot_png: bytes | None = None, title: str = "specs sweep") -> str:
-    """The report of ``specs sweep``: the plot and one sortable row per checkpoint."""
+def sweep_page(
+    result: dict,
+    *,
+    plot_png: bytes | None = None,
+    title: str = "specs sweep",
+    notes: Sequence[str] = (),
+) -> str:
+    """The report of ``specs sweep``: the plot and one sortable row per checkpoint, in the
+    order the sweep used (which the page states); ``notes`` are shown above the plot."""
     level = int(round(100 * result.get("level", 0.95)))
     facts = facts_html(
         [
             ("model", f"{result['model']} (sha256 {str(result['checkpoint_sha256'])[:12]}…)"),
             ("scale", result.get("scale")),
             ("checkpoints", len(result["checkpoints"])),
+            ("order", result.get("order_description", "the order given")),
             ("images", result.get("images")),
             ("images encoded by this run", result.get("images_encoded")),
             ("best", result.get("best")),
         ]
     )
-    body = [facts]
+    body = [facts, *map(note_html, notes)]
     if plot_png:
         body.append(f'<img class="plot" alt="score by checkpoint" src="{png_data_uri(plot_png)}">')
     rows = []

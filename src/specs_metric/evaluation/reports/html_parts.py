@@ -45,6 +45,7 @@ dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;margin
 dl.facts dt{color:#555}dl.facts dd{margin:0}
 img.plot{max-width:100%;border:1px solid #ddd}
 div.cand{margin-bottom:4px}
+p.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;max-width:70em}
 """
 
 _JS = """
@@ -135,13 +136,17 @@ def thumbnail_uri(path: Path, side: int = THUMB_SIDE) -> str | None:
 class Thumbnails:
     """Thumbnails by image path for one page: each file read once, at most ``limit`` of them.
 
-    Relative paths are tried against each of ``roots`` in order.
+    Relative paths are tried against each of ``roots`` in order. Images without a thumbnail
+    are counted (:attr:`not_found`, :attr:`over_limit`) so that the page can say why
+    (:meth:`note`) instead of leaving the cells silently bare.
     """
 
     def __init__(self, roots: Sequence[Path | None] = (), limit: int = MAX_THUMBS) -> None:
         self.roots = [Path(r) for r in roots if r is not None]
         self.limit = limit
         self._done: dict[str, str | None] = {}
+        self.not_found: list[str] = []  # no file at the path (under any root), or unreadable
+        self.over_limit = 0  # distinct images past ``limit``
 
     def resolve(self, image: object) -> Path | None:
         p = Path(str(image))
@@ -156,12 +161,42 @@ class Thumbnails:
         """An ``<img>`` tag (or the escaped path when no thumbnail is available)."""
         key = str(image)
         if key not in self._done:
-            path = self.resolve(image) if len(self._done) < self.limit else None
-            self._done[key] = thumbnail_uri(path) if path is not None else None
+            uri = None
+            if len(self._done) >= self.limit:
+                self.over_limit += 1
+            else:
+                path = self.resolve(image)
+                uri = thumbnail_uri(path) if path is not None else None
+                if uri is None:
+                    self.not_found.append(key)
+            self._done[key] = uri
         uri = self._done[key]
         if uri is None:
             return f'<span class="muted">{esc(image)}</span>'
         return f'<img class="thumb" src="{uri}" alt="{esc(image)}" title="{esc(image)}">'
+
+    def note(self) -> str | None:
+        """Why some images have no thumbnail (None when all have one), for the page and
+        the command's warning line."""
+        parts = []
+        if self.not_found:
+            roots = list(dict.fromkeys(str(r) for r in self.roots))  # each folder once
+            where = ", ".join(roots) or "the current folder"
+            parts.append(
+                f"{len(self.not_found)} of {len(self._done)} images have no thumbnail: not "
+                f"found or not readable under {where} (e.g. {self.not_found[0]}); pass "
+                "--image-root with the folder of the relative image paths"
+            )
+        if self.over_limit:
+            parts.append(
+                f"{self.over_limit} images past the first {self.limit} are shown by path only"
+            )
+        return "; ".join(parts) or None
+
+
+def note_html(text: str | None) -> str:
+    """A highlighted note above a page's tables (empty without text)."""
+    return f'<p class="note">{esc(text)}</p>' if text else ""
 
 
 # --- segments ---------------------------------------------------------------------------------

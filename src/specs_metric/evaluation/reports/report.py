@@ -1,19 +1,22 @@
 """Reports of meta-evaluation runs: markdown tables, JSON, and PNG plots.
 
 Plots draw on matplotlib's Agg canvas directly (no pyplot, no global backend switch);
-matplotlib is imported only when a plot is made.
+matplotlib is imported only when a plot is made. matplotlib is a dependency of the package,
+but where it cannot be imported anyway (a broken or stripped install) a plot raises
+:class:`~specs_metric.errors.PlotError`, and the commands write the rest of their report
+with one warning line (:func:`try_plot`): the numbers are worth more than their picture.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from specs_metric.errors import UsageError
+from specs_metric.errors import PlotError
 from specs_metric.evaluation.stats import STATISTICS, Estimate
 from specs_metric.io.jsonio import dumps
 from specs_metric.io.writing import atomic_write, write_text
@@ -139,9 +142,10 @@ def _canvas(nrows: int, ncols: int, width: float, height: float):
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError:
-        raise UsageError(
-            "plots need matplotlib: pip install 'specs-metric[bench]' (or pass --no-plots)"
+    except ImportError as exc:
+        raise PlotError(
+            f"no plots: matplotlib cannot be imported ({exc}); reinstall it with "
+            "pip install matplotlib"
         ) from None
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
@@ -149,9 +153,19 @@ def _canvas(nrows: int, ncols: int, width: float, height: float):
     return fig, axes
 
 
-def _save(fig, path: Path) -> Path:
+def try_plot(make: Callable[[], Path], warn: Callable[[str], None]) -> Path | None:
+    """``make()`` (a plot), or None with a warning when plots cannot be made here."""
+    try:
+        return make()
+    except PlotError as exc:
+        warn(str(exc))
+        return None
+
+
+def _save(fig, path: Path, layout: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     with atomic_write(path, "wb") as fh:
         fig.savefig(fh, format="png")
     return path
@@ -224,9 +238,14 @@ def plot_correlation_bars(rep: SetReport, path: Path) -> Path:
 
 
 def write_human_report(
-    reports: Sequence[SetReport], meta: dict, out_dir: Path, plots: bool = True
+    reports: Sequence[SetReport],
+    meta: dict,
+    out_dir: Path,
+    plots: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
-    """Write ``report.md``, ``report.json`` and (optionally) PNG plots into ``out_dir``."""
+    """Write ``report.md``, ``report.json`` and (optionally) PNG plots into ``out_dir``;
+    without matplotlib, ``warn`` gets one line and no plot is made (the rest is written)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "json": write_json(human_report_dict(reports, meta), out_dir / "report.json"),
@@ -234,10 +253,15 @@ def write_human_report(
     }
     write_text(files["markdown"], human_markdown(reports, meta))
     if plots:
-        for rep in reports:
-            stem = rep.name.replace("/", "_")
-            files[f"scatter:{rep.name}"] = plot_scatter(rep, out_dir / f"scatter_{stem}.png")
-            files[f"bars:{rep.name}"] = plot_correlation_bars(rep, out_dir / f"bars_{stem}.png")
+        try:
+            for rep in reports:
+                stem = rep.name.replace("/", "_")
+                files[f"scatter:{rep.name}"] = plot_scatter(rep, out_dir / f"scatter_{stem}.png")
+                files[f"bars:{rep.name}"] = plot_correlation_bars(rep, out_dir / f"bars_{stem}.png")
+        except PlotError as exc:
+            if warn is None:
+                raise
+            warn(str(exc))
     return files
 
 
@@ -303,14 +327,13 @@ def compare_markdown(c: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_distributions(
+def distributions_figure(
     a: np.ndarray,
     b: np.ndarray,
-    path: Path,
     labels: tuple[str, str] = ("A", "B"),
     unit: str = "row",
-) -> Path:
-    """Histograms of the two score sets, and of the paired differences B − A."""
+):
+    """The figure of :func:`plot_distributions`: counts are of ``unit`` (rows or images)."""
     fig, axes = _canvas(1, 2, 10.0, 3.8)
     lo = float(min(a.min(), b.min())) if a.size else 0.0
     hi = float(max(a.max(), b.max())) if a.size else 1.0
@@ -318,8 +341,8 @@ def plot_distributions(
     ax = axes[0, 0]
     ax.hist(a, bins=bins, alpha=0.55, label=labels[0])
     ax.hist(b, bins=bins, alpha=0.55, label=labels[1])
-    ax.set_xlabel("score")
-    ax.set_ylabel("rows")
+    ax.set_xlabel("score" if unit == "row" else f"score (mean per {unit})")
+    ax.set_ylabel(f"{unit}s")
     ax.legend(fontsize=8)
     ax.set_title("score distributions", fontsize=10)
     ax = axes[0, 1]
@@ -329,18 +352,39 @@ def plot_distributions(
     ax.hist(d, bins=np.linspace(lo - pad, hi + pad, 41), color="C2")
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel(f"B − A per {unit}")
+    ax.set_ylabel(f"{unit}s")
     ax.set_title("paired differences", fontsize=10)
-    return _save(fig, path)
+    return fig
+
+
+def plot_distributions(
+    a: np.ndarray,
+    b: np.ndarray,
+    path: Path,
+    labels: tuple[str, str] = ("A", "B"),
+    unit: str = "row",
+) -> Path:
+    """Histograms of the two score sets, and of the paired differences B − A, per ``unit``
+    (``row``, or ``image`` when captions were averaged per image)."""
+    return _save(distributions_figure(a, b, labels, unit), path)
 
 
 def plot_sweep(result: dict, path: Path) -> Path:
     """Mean score against checkpoint (``specs sweep``), with the bootstrap CI as a band."""
+    return _save(sweep_figure(result), path, layout=False)
+
+
+def sweep_figure(result: dict):
+    """The figure of :func:`plot_sweep`, laid out so that no two tick labels overlap
+    (:func:`fit_tick_labels`)."""
+    from specs_metric.evaluation.reports.ticks import fit_tick_labels, short_names
+
     cks = result["checkpoints"]
     x = np.arange(len(cks))
     mean = np.array([c["mean"] for c in cks], dtype=float)
     low = np.array([c["ci_low"] for c in cks], dtype=float)
     high = np.array([c["ci_high"] for c in cks], dtype=float)
-    fig, axes = _canvas(1, 1, max(5.0, min(14.0, 1.0 + 0.7 * len(cks))), 3.8)
+    fig, axes = _canvas(1, 1, max(5.0, min(14.0, 1.0 + 0.7 * len(cks))), 4.2)
     ax = axes[0, 0]
     level = int(round(100 * result.get("level", 0.95)))
     ax.fill_between(x, low, high, alpha=0.25, color="C0", label=f"{level}% CI (images)")
@@ -351,15 +395,18 @@ def plot_sweep(result: dict, path: Path) -> Path:
         vs = c.get("vs_previous")
         if vs and vs.get("significant"):  # a step the paired test supports
             ax.annotate("*", (x[i], high[i]), ha="center", va="bottom", fontsize=12)
+    prefix, names = short_names([c["name"] for c in cks])
     ax.set_xticks(x)
-    tilt = len(cks) > 6
-    ax.set_xticklabels(
-        [c["name"] for c in cks], rotation=30 if tilt else 0, ha="right" if tilt else "center"
-    )
+    ax.set_xticklabels(names, fontsize=9)
     ax.margins(x=0.05, y=0.15)  # room for the stars above the bands
-    ax.set_xlabel("checkpoint")
+    order = {"natural": "natural order of the names", "given": "the order given"}.get(
+        result.get("order", "given"), "the order given"
+    )
+    named = f"{prefix}…, " if prefix else ""
+    ax.set_xlabel(f"checkpoint ({named}in {order})")
     ax.set_ylabel(f"mean score ({result.get('scale', 'specs')})")
     ax.set_title(f"{result.get('model')}: * = significant change from the previous", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    return _save(fig, path)
+    fit_tick_labels(fig, ax)
+    return fig
