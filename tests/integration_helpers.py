@@ -29,17 +29,33 @@ SENTENCES = [
 
 
 def reference_scores(
-    tmp_path: Path, images: list, captions: list, model: str = DEMO, scale: str = "specs"
+    tmp_path: Path,
+    images: list,
+    captions: list,
+    *extra: str,
+    model: str = DEMO,
+    scale: str = "specs",
 ) -> list[dict]:
-    """The output rows of `specs score` (run through the command line) for the pairs, in
-    order: an independent computation of what an integration must return."""
-    src = tmp_path / "reference_input.jsonl"
+    """The output rows of `specs score` (run through the command line, with ``extra``
+    options) for the pairs, in order: an independent computation of what an integration
+    must return. Images are paths (a JSONL input) or all bytes (a parquet input)."""
     out = tmp_path / "reference_output.jsonl"
-    with open(src, "w", encoding="utf-8") as fh:
-        for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
-            fh.write(json.dumps({"id": str(i), "image": str(image), "caption": caption}) + "\n")
+    if images and all(isinstance(i, bytes) for i in images):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        src = tmp_path / "reference_input.parquet"
+        table = {"id": [str(i) for i in range(len(images))], "image": images,
+                 "caption": captions}  # fmt: skip
+        pq.write_table(pa.table(table), src)
+    else:
+        src = tmp_path / "reference_input.jsonl"
+        with open(src, "w", encoding="utf-8") as fh:
+            for i, (image, caption) in enumerate(zip(images, captions, strict=True)):
+                rec = {"id": str(i), "image": str(image), "caption": caption}
+                fh.write(json.dumps(rec) + "\n")
     code = main(["score", "--model", model, "--input", str(src), "--output", str(out),
-                 "--device", "cpu", "--no-progress", "--scale", scale])  # fmt: skip
+                 "--device", "cpu", "--no-progress", "--scale", scale, *extra])  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["id"] for r in rows] == [str(i) for i in range(len(images))]
