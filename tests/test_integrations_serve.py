@@ -23,7 +23,7 @@ from integration_helpers import CAPTIONS, DEMO, EXAMPLE_IMAGES, reference_scores
 from specs_metric.data.images import resolve_image_cell
 from specs_metric.errors import DataError, ServiceError
 from specs_metric.integrations.client import SPECSClient, SPECSServiceReward
-from specs_metric.integrations.pairs import PATHS_REFUSED, PairScorer
+from specs_metric.integrations.pairs import PairScorer
 from specs_metric.integrations.trl import SPECSReward
 from specs_metric.scoring.scorer import load
 from subprocesses import child_env, free_port
@@ -267,7 +267,9 @@ def test_overload_is_refused_at_once_with_retry_after(gated_server):
     assert health["rejected"] >= 2 and health["admitted_pairs"] == 0
     # without --image-root, paths are per-row errors
     results = SPECSClient(url, remote_paths=True).score_pairs(["scenes/scene1.png"], ["a"])
-    assert results[0]["error"] == f"pair 1: {PATHS_REFUSED}"
+    assert results[0]["error"] == (
+        "pair 1: image paths are not accepted here; send the image's bytes"
+    )
 
 
 def test_service_reward_equals_the_local_reward(server):
