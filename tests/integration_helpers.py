@@ -96,3 +96,53 @@ def tiny_policy(tokenizer, seed: int = 0):
         eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     return LlamaForCausalLM(config)
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``), read without W&B's
+    servers: a 7-byte header (``:W&B``, a 2-byte magic, a version byte), then LevelDB log
+    records in 32 KiB blocks (crc32c: 4 bytes, length: 2 bytes little-endian, type: 1
+    byte; full=1, first=2, middle=3, last=4), each payload a serialized
+    ``wandb_internal_pb2.Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", path
+    block, pos, pending, out = 32 * 1024, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's trailer too short for a header: padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, pos)
+        payload = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            continue
+        pending = payload if kind in (1, 2) else pending + payload
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+            pending = b""
+    return out
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The ``run.log`` rows of an offline W&B run file, values decoded from JSON."""
+    rows = []
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})  # fmt: skip
+    return rows
+
+
+def tensorboard_events(folder: Path):
+    """TensorBoard's own reader of the events under ``folder`` (everything kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from specs_metric.cli.common import nonnegative_int, positive_int, probability
+from specs_metric.integrations.logging import log_target
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,6 +50,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, help="folder for report.md, report.json, report.html and plots"
     )
     p.add_argument("--no-plots", action="store_true", help="no PNG plots in --out")
+    p.add_argument(
+        "--log-to", action="append", type=log_target, metavar="{tensorboard,wandb}",
+        help="also send the numbers, top changes and plot to TensorBoard (OUT/tensorboard) "
+        "or W&B (needs --out); repeatable (docs/integrations/logging.md)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -60,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         plot_distributions,
         write_json,
     )
+    from specs_metric.integrations.logging import log_compare
     from specs_metric.io.writing import write_text
 
     result = compare_files(
@@ -92,4 +99,5 @@ def run(args: argparse.Namespace) -> int:
         html = compare_page(result, image_roots=roots, plot_png=plot)
         write_text(args.out / "report.html", html)
         print(f"report written to {args.out}", file=sys.stderr)
+    log_compare(result.as_dict(), args.out, args.log_to or [])
     return 0

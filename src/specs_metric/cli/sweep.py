@@ -15,6 +15,7 @@ from specs_metric.cli.common import (
     probability,
 )
 from specs_metric.errors import UsageError
+from specs_metric.integrations.logging import log_target
 from specs_metric.scoring.scales import SCALES
 
 
@@ -65,6 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--no-plots", action="store_true", help="no sweep.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--log-to", action="append", type=log_target, metavar="{tensorboard,wandb}",
+        help="also send the numbers, table and plot to TensorBoard (OUT/tensorboard) or W&B; "
+        "repeatable (docs/integrations/logging.md)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -92,6 +98,7 @@ def _table(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from specs_metric.evaluation.sweep import SweepOptions, run_sweep
+    from specs_metric.integrations.logging import log_sweep
 
     if args.n_boot < 1 or args.n_perm < 1:
         raise UsageError("--n-boot and --n-perm must be at least 1")
@@ -113,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         plot=not args.no_plots,
     )
     result = run_sweep(args.files, scorer, args.out, labels=labels, options=options)
+    log_sweep(result, args.out, args.log_to or [])
     print(_table(result))
     brief = {k: result[k] for k in ("model", "images", "images_encoded", "best")}
     print(json.dumps(brief), file=sys.stderr)
