@@ -283,3 +283,41 @@ def test_service_reward_equals_the_local_reward(server):
     assert got[:4] == pytest.approx(expected[:4], abs=TOL)
     assert got[4] is None and expected[4] is None
     assert remote.__name__ == "specs"
+
+
+def test_batcher_merges_splits_and_refuses():
+    """The batcher alone: concurrent requests share a batch, each gets its own results back,
+    a lone request is not held back by max_wait_ms, a full queue refuses at once."""
+    import asyncio
+
+    from specs_metric.errors import OverloadedError
+    from specs_metric.integrations.batcher import DynamicBatcher
+
+    calls = []
+
+    def score(images, captions, labels):
+        calls.append(list(images))
+        time.sleep(0.05)  # the model's time, in the worker thread
+        return [f"{i}:{c}" for i, c in zip(images, captions, strict=True)]
+
+    async def scenario():
+        batcher = DynamicBatcher(score, max_batch_pairs=8, max_queue_pairs=10, max_wait_ms=200)
+        batcher.start()
+        started = time.perf_counter()
+        alone = await batcher.submit(["x"], ["a"], ["pair 1"])
+        lone_wait = time.perf_counter() - started
+        first = asyncio.ensure_future(batcher.submit([0, 1], ["a", "b"], ["p1", "p2"]))
+        await asyncio.sleep(0.01)  # the first batch is being scored: the others queue up
+        rest = [asyncio.ensure_future(batcher.submit([k], [str(k)], ["p"])) for k in (2, 3, 4)]
+        await asyncio.sleep(0)
+        with pytest.raises(OverloadedError, match="overloaded"):
+            await batcher.submit(list(range(6)), ["c"] * 6, ["p"] * 6)  # 5 + 6 > 10
+        answers = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return alone, lone_wait, answers, batcher.stats.as_dict()
+
+    alone, lone_wait, answers, stats = asyncio.run(scenario())
+    assert alone == ["x:a"] and lone_wait < 0.15  # no 200 ms wait for a lone client
+    assert answers == [["0:a", "1:b"], ["2:2"], ["3:3"], ["4:4"]]
+    assert calls == [["x"], [0, 1], [2, 3, 4]]  # the three queued requests in one batch
+    assert stats["batches"] == 3 and stats["rejected"] == 1 and stats["pairs"] == 6

@@ -2,9 +2,11 @@
 
 Requests from many clients arrive on one asyncio event loop. :class:`DynamicBatcher` puts
 their pairs in a queue and a single loop task turns the queue into batches: it takes the
-first waiting request, adds every request already waiting, and waits at most
-``max_wait_ms`` for more while the batch holds fewer than ``max_batch_pairs`` pairs (a
-request is never split: one larger than that is a batch of its own). Each batch is scored
+first waiting request, adds every request already waiting, and, when requests have been
+arriving together (the previous batch held more than one), waits at most ``max_wait_ms``
+for more while the batch holds fewer than ``max_batch_pairs`` pairs. A lone client is
+therefore never delayed, and a request is never split (one larger than
+``max_batch_pairs`` is a batch of its own). Each batch is scored
 by one call of ``score`` in **one worker thread**, so the model is used by one thread at a
 time and the event loop stays free to accept, answer and refuse requests meanwhile; while
 a batch is being scored the next one fills up, so batches grow with the load by
@@ -89,6 +91,7 @@ class DynamicBatcher:
         self.retry_after_s = retry_after_s
         self.admitted = 0  # pairs admitted and not yet answered
         self.stats = BatcherStats()
+        self._company = False  # whether the previous batch merged several requests
         self._queue: asyncio.Queue[_Request] | None = None
         self._task: asyncio.Task | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -139,7 +142,7 @@ class DynamicBatcher:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         batch, size = [first], len(first.images)
-        deadline = loop.time() + self.max_wait
+        deadline = loop.time() + (self.max_wait if self._company else 0.0)
         while size < self.max_batch_pairs:
             try:
                 if self._queue.empty():
@@ -152,9 +155,11 @@ class DynamicBatcher:
             except (asyncio.TimeoutError, asyncio.QueueEmpty):
                 break
             if size + len(item.images) > self.max_batch_pairs:
+                self._company = True
                 return batch, item
             batch.append(item)
             size += len(item.images)
+        self._company = len(batch) > 1
         return batch, None
 
     async def _run(self) -> None:
