@@ -1,6 +1,6 @@
 """Throughput of ``specs serve``: dynamic batching against one client without batching.
 
-Starts ``specs serve`` in a child process twice, on a free port of localhost:
+Starts ``specs serve`` twice, in two child processes on free ports of localhost:
 
 - **no batching**: ``--max-batch-pairs PAIRS --max-wait-ms 0``, so every request is a batch
   of its own (and its images one forward pass);
@@ -8,12 +8,15 @@ Starts ``specs serve`` in a child process twice, on a free port of localhost:
 
 Against each it runs a closed loop of ``C`` clients (threads of this process, each with its
 own kept-alive connection), each sending ``--requests`` requests of ``--pairs`` pairs and
-waiting for each answer before the next: with 1 client and with ``--clients``. Every pair has
-its own image (random shapes, PNG, sent as base64), so the server's image-embedding memory
-never answers for the model; captions are 20-120 words. Reported per run: requests/s,
-pairs/s, the median and 95th percentile latency, and the batching achieved (mean pairs per
-scored batch, from ``/health`` before and after). The baseline of the speed-ups is the first
-run of the same invocation: one client, no batching.
+waiting for each answer before the next: with 1 client and with ``--clients``. The four runs
+are repeated ``--rounds`` times, interleaved (both servers stay up; an idle one costs
+nothing), and the round with the median requests/s is reported: on a shared machine the
+load changes between runs. Every pair has its own image (random shapes, PNG, sent as
+base64), so the server's image-embedding memory never answers for the model; captions are
+20-120 words. Reported per run: requests/s, pairs/s, the median and 95th percentile
+latency, and the batching achieved (mean pairs per scored batch, from ``/health`` before
+and after). The baseline of the speed-ups is measured in the same invocation: one client,
+no batching.
 
 The bundled demo model (64-pixel images, width 128) is so small that HTTP, JSON and image
 decoding dominate; ``--b32`` serves a random checkpoint with SPECS's full ViT-B/32 shapes,
@@ -165,10 +168,16 @@ def b32_checkpoint(folder: Path) -> str:
     config = ModelConfig(embed_dim=512, image_resolution=224, vision_layers=12,
                          vision_width=768, vision_patch_size=32, context_length=248,
                          vocab_size=49408, text_width=512, text_layers=12)  # fmt: skip
-    torch.manual_seed(0)
     path = folder / "b32-random.pt"
-    torch.save(LongCLIP(config).state_dict(), path)
+    torch.save(LongCLIP(config).init_weights(torch.Generator().manual_seed(0)).state_dict(), path)
     return str(path)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median requests/s, with every round's requests/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["requests_per_s"])
+    return {**ordered[len(ordered) // 2], "rounds_requests_per_s": [r["requests_per_s"]
+                                                                   for r in runs]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -178,48 +187,53 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=25, help="requests per client")
     ap.add_argument("--pairs", type=int, default=4, help="pairs per request")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of the four runs, interleaved; the median is reported")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args(argv)
     tmp = tempfile.TemporaryDirectory(prefix="specs-serve-bench-")
     model = b32_checkpoint(Path(tmp.name)) if args.b32 else args.model
-    print(f"building {args.clients * args.requests * 2} requests of {args.pairs} pairs...",
-          file=sys.stderr)  # fmt: skip
-    # each run gets fresh images: the server's embedding memory never answers for the model
-    sets = {
-        name: [make_requests(args.requests, args.pairs, seed * 100 + c) for c in
-               range(args.clients)]
-        for seed, name in enumerate(["single", "many"])
-    }  # fmt: skip
     configs = {
         "no batching": ["--max-batch-pairs", str(args.pairs), "--max-wait-ms", "0"],
         "batching": ["--max-batch-pairs", "64", "--max-wait-ms", "5"],
     }
-    runs = []
-    for name, extra in configs.items():
-        proc, url = start_server(model, extra + ["--max-queue-pairs", "4096"])
-        try:
-            SPECSClient(url).send(sets["single"][0][0])  # warm-up (first forward passes)
-            for clients, key in ((1, "single"), (args.clients, "many")):
-                # the warm-up request is not repeated in the timed runs
-                reqs = [r[1:] if key == "single" else r for r in sets[key]]
-                run = {"server": name, **closed_loop(url, clients, reqs)}
-                runs.append(run)
-                print(json.dumps(run), file=sys.stderr)
-        finally:
+    # Both servers run at once (the idle one costs nothing) and the runs alternate, so a
+    # change in the machine's load meets every configuration alike.
+    servers = {name: start_server(model, extra + ["--max-queue-pairs", "4096"])
+               for name, extra in configs.items()}  # fmt: skip
+    results: dict[tuple[str, int], list[dict]] = {}
+    try:
+        for _, url in servers.values():  # warm-up: the first forward passes
+            SPECSClient(url).send(make_requests(1, args.pairs, 999_999)[0])
+        seed = 0
+        for round_ in range(args.rounds):
+            for name, (_, url) in servers.items():
+                for clients in (1, args.clients):
+                    # fresh images every run: the server's embedding memory never answers
+                    reqs = [make_requests(args.requests, args.pairs, seed := seed + 1)
+                            for _ in range(clients)]  # fmt: skip
+                    run = {"server": name, "round": round_, **closed_loop(url, clients, reqs)}
+                    results.setdefault((name, clients), []).append(run)
+                    print(json.dumps(run), file=sys.stderr)
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(30)
+    runs = [_median_run(r) for r in results.values()]
     base = runs[0]
     for run in runs:
         run["speedup_vs_baseline"] = round(run["requests_per_s"] / base["requests_per_s"], 2)
     result = {
         "model": "random ViT-B/32 shapes" if args.b32 else args.model,
         "pairs_per_request": args.pairs,
+        "requests_per_client": args.requests,
+        "rounds": args.rounds,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
         "baseline": "1 client, no batching",
         "runs": runs,
     }
-    print(f"\nspecs serve, model {result['model']}, {args.pairs} pairs per request "
-          f"({result['machine']}); baseline: 1 client, no batching")  # fmt: skip
+    print(f"\nspecs serve, model {result['model']}, {args.pairs} pairs per request, median of "
+          f"{args.rounds} rounds ({result['machine']}); baseline: 1 client, no batching")
     print("| server | clients | req/s | pairs/s | p50 ms | p95 ms | pairs/batch | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for r in runs:
@@ -229,6 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         write_text(args.json, json.dumps(result, indent=2) + "\n")
     tmp.cleanup()
+    failed = [r for r in runs if r["errors"]]
+    if failed:  # every pair of the benchmark is valid: an error is a broken measurement
+        raise SystemExit(f"{len(failed)} runs had errors, e.g. {failed[0]['first_error']}")
     return result
 
 
