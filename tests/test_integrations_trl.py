@@ -22,6 +22,8 @@ from specs_metric.integrations.trl import SPECSReward
 from specs_metric.scoring.scorer import load
 
 TOL = 1e-6
+# TRL 1.x passes transformers 5 the old name gradient_checkpointing: harmless FutureWarnings
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
