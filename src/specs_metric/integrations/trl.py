@@ -45,8 +45,8 @@ class SPECSReward:
             bytes or HF ``{"bytes", "path"}`` structs (default ``image``; see the module
             docstring about naming it for a text-only policy).
         scale: score scale (default ``specs``, in [0, 1]).
-        device, precision, long_captions: how :func:`load` loads ``model`` (ignored for a
-            loaded Scorer).
+        device, precision, long_captions: how :func:`load` loads ``model`` (default: CUDA
+            when available, ``fp32``; ignored for a loaded Scorer).
         name: the reward's ``__name__``: TRL logs ``rewards/<name>/mean``.
         image_root: the folder relative image paths resolve against (default: the current
             folder).
@@ -65,7 +65,7 @@ class SPECSReward:
         image_column: str = "image",
         scale: str = "specs",
         device: str | None = None,
-        precision: str = "fp32",
+        precision: str | None = None,
         long_captions: str = "truncate",
         name: str = "specs",
         image_root: str | os.PathLike[str] | None = None,
@@ -75,7 +75,8 @@ class SPECSReward:
         scorer = (
             model
             if isinstance(model, Scorer)
-            else load(model, device=device, precision=precision, long_captions=long_captions)
+            else load(model, device=device, precision=precision or "fp32",
+                      long_captions=long_captions)  # fmt: skip
         )
         self.image_column = image_column
         self.__name__ = name
