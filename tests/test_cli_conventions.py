@@ -25,8 +25,8 @@ from specs_metric.cli import BENCH_COMMANDS, COMMANDS, build_parser, main
 from specs_metric.data.scorefiles import read_score_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-NO_OUTPUT = {"models"}  # commands that write nothing
-NO_PROGRESS = {"models"}  # commands that take no --quiet / --no-progress
+NO_OUTPUT = {"models", "serve"}  # commands that write nothing
+NO_PROGRESS = {"models", "serve"}  # commands that take no --quiet / --no-progress (a server logs)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -97,6 +97,14 @@ class TrainError(SpecsError):
     """A training run that cannot start or continue."""
 
 
+class ServiceError(SpecsError):
+    """A scoring service (``specs serve``) that refused or failed a request."""
+
+
+class OverloadedError(ServiceError):
+    """A scoring service with no room for a request now (HTTP 503): try again later."""
+
+
 def describe_parse_error(exc: BaseException) -> str:
     """A short description of a parser's failure on a user's file (for a one-line message)."""
     if isinstance(exc, UnicodeDecodeError):

@@ -48,6 +48,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("explain", "explain", "which segments of each caption raise or lower its score"),
     ("synth", "synth",
      "generate synthetic scenes with known facts (sDCI layout + graded captions)"),
+    ("serve", "serve",
+     "score image-caption pairs over HTTP for many clients (dynamic batching)"),
 ]  # fmt: skip
 # Sub-commands of ``specs bench``.
 BENCH_COMMANDS: list[tuple[str, str, str]] = [

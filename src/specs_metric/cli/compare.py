@@ -17,6 +17,7 @@ from specs_metric.cli.common import (
     register_inputs,
     warn,
 )
+from specs_metric.integrations.logging import log_target
 
 # What compare writes in its --output folder (an earlier report there is not replaced
 # silently).
@@ -65,6 +66,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_overwrite_option(p)
     p.add_argument("--no-plots", action="store_true", help="no PNG plots in --output")
     add_progress_options(p)
+    p.add_argument(
+        "--log-to", action="append", type=log_target, metavar="{tensorboard,wandb}",
+        help="also send the numbers, top changes and plot to TensorBoard (OUTPUT/tensorboard) "
+        "or W&B (needs --output); repeatable (docs/integrations/logging.md)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -78,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         try_plot,
         write_json,
     )
+    from specs_metric.integrations.logging import log_compare
     from specs_metric.io.writing import write_text
 
     out = args.output
@@ -126,4 +133,5 @@ def run(args: argparse.Namespace) -> int:
         )
         write_text(out / "report.html", html)
         print(f"report written to {out}", file=sys.stderr)
+    log_compare(result.as_dict(), out, args.log_to or [])
     return 0

@@ -23,6 +23,7 @@ from specs_metric.cli.common import (
     rows_exit_status,
 )
 from specs_metric.errors import UsageError
+from specs_metric.integrations.logging import log_target
 from specs_metric.scoring.scales import SCALES
 
 
@@ -81,6 +82,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="no sweep.png")
     p.add_argument("--strict", action="store_true", help="exit 1 if any row has an error")
     add_progress_options(p)
+    p.add_argument(
+        "--log-to", action="append", type=log_target, metavar="{tensorboard,wandb}",
+        help="also send the numbers, table and plot to TensorBoard (OUTPUT/tensorboard) or "
+        "W&B; repeatable (docs/integrations/logging.md)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -108,6 +114,7 @@ def _table(result: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from specs_metric.evaluation.sweep import SweepOptions, run_sweep
+    from specs_metric.integrations.logging import log_sweep
 
     if args.n_boot < 1 or args.n_perm < 1:
         raise UsageError("--n-boot and --n-perm must be at least 1")
@@ -134,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         check_rows=lambda summary: codes.append(rows_exit_status("sweep", summary, args.strict)),
     )
     result = run_sweep(args.files, scorer, args.output, labels=labels, options=options)
+    log_sweep(result, args.output, args.log_to or [])
     print(_table(result))
     brief = {k: result[k] for k in ("model", "images", "images_encoded", "order", "best")}
     print(json.dumps(brief), file=sys.stderr)
