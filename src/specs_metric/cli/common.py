@@ -302,3 +302,55 @@ def rows_exit_status(command: str, summary: dict, strict: bool) -> int:
     warn(command, f"{n_errors} of {n_rows} rows in {where} could not be scored{example}; "
                   "their error column says why (--strict makes this exit 1)")  # fmt: skip
     return 0
+
+
+INPUT_HELP = (
+    "rows: .jsonl, .csv, .json (clipscore mapping or COCO results list), webdataset .tar "
+    "shards, .parquet, .arrow, an HF datasets folder; globs, brace ranges ({00000..00009}) "
+    "and fsspec URLs (s3://, hf://, ...) name several files"
+)
+
+
+def add_source_options(p: argparse.ArgumentParser) -> None:
+    """Where rows keep their image, caption and id, and where image paths resolve: the same
+    options for every command that reads scoring rows (score, explain)."""
+    p.add_argument("--image-column", default="image", help="tables: image column (default image)")
+    p.add_argument(
+        "--caption-column", default="caption", help="tables: caption column (default caption)"
+    )
+    p.add_argument("--id-column", default="id", help="tables: id column (default id)")
+    p.add_argument(
+        "--caption-key",
+        help="webdataset: take the caption from this field of the .json member "
+        "(default: the .txt member, else the json field 'caption')",
+    )
+    p.add_argument(
+        "--image-pattern",
+        help="COCO results: image file name from the entry, e.g. "
+        "'COCO_val2014_{image_id:012d}.jpg' (default: <image_id>.<ext>)",
+    )
+    p.add_argument(
+        "--image-root",
+        type=Path,
+        help="folder for relative image paths (default: the folder of the file that names them)",
+    )
+    p.add_argument(
+        "--confine-images",
+        action="store_true",
+        help="image paths must stay inside the image root (no absolute paths, no ~, no .. or "
+        "links out of it): for services that score rows they do not trust",
+    )
+
+
+def source_options(args: argparse.Namespace):
+    """The :class:`~specs_metric.data.rows.SourceOptions` of :func:`add_source_options`."""
+    from specs_metric.data.rows import SourceOptions
+
+    return SourceOptions(
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        id_column=args.id_column,
+        caption_key=args.caption_key,
+        image_pattern=args.image_pattern,
+        confine_images=args.confine_images,
+    )

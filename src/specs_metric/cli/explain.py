@@ -9,17 +9,20 @@ from pathlib import Path
 
 from specs_metric.cli.common import (
     DEFAULT_MODEL,
+    INPUT_HELP,
     MODEL_HELP,
     add_batch_size_option,
     add_model_options,
     add_overwrite_option,
     add_progress_options,
+    add_source_options,
     check_new_outputs,
     load_scorer,
     nonnegative_int,
     positive_int,
     register_inputs,
     rows_exit_status,
+    source_options,
     warn,
 )
 from specs_metric.scoring.scales import SCALES
@@ -42,18 +45,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
-    p.add_argument("--input", required=True, type=Path, help="rows: .jsonl, .csv or .json")
+    p.add_argument("--input", required=True, help=INPUT_HELP)
     p.add_argument(
         "--output",
         required=True,
         type=Path,
         help="results: .jsonl, .csv or .parquet (format by extension)",
     )
-    p.add_argument(
-        "--image-root",
-        type=Path,
-        help="folder for relative image paths (default: the input file's folder)",
-    )
+    add_source_options(p)
     p.add_argument(
         "--segmenter",
         default=DEFAULT_SEGMENTER,
@@ -117,13 +116,16 @@ def run(args: argparse.Namespace) -> int:
         chunk_rows=args.chunk_rows,
         batch_size=args.batch_size,
         show_progress=not args.quiet,
+        source=source_options(args),
     )
-    summary, records = explain_file(scorer, config)
+    # the HTML page shows the first --html-rows rows; nothing else is kept in memory
+    keep = 0 if args.html is None else (args.html_rows or None)
+    summary, records = explain_file(scorer, config, keep=keep)
     if args.html is not None:
         from specs_metric.evaluation.reports.html import explain_page
 
-        title = f"specs explain: {args.input.name} ({scorer.name}, {args.attribution})"
-        root = args.image_root if args.image_root is not None else args.input.parent
+        title = f"specs explain: {Path(args.input).name} ({scorer.name}, {args.attribution})"
+        root = args.image_root if args.image_root is not None else Path(args.input).parent
         page = explain_page(
             records,
             root,
@@ -131,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
             max_rows=args.html_rows or None,
             output=str(args.output),
             warn=lambda note: warn("explain", note),
+            summary=summary,
         )
         write_text(args.html, page)
         summary["html"] = str(args.html)

@@ -9,17 +9,20 @@ from pathlib import Path
 
 from specs_metric.cli.common import (
     DEFAULT_MODEL,
+    INPUT_HELP,
     MODEL_HELP,
     add_batch_size_option,
     add_model_options,
     add_overwrite_option,
     add_progress_options,
+    add_source_options,
     load_scorer,
     nonnegative_int,
     positive_int,
     refuse_existing,
     register_inputs,
     rows_exit_status,
+    source_options,
 )
 from specs_metric.errors import OutputError, UsageError
 from specs_metric.runtime.policy import CPU_POLICY, CUDA_TOKEN_BUDGET
@@ -38,9 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--input",
         required=True,
-        help="rows: .jsonl, .csv, .json (clipscore mapping or COCO results list), webdataset "
-        ".tar shards, .parquet, .arrow, an HF datasets folder; globs, brace ranges "
-        "({00000..00009}) and fsspec URLs (s3://, hf://, ...) name several files",
+        help=INPUT_HELP,
     )
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument(
@@ -59,32 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="format of the files in --output-dir (default jsonl; --output's format follows "
         "its extension)",
     )
-    p.add_argument("--image-column", default="image", help="tables: image column (default image)")
-    p.add_argument(
-        "--caption-column", default="caption", help="tables: caption column (default caption)"
-    )
-    p.add_argument("--id-column", default="id", help="tables: id column (default id)")
-    p.add_argument(
-        "--caption-key",
-        help="webdataset: take the caption from this field of the .json member "
-        "(default: the .txt member, else the json field 'caption')",
-    )
-    p.add_argument(
-        "--image-pattern",
-        help="COCO results: image file name from the entry, e.g. "
-        "'COCO_val2014_{image_id:012d}.jpg' (default: <image_id>.<ext>)",
-    )
-    p.add_argument(
-        "--image-root",
-        type=Path,
-        help="folder for relative image paths (default: the input file's folder)",
-    )
-    p.add_argument(
-        "--confine-images",
-        action="store_true",
-        help="image paths must stay inside the image root (no absolute paths, no ~, no .. or "
-        "links out of it): for services that score rows they do not trust",
-    )
+    add_source_options(p)
     add_batch_size_option(p)
     p.add_argument(
         "--token-budget",
@@ -178,7 +154,6 @@ def check_earlier_runs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from specs_metric.data.rows import SourceOptions
     from specs_metric.jobs.job import JobConfig, run_job
     from specs_metric.jobs.outputs import output_format
     from specs_metric.jobs.shards import run_shards
@@ -198,14 +173,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         args.output_format = args.output_format or "jsonl"
     check_earlier_runs(args)
-    source = SourceOptions(
-        image_column=args.image_column,
-        caption_column=args.caption_column,
-        id_column=args.id_column,
-        caption_key=args.caption_key,
-        image_pattern=args.image_pattern,
-        confine_images=args.confine_images,
-    )
+    source = source_options(args)
     config = JobConfig(
         input=args.input,
         output=args.output or Path(),

@@ -11,17 +11,18 @@ its format at the end (:func:`~specs_metric.jobs.outputs.write_output`: in CSV t
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
-from specs_metric.data.sources import read_rows
+from specs_metric.data.rows import SourceOptions
+from specs_metric.data.sources import count_rows, read_rows
 from specs_metric.errors import CaptionTooLongError, UsageError
 from specs_metric.io.jsonio import dumps, write_json
 from specs_metric.io.writing import check_not_input, create_empty, open_append, publish
@@ -72,6 +73,7 @@ class ExplainConfig:
     chains_per_batch: int = DEFAULT_CHAINS_PER_BATCH
     memory_cache_size: int = DEFAULT_MEMORY_CACHE_SIZE  # image embeddings kept in memory
     show_progress: bool = True
+    source: SourceOptions = field(default_factory=SourceOptions)  # columns, caption key...
 
 
 def _explain_chunk(
@@ -120,35 +122,61 @@ def _explain_chunk(
     return records
 
 
+class _Tally:
+    """The counts and mean of explain records, added chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.rows = self.scored = self.segments = self.beyond = self.warnings = 0
+        self.total = 0.0
+        self.first_error: str | None = None
+
+    def add(self, records: Sequence[dict]) -> None:
+        for r in records:
+            self.rows += 1
+            if r.get("error") is not None:
+                self.first_error = self.first_error or r["error"]
+                continue
+            self.scored += 1
+            self.total += r["score"]
+            self.segments += len(r["segments"])
+            self.beyond += sum(bool(s["beyond_context"]) for s in r["segments"])
+            self.warnings += bool(r.get("warning"))
+
+    def summary(self) -> dict:
+        return {
+            "n_rows": self.rows,
+            "n_scored": self.scored,
+            "n_errors": self.rows - self.scored,
+            "n_segments": self.segments,
+            "n_beyond_context": self.beyond,
+            "n_warnings": self.warnings,
+            "mean": self.total / self.scored if self.scored else None,
+            "first_error": self.first_error,
+        }
+
+
 def summarize_records(records: Sequence[dict]) -> dict:
     """Counts and mean score of explain records (``mean`` is None when none was scored;
     ``first_error`` is the error of the first failed row, as in ``specs score``)."""
-    scored = [r for r in records if r.get("error") is None]
-    segs = [s for r in scored for s in r["segments"]]
-    mean = float(np.mean([r["score"] for r in scored])) if scored else None
-    errors = (r["error"] for r in records if r.get("error") is not None)
-    return {
-        "n_rows": len(records),
-        "n_scored": len(scored),
-        "n_errors": len(records) - len(scored),
-        "n_segments": len(segs),
-        "n_beyond_context": sum(bool(s["beyond_context"]) for s in segs),
-        "n_warnings": sum(bool(r.get("warning")) for r in scored),
-        "mean": mean,
-        "first_error": next(errors, None),
-    }
+    tally = _Tally()
+    tally.add(records)
+    return tally.summary()
 
 
-def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
+def explain_file(
+    scorer, config: ExplainConfig, keep: int | None = None
+) -> tuple[dict, list[dict]]:
     """Explain every row of ``config.input`` into ``config.output`` (JSONL, CSV or parquet,
     by its extension).
 
-    Rows are written to ``<output>.part`` as each chunk finishes, which becomes the output
-    when the run completes. Bad rows become row errors naming their line, as in
-    ``specs score``.
+    Rows are read and explained a chunk at a time (any input ``specs score`` reads, with its
+    source options), and written to ``<output>.part`` as each chunk finishes, which becomes
+    the output when the run completes. Bad rows become row errors naming their row, as in
+    ``specs score``. Memory does not grow with the input: only the first ``keep`` records
+    are kept to return (None: all of them, for callers that want every record in memory).
 
     Returns:
-        The summary (also written to ``<output>.summary.json``) and the records.
+        The summary (also written to ``<output>.summary.json``) and the kept records.
     """
     check_scale(config.scale)
     fmt = output_format(config.output)
@@ -162,14 +190,16 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
         )
     started = time.perf_counter()
     segmenter = resolve_segmenter(config.segmenter)
-    rows = list(read_rows(config.input, config.image_root))
+    total = count_rows(config.input, config.image_root, config.source)
+    rows = read_rows(config.input, config.image_root, config.source)
     config.output.parent.mkdir(parents=True, exist_ok=True)
     part = config.output.with_name(config.output.name + ".part")
     batch_size = config.batch_size or device_policy(scorer.device).image_batch
     images = ImageEncoder(scorer, batch_size, config.memory_cache_size)
-    records: list[dict] = []
+    kept: list[dict] = []
+    tally = _Tally()
     bar = tqdm(
-        total=len(rows),
+        total=total,
         unit="row",
         file=sys.stderr,
         disable=not config.show_progress,
@@ -178,13 +208,12 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
     check_not_input(config.output, "--output")
     create_empty(part)
     with open_append(part) as out:
-        for start in range(0, len(rows), config.chunk_rows):
-            chunk = _explain_chunk(
-                scorer, rows[start : start + config.chunk_rows], config, segmenter, images
-            )
+        while chunk_rows := list(itertools.islice(rows, config.chunk_rows)):
+            chunk = _explain_chunk(scorer, chunk_rows, config, segmenter, images)
             out.write("".join(dumps(r, ensure_ascii=False) + "\n" for r in chunk))
             out.flush()
-            records += chunk
+            tally.add(chunk)
+            kept += chunk if keep is None else chunk[: max(0, keep - len(kept))]
             bar.update(len(chunk))
     bar.close()
     if fmt == "jsonl":
@@ -192,7 +221,7 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
     else:
         write_output([part], config.output, OUTPUT_FIELDS)
         part.unlink()
-    summary = summarize_records(records)
+    summary = tally.summary()
     summary.update(
         {
             "segmenter": config.segmenter if isinstance(config.segmenter, str) else "custom",
@@ -208,4 +237,4 @@ def explain_file(scorer, config: ExplainConfig) -> tuple[dict, list[dict]]:
         summary["neutral"] = config.neutral
     summary_path = config.output.with_name(config.output.name + ".summary.json")
     write_json(summary_path, summary)
-    return summary, records
+    return summary, kept

@@ -67,30 +67,32 @@ def explain_page(
     max_rows: int | None = MAX_HTML_ROWS,
     output: str | None = None,
     warn: Callable[[str], None] | None = None,
+    summary: dict | None = None,
 ) -> str:
     """The report of ``specs explain``: one row per caption, its segments coloured by delta.
 
     ``records`` are explain output rows (``id, image, caption, score, segments, error``);
     relative image paths are resolved against ``image_root``. Columns sort by clicking; the
     "lowest delta" column finds the captions with the most harmful segment. The facts count
-    every record; the table shows the first ``max_rows`` (None: all), with a note saying so
+    every record (or, given ``summary``, the run's summary, when ``records`` are only its
+    first rows); the table shows the first ``max_rows`` (None: all), with a note saying so
     and naming ``output``, the file that holds them all. ``warn`` gets the note of images
     without a thumbnail.
     """
     thumbs = Thumbnails([image_root])
     scale = delta_scale(records)
-    ok = [r for r in records if not r.get("error") and r.get("score") is not None]
-    n_seg = sum(len(r.get("segments") or ()) for r in ok)
-    n_beyond = sum(bool(s.get("beyond_context")) for r in ok for s in r.get("segments") or ())
-    mean = sum(float(r["score"]) for r in ok) / len(ok) if ok else None
+    if summary is None:
+        from specs_metric.jobs.explain_files import summarize_records
+
+        summary = summarize_records(records)
     facts = facts_html(
         [
-            ("rows", len(records)),
-            ("scored", len(ok)),
-            ("errors", len(records) - len(ok)),
-            ("segments", n_seg),
-            ("segments beyond the context", n_beyond),
-            ("mean score", fmt(mean)),
+            ("rows", summary["n_rows"]),
+            ("scored", summary["n_scored"]),
+            ("errors", summary["n_errors"]),
+            ("segments", summary["n_segments"]),
+            ("segments beyond the context", summary["n_beyond_context"]),
+            ("mean score", fmt(summary["mean"])),
         ]
     )
     rows = []
@@ -115,7 +117,7 @@ def explain_page(
     table = table_html(
         "rows", ["id", "image", "score", "segments", "lowest delta", "caption"], rows
     )
-    notes = [_shown(len(shown), len(records), output), _thumbnail_note(thumbs, warn)]
+    notes = [_shown(len(shown), summary["n_rows"], output), _thumbnail_note(thumbs, warn)]
     return page(title, [facts, *map(note_html, notes), legend_html(scale), table])
 
 
