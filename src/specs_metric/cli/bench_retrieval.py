@@ -15,7 +15,6 @@ from specs_metric.cli.common import (
     add_progress_options,
     check_new_outputs,
     load_scorer,
-    model_meta,
     nonnegative_int,
     positive_int,
     register_inputs,
@@ -201,7 +200,7 @@ def evaluate_models(args: argparse.Namespace, info, device, header: dict, evalua
                     file=sys.stderr,
                 )
             rows.append((name, result))
-            results.append({**model_meta(scorer), **result.to_dict()})
+            results.append({**scorer.summary_fields(), **result.to_dict()})
             save_results(args, header, results, done=len(results) == len(args.model))
         del scorer
     return rows

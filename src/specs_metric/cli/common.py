@@ -145,18 +145,6 @@ def load_scorer(args: argparse.Namespace, name: str, device=None):
     )
 
 
-def model_meta(scorer) -> dict:
-    """What identifies a loaded model in a results file."""
-    return {
-        "model": scorer.name,
-        "checkpoint_sha256": scorer.checkpoint_sha256,
-        "precision": scorer.precision,
-        "reference_rounding": scorer.reference_rounding,
-        "long_captions": scorer.long_captions,
-        "device": str(scorer.device),
-    }
-
-
 # --- the command-line conventions (docs/cli-conventions.md) -------------------------------
 
 DEFAULT_MODEL = "specs-b32"

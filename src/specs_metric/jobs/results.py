@@ -156,7 +156,8 @@ def summarize(path: Path) -> dict:
 SUMMARY_KEYS = (
     "n_rows", "n_scored", "n_errors", "n_truncated", "n_duplicate_ids", "n_warnings", "mean",
     "std", "first_error", "corpus_score", "scale", "model", "checkpoint_sha256", "version",
-    "precision", "device", "engine", "world_size", "images_encoded_rank0", "seconds", "output",
+    "precision", "reference_rounding", "long_captions", "device", "engine", "world_size",
+    "images_encoded_rank0", "seconds", "output",
 )  # fmt: skip
 
 

@@ -164,7 +164,7 @@ class Scorer:
         return self.model.config.embed_dim
 
     def summary_fields(self) -> dict:
-        """What identifies this model in a job's summary."""
+        """What identifies this model in every summary and results file."""
         from specs_metric import __version__
 
         return {
@@ -172,6 +172,8 @@ class Scorer:
             "checkpoint_sha256": self.checkpoint_sha256,
             "version": __version__,
             "precision": self.precision,
+            "reference_rounding": self.reference_rounding,
+            "long_captions": self.long_captions,
             "device": str(self.device),
         }
 
