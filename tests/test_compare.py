@@ -16,7 +16,8 @@ from scipy import stats
 from factories import make_state_dict
 from specs_metric.cli import main
 from specs_metric.errors import CompareError
-from specs_metric.evaluation.compare import compare_files, sign_flip_p_value
+from specs_metric.evaluation.compare import compare_files
+from specs_metric.evaluation.stats import sign_flip_p_value
 
 FIELDS = ("id", "image", "caption", "score", "cosine", "tokens", "truncated", "error")
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from specs_metric.errors import OutputError, SpecsError, SweepError, UsageError
-from specs_metric.evaluation.compare import cluster_bootstrap_ci, compare_files, read_scores
+from specs_metric.evaluation.compare import compare_files, read_scores
+from specs_metric.evaluation.stats import cluster_bootstrap_ci
 from specs_metric.io.reading import read_json
 from specs_metric.jobs.job import JobConfig, run_job
 from specs_metric.limits import MAX_METADATA_BYTES
