@@ -94,7 +94,11 @@ def resolve_path(text: str, root: Path, *, confine: bool = False) -> Path:
     if confine:
         path = Path(text)
         return check_inside(path if path.is_absolute() else root / path, root, text)
-    path = Path(text).expanduser()
+    path = Path(text)
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # "~someone" who does not exist here: a name like any other
+        pass
     return path if path.is_absolute() else root / path
 
 

@@ -156,6 +156,8 @@ def _sample_row(
     caption, error = _caption(parts, options)
     if image_ext is not None and isinstance(parts[image_ext], str):
         error, image_ext = parts[image_ext], None
+    elif image_ext is not None and not parts[image_ext]:
+        error, image_ext = f"the {image_ext} member is empty (0 bytes)", None
     row = Row(
         index,
         index + 1,

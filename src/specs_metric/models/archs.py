@@ -9,6 +9,7 @@ model config or ``open_clip_config.json``, or an HF ``config.json``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,7 @@ def read_arch(name_or_path: str | Path) -> Arch:
     key = str(name_or_path)
     if key in ARCHS:
         return ARCHS[key]
-    path = Path(key).expanduser()
+    path = Path(os.path.expanduser(key))  # (Path.expanduser raises for an unknown ~user)
     if not path.is_file():
         raise ConfigError(
             f"--arch {key!r} is neither an architecture name ({', '.join(ARCHS)}) nor a JSON file"

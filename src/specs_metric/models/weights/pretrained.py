@@ -360,7 +360,7 @@ def resolve(name_or_path: str | os.PathLike[str]) -> Path:
     key = str(name_or_path)
     entry = lookup(key)
     if entry is None:
-        path = Path(key).expanduser()
+        path = Path(os.path.expanduser(key))  # (Path.expanduser raises for an unknown ~user)
         if path.is_file() or (path / "config.json").is_file():
             return path
         if path.is_dir():
