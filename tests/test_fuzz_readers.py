@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 import tempfile
@@ -22,8 +23,11 @@ from specs_metric.data.sources import read_rows
 from specs_metric.errors import SpecsError
 from specs_metric.processing.transform import decode_pixels
 
+# More examples for a long run: SPECS_FUZZ_EXAMPLES=2000 python3 -m pytest THIS_FILE
 FUZZ = settings(
-    max_examples=int(__import__("os").environ.get("SPECS_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=int(os.environ.get("SPECS_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 # JSON values of every type, nested a little
