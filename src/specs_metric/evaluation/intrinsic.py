@@ -78,7 +78,7 @@ class IntrinsicResult:
 def intrinsic_rates(
     caption_scores: Sequence[Sequence[float]], neg_scores: Sequence[Sequence[float]]
 ) -> IntrinsicResult:
-    """Guide §6 rates over images from per-image caption and negative scores."""
+    """The intrinsic benchmark's rates over images from per-image caption and negative scores."""
     if len(caption_scores) != len(neg_scores):
         raise ValueError(f"{len(caption_scores)} caption lists but {len(neg_scores)} negatives")
     per_image = [image_rates(c, n) for c, n in zip(caption_scores, neg_scores, strict=True)]
