@@ -127,7 +127,7 @@ def stage_split(model: Path, rows: Path, out: Path) -> dict[str, float]:
         (job, "count_rows", "read rows"),
         (job, "json_line", "write"),
         (job, "write_final", "write"),
-        (job, "summarize", "write"),
+        (job, "job_summary", "write"),
     ]
     originals = []
     for owner, name, stage in wrapped:
