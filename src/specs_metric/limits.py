@@ -27,6 +27,9 @@ WORKER_MEMORY_BYTES = 2**30
 # captions, class lists): larger ones must be JSON lines, read line by line.
 MAX_JSON_INPUT_BYTES = 2 * 2**30
 
+# The body of one request to `specs serve` (its pairs' images arrive in it as base64).
+MAX_REQUEST_BYTES = 64 * 2**20
+
 # --- model files (checked by specs_metric.models.weights) ---
 
 # Bounds on what a checkpoint may make us allocate. Weights do not compress (a real zip

@@ -39,9 +39,7 @@ from specs_metric.errors import DataError, OverloadedError
 from specs_metric.integrations import require
 from specs_metric.integrations.batcher import DynamicBatcher
 from specs_metric.integrations.pairs import RESULT_FIELDS, PairScorer
-
-# The largest request body read (base64 images included): 64 MiB.
-MAX_REQUEST_BYTES = 64 * 1024 * 1024
+from specs_metric.limits import MAX_REQUEST_BYTES
 
 
 @dataclass(frozen=True)
