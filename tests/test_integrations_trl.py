@@ -114,7 +114,7 @@ class RecordingReward(SPECSReward):
 def test_grpo_trainer_steps(layout, tmp_path):
     datasets = pytest.importorskip("datasets")
     trl = pytest.importorskip("trl")
-    from specs_metric.integrations.trl import completion_text
+    from specs_metric.integrations.rewards import completion_text
 
     conversational = layout == "conversational-pil"
     question = "describe the image in detail"

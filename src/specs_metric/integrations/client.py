@@ -32,9 +32,7 @@ from PIL import Image
 from specs_metric.errors import OverloadedError, ServiceError, UsageError
 from specs_metric.integrations.rewards import (
     ReasonLog,
-    completion_text,
-    log_unscored,
-    reward_images,
+    RewardFunction,
 )
 from specs_metric.io.reading import read_image_bytes
 
@@ -181,7 +179,7 @@ class SPECSClient:
             self._local.conn = None
 
 
-class SPECSServiceReward:
+class SPECSServiceReward(RewardFunction):
     """A TRL reward function (see :class:`~specs_metric.integrations.trl.SPECSReward`)
     whose scores come from a ``specs serve`` server.
 
@@ -206,18 +204,10 @@ class SPECSServiceReward:
         self.__name__ = name
         self.log_reasons = ReasonLog(logger, "SPECS service reward")
 
-    def __call__(
-        self,
-        prompts: Sequence[object] | None = None,
-        completions: Sequence[object] | None = None,
-        completion_ids: Sequence[Sequence[int]] | None = None,
-        **columns: object,
-    ) -> list[float | None]:
-        if completions is None:
-            raise UsageError("the SPECS reward needs completions=")
-        n = len(completions)
-        images = reward_images(columns, self.image_column, n)
-        captions = [completion_text(c) for c in completions]
+    def rewards(
+        self, images: list[object], captions: list[str]
+    ) -> tuple[list[float | None], list[str | None]]:
+        n = len(captions)
         cells, problems = [], {}
         for i, image in enumerate(images):  # an image that cannot be sent costs its row
             try:
@@ -233,6 +223,4 @@ class SPECSServiceReward:
             scores[i] = result["score"]
             if result["error"] is not None:  # "pair K: ..." -> "completion i: ..."
                 errors[i] = f"completion {i + 1}: {result['error'].split(': ', 1)[-1]}"
-        self.log_reasons(errors)
-        log_unscored(columns, self.__name__, errors)
-        return scores
+        return scores, errors

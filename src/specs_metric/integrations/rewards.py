@@ -131,3 +131,38 @@ def log_unscored(columns: Mapping[str, object], name: str, errors: Sequence[str 
     if callable(log_metric):
         unscored = sum(e is not None for e in errors)
         log_metric(f"{name}/unscored_frac", unscored / max(len(errors), 1))
+
+
+class RewardFunction:
+    """TRL's reward protocol, shared by the rewards of this package: called as
+    ``f(prompts=..., completions=..., completion_ids=..., **columns)``, it reads each
+    completion's text (conversational completions: the assistant's content) and its image
+    from ``columns[self.image_column]``, and returns one float (or ``None``) per completion.
+    Subclasses set ``image_column``, ``__name__`` and ``log_reasons`` and implement
+    :meth:`rewards`; every reason a completion got ``None`` is logged (once per reason)."""
+
+    image_column: str
+    __name__: str
+    log_reasons: ReasonLog
+
+    def rewards(
+        self, images: list[object], captions: list[str]
+    ) -> tuple[list[float | None], list[str | None]]:
+        """Scores and errors (``completion N: ...``) of the completions, in order."""
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        prompts: Sequence[object] | None = None,
+        completions: Sequence[object] | None = None,
+        completion_ids: Sequence[Sequence[int]] | None = None,
+        **columns: object,
+    ) -> list[float | None]:
+        if completions is None:
+            raise UsageError("the SPECS reward needs completions=")
+        captions = [completion_text(c) for c in completions]
+        images = reward_images(columns, self.image_column, len(completions))
+        scores, errors = self.rewards(images, captions)
+        self.log_reasons(errors)
+        log_unscored(columns, self.__name__, errors)
+        return scores

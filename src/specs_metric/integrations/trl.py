@@ -21,21 +21,17 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 
-from specs_metric.errors import UsageError
 from specs_metric.integrations.pairs import PairScorer
 from specs_metric.integrations.rewards import (
     ReasonLog,
-    completion_text,
-    log_unscored,
-    reward_images,
+    RewardFunction,
 )
 from specs_metric.scoring.scorer import Scorer, load
 
 logger = logging.getLogger(__name__)
 
-class SPECSReward:
+class SPECSReward(RewardFunction):
     """SPECS of each completion against its image, as a TRL reward function.
 
     Args:
@@ -96,20 +92,9 @@ class SPECSReward:
             f"scale={self.pairs.scale!r})"
         )
 
-    def __call__(
-        self,
-        prompts: Sequence[object] | None = None,
-        completions: Sequence[object] | None = None,
-        completion_ids: Sequence[Sequence[int]] | None = None,
-        **columns: object,
-    ) -> list[float | None]:
-        if completions is None:
-            raise UsageError("the SPECS reward needs completions=")
-        n = len(completions)
-        captions = [completion_text(c) for c in completions]
-        images = reward_images(columns, self.image_column, n)
-        labels = [f"completion {i + 1}" for i in range(n)]
+    def rewards(
+        self, images: list[object], captions: list[str]
+    ) -> tuple[list[float | None], list[str | None]]:
+        labels = [f"completion {i + 1}" for i in range(len(captions))]
         result = self.pairs.score(images, captions, labels)
-        self.log_reasons(result.errors)
-        log_unscored(columns, self.__name__, result.errors)
-        return result.scores
+        return result.scores, result.errors
