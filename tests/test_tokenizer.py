@@ -65,22 +65,7 @@ class _PlainBPE:
     def bpe(self, token: str) -> list[str]:
         if token in ("<|startoftext|>", "<|endoftext|>"):
             return [token]
-        word = list(token[:-1]) + [token[-1] + "</w>"]
-        while len(word) > 1:
-            pairs = [(word[i], word[i + 1]) for i in range(len(word) - 1)]
-            best = min(pairs, key=lambda p: self.ranks.get(p, 10**9))
-            if best not in self.ranks:
-                break
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                    out.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            word = out
-        return word
+        return _plain_merge(list(token[:-1]) + [token[-1] + "</w>"], self.ranks)
 
     def token_ids(self, text: str) -> list[int]:
         ids = [SOT_ID]
